@@ -1,0 +1,170 @@
+"""Which kernel backends exist on this machine, and which one an op call should use.
+
+Backends, fastest first for each device:
+
+* ``cuda``   compiled CUDA kernels (``purify_fast._C_cuda``), CUDA tensors only;
+* ``triton`` Triton kernels (``purify_fast.kernels``), CUDA tensors, or CPU tensors under the
+  Triton interpreter (``TRITON_INTERPRET=1``, which CI uses to run them without a GPU);
+* ``cpp``    compiled C++/OpenMP kernels (``purify_fast._C``), CPU tensors only;
+* ``torch``  the readable PyTorch reference (``purify_fast.reference``), everywhere.
+
+``backend="auto"`` (or the ``PURIFY_FAST_BACKEND`` variable) picks quietly: CUDA tensors get
+``cuda``, else ``triton``, else ``torch``; CPU tensors get ``cpp``, else ``torch``. A backend asked
+for by name that is missing raises :class:`BackendUnavailable` carrying the import error and a
+one-line fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton", "cpp", "cuda")
+ENV_VAR = "PURIFY_FAST_BACKEND"
+
+# dtypes every compiled kernel handles; anything else (fp64 in gradchecks, say) runs on torch.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name but cannot run here."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    detail: str  # version or location when available, the reason when not
+    fix: str = ""
+
+
+def _import(name: str) -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module(name), ""
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+@lru_cache(maxsize=None)
+def _cpp() -> tuple[ModuleType | None, str]:
+    return _import("purify_fast._C")
+
+
+@lru_cache(maxsize=None)
+def _cuda() -> tuple[ModuleType | None, str]:
+    if not torch.cuda.is_available():
+        return None, "torch sees no CUDA device"
+    return _import("purify_fast._C_cuda")
+
+
+@lru_cache(maxsize=None)
+def _triton() -> tuple[ModuleType | None, str]:
+    mod, err = _import("triton")
+    if mod is None:
+        return None, err
+    return _import("purify_fast.kernels")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_FIXES = {
+    "cpp": "reinstall with a C++ compiler present: pip install --no-build-isolation -e .",
+    "cuda": "on a machine with a CUDA torch and nvcc: pip install --no-build-isolation -e .",
+    "triton": "pip install triton (and use CUDA tensors, or set TRITON_INTERPRET=1 for CPU)",
+}
+
+
+def module(name: str) -> ModuleType:
+    """The kernel module behind backend ``name`` (raises if it cannot be imported)."""
+    loaded, err = {"cpp": _cpp, "cuda": _cuda, "triton": _triton}[name]()
+    if loaded is None:
+        raise BackendUnavailable(f"backend {name!r} is unavailable ({err}); fix: {_FIXES[name]}")
+    return loaded
+
+
+def _usable(name: str, device: torch.device) -> str:
+    """Empty string if backend ``name`` can run on ``device``, else the reason it cannot."""
+    if name == "torch":
+        return ""
+    loaded, err = {"cpp": _cpp, "cuda": _cuda, "triton": _triton}[name]()
+    if loaded is None:
+        return err
+    if name == "cpp" and device.type != "cpu":
+        return f"the C++ kernels take CPU tensors, got {device.type}"
+    if name == "cuda" and device.type != "cuda":
+        return f"the CUDA kernels take CUDA tensors, got {device.type}"
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
+        return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device.type}"
+    return ""
+
+
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend name an op call runs on.
+
+    ``backend`` None or "auto" reads ``PURIFY_FAST_BACKEND`` and then picks the fastest usable
+    backend for ``device``; a named backend that cannot run raises :class:`BackendUnavailable`.
+    """
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "auto") or "auto"
+    backend = backend.lower()
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
+                         f"got {backend!r}")
+    kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
+    if backend == "auto":
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
+        for name in order:
+            if kernel_dtype and not _usable(name, device):
+                return name
+        return "torch"
+    if backend != "torch":
+        reason = _usable(backend, device)
+        if reason:
+            raise BackendUnavailable(
+                f"backend {backend!r} cannot run here: {reason}; fix: {_FIXES[backend]}")
+        if not kernel_dtype:
+            raise TypeError(f"backend {backend!r} supports float32, float16 and bfloat16; "
+                            f"got {dtype} (use backend='torch')")
+    return backend
+
+
+def available(device: str | torch.device = "cpu") -> list[str]:
+    """Backends that can run on ``device`` right now."""
+    device = torch.device(device)
+    return [name for name in BACKENDS if not _usable(name, device)]
+
+
+def status() -> list[BackendStatus]:
+    """Availability of every backend with versions, reasons and fixes (``purify-fast env``)."""
+    rows = [BackendStatus("torch", True, f"torch {torch.__version__}")]
+    for name in ("triton", "cpp", "cuda"):
+        loaded, err = {"cpp": _cpp, "cuda": _cuda, "triton": _triton}[name]()
+        if loaded is None:
+            rows.append(BackendStatus(name, False, err, _FIXES[name]))
+            continue
+        if name == "triton":
+            import triton
+
+            where = "CUDA" if torch.cuda.is_available() else (
+                "CPU interpreter" if triton_interpreting() else "no CUDA device: set TRITON_INTERPRET=1 to run on CPU")
+            rows.append(BackendStatus(name, True, f"triton {triton.__version__} ({where})"))
+        else:
+            rows.append(BackendStatus(name, True, getattr(loaded, "__file__", name)))
+    return rows
+
+
+def describe() -> str:
+    lines = [f"python {sys.version.split()[0]}, torch {torch.__version__}, "
+             f"CUDA {'available: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}"]
+    for row in status():
+        mark = "yes" if row.available else "no "
+        lines.append(f"  {row.name:<7} {mark}  {row.detail}" + (f"\n          fix: {row.fix}" if row.fix else ""))
+    return "\n".join(lines)

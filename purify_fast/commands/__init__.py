@@ -1,0 +1,1 @@
+"""One module per ``purify-fast`` subcommand (see ``purify_fast.cli``)."""

@@ -1,0 +1,445 @@
+"""Weight-space ops: mixing, diagonal Fisher, drift/Hessian scoring with a global threshold, reset,
+and E-PUR embedding drift scores.
+
+Each op validates its inputs, flattens them, picks a backend (:mod:`purify_fast.backend`) and calls
+the function of the same name in that backend's kernel module. Every backend module
+(``purify_fast._C``, ``purify_fast._C_cuda``, ``purify_fast.kernels``) implements this contract on
+flat contiguous tensors, writing into preallocated outputs:
+
+=====================================================================================  ==========
+``mix_random(pre, ft, out, seed_word, key_word, keep_threshold)``                       Philox mask
+``fisher_accumulate_(acc, grad, scale)``                                                 acc fp32
+``score_histogram(pre, ft, hessian|None, indicator, eps, hist, prefix)``                 int64 hist
+``select_by_score(pre, ft, hessian|None, indicator, eps, threshold, takes_ft, out)``     select
+``embedding_drift_scores(pre[V,D], ft[V,D], freqs_fp32[V], c, out_fp32[V])``             E-PUR
+=====================================================================================  ==========
+
+The math of each is in :mod:`purify_fast.reference.weight_space`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from purify_fast import backend as _backend
+from purify_fast.reference import weight_space as ref
+
+INDICATORS = tuple(ref.INDICATORS)
+NUM_BINS = ref.NUM_BINS
+_NEEDS_HESSIAN = {"drift_over_hessian", "inv_hessian", "product"}
+_SELECT_MODES = ("random", "magnitude")
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+def _check_tensor(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    return t
+
+
+def _check_pair(pre, ft, names=("pretrained", "finetuned")) -> None:
+    _check_tensor(pre, names[0])
+    _check_tensor(ft, names[1])
+    if pre.shape != ft.shape:
+        raise ValueError(f"{names[1]} shape {tuple(ft.shape)} does not match {names[0]} shape "
+                         f"{tuple(pre.shape)}")
+    if pre.dtype != ft.dtype:
+        raise TypeError(f"{names[1]} dtype {ft.dtype} does not match {names[0]} dtype {pre.dtype}")
+    if pre.device != ft.device:
+        raise ValueError(f"{names[1]} is on {ft.device} but {names[0]} is on {pre.device}")
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s); clean the checkpoint or pass "
+                         f"check_finite=False to let them through (results are then undefined)")
+
+
+def _check_hessian(hessian, pre: torch.Tensor, indicator: str) -> torch.Tensor | None:
+    if indicator not in ref.INDICATORS:
+        raise ValueError(f"indicator must be one of {', '.join(map(repr, INDICATORS))}; "
+                         f"got {indicator!r}")
+    if hessian is None:
+        if indicator in _NEEDS_HESSIAN:
+            raise ValueError(f"indicator {indicator!r} needs a hessian tensor (got None)")
+        return None
+    _check_tensor(hessian, "hessian")
+    if hessian.shape != pre.shape:
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match pretrained shape "
+                         f"{tuple(pre.shape)}")
+    if hessian.device != pre.device:
+        raise ValueError(f"hessian is on {hessian.device} but pretrained is on {pre.device}")
+    return hessian
+
+
+def _check_rho(rho) -> float:
+    try:
+        value = float(rho)
+    except (TypeError, ValueError):
+        raise TypeError(f"rho must be a number in [0, 1], got {rho!r}") from None
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"rho must be in [0, 1], got {rho!r}")
+    return value
+
+
+def _check_eps(eps) -> float:
+    value = float(eps)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    return value
+
+
+def _check_out(out, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype or like.dtype
+    if out is None:
+        return torch.empty(like.shape, dtype=dtype, device=like.device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != dtype or out.device != like.device:
+        raise ValueError(f"out must have shape {tuple(like.shape)}, dtype {dtype} and device "
+                         f"{like.device}; got {tuple(out.shape)}, {out.dtype}, {out.device}")
+    return out
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous().view(-1)
+
+
+def _flat_hessian(h: torch.Tensor | None) -> torch.Tensor | None:
+    # Kernels read the Hessian as fp32 (it is an fp32 accumulator in practice).
+    return None if h is None else h.to(torch.float32).contiguous().view(-1)
+
+
+def _write_result(out: torch.Tensor, run: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """Run a kernel that writes a flat contiguous buffer, into ``out`` whatever its strides."""
+    if out.is_contiguous():
+        run(out.view(-1))
+    else:
+        buf = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        run(buf.view(-1))
+        out.copy_(buf)
+    return out
+
+
+# --------------------------------------------------------------------------- mix_weights
+
+def mix_weights(pretrained: torch.Tensor, finetuned: torch.Tensor, rho: float, *, seed: int = 0,
+                key: str = "", select: str = "random", out: torch.Tensor | None = None,
+                backend: str | None = None, check_finite: bool = True) -> torch.Tensor:
+    """Fine-mixing: ``pretrained + m ⊙ (finetuned − pretrained)`` keeping a share ``rho`` of the
+    fine-tuned coordinates.
+
+    ``select="random"``: ``m_i ~ Bernoulli(rho)`` from Philox keyed by ``(seed, key, i)`` (see
+    :mod:`purify_fast.reference.weight_space`); every backend gives the same bits. Use the
+    parameter name as ``key`` so each tensor draws its own mask.
+    ``select="magnitude"``: keep the ``round(rho·N)`` coordinates of largest ``|δ|`` (ties at the
+    threshold are all kept).
+    The result is a select, never an arithmetic blend, so kept coordinates equal ``finetuned``
+    exactly. Neither a mask nor a random tensor is materialised.
+    """
+    _check_pair(pretrained, finetuned)
+    rho = _check_rho(rho)
+    if select not in _SELECT_MODES:
+        raise ValueError(f"select must be one of {_SELECT_MODES}, got {select!r}")
+    if not isinstance(seed, int) or not (0 <= seed < 2**32):
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    if not isinstance(key, str):
+        raise TypeError(f"key must be a str (e.g. the parameter name), got {type(key).__name__}")
+    out = _check_out(out, pretrained)
+    if check_finite:
+        _check_finite(pretrained, "pretrained")
+        _check_finite(finetuned, "finetuned")
+    if select == "magnitude":
+        hist = score_histogram(pretrained, finetuned, None, indicator="drift", backend=backend,
+                               check_finite=False)
+        thr = select_threshold(hist, rho)
+        if not thr.exact:
+            hist = score_histogram(pretrained, finetuned, None, indicator="drift", hist=thr.refine(),
+                                   backend=backend, check_finite=False)
+            thr = select_threshold(hist, rho)
+        return _select(pretrained, finetuned, None, "drift", 1.0, thr.value, True, out, backend)
+
+    name = _backend.resolve(backend, pretrained.device, pretrained.dtype)
+    pre, ft = _flat(pretrained), _flat(finetuned)
+    key_word, keep = ref.key_hash(key), ref.philox_keep_threshold(rho)
+    if name == "torch":
+        return _write_result(out, lambda o: o.copy_(ref.mix_random(pre, ft, seed, key_word, keep)))
+    kern = _backend.module(name)
+    return _write_result(out, lambda o: kern.mix_random(pre, ft, o, seed, key_word, keep))
+
+
+# --------------------------------------------------------------------------- fisher
+
+def fisher_accumulate_(acc: torch.Tensor, grad: torch.Tensor, *, scale: float = 1.0,
+                       backend: str | None = None, check_finite: bool = True) -> torch.Tensor:
+    """``acc += scale · grad²`` in place (the diagonal Fisher / Hessian estimate).
+
+    ``acc`` must be fp32 and contiguous; ``grad`` may be fp32, fp16 or bf16 of the same shape.
+    """
+    _check_tensor(acc, "acc")
+    _check_tensor(grad, "grad")
+    if acc.dtype != torch.float32:
+        raise TypeError(f"acc must be float32 (the accumulator), got {acc.dtype}")
+    if not acc.is_contiguous():
+        raise ValueError("acc must be contiguous (it is updated in place)")
+    if grad.shape != acc.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} does not match acc shape {tuple(acc.shape)}")
+    if grad.device != acc.device:
+        raise ValueError(f"grad is on {grad.device} but acc is on {acc.device}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
+    if check_finite:
+        _check_finite(grad, "grad")
+    name = _backend.resolve(backend, acc.device, grad.dtype)
+    if name == "torch":
+        ref.fisher_accumulate_(acc, grad, scale)
+    else:
+        _backend.module(name).fisher_accumulate_(acc.view(-1), _flat(grad), scale)
+    return acc
+
+
+# --------------------------------------------------------------------------- scoring + threshold
+
+@dataclass
+class ScoreHistogram:
+    """Counts of score bit patterns over any number of tensors (one radix-select level).
+
+    ``prefix == -1``: level 1, bins are the high 16 bits of the fp32 score. Otherwise level 2:
+    bins are the low 16 bits of scores whose high 16 bits equal ``prefix``; ``above`` counts the
+    scores in higher level-1 bins and ``total`` is N over all tensors of the pass.
+    """
+
+    indicator: str
+    eps: float
+    counts: torch.Tensor = field(repr=False)
+    prefix: int = -1
+    above: int = 0
+    total: int = 0
+
+    def refine(self) -> "ScoreHistogram":  # pragma: no cover - only Threshold.refine makes one
+        raise TypeError("call Threshold.refine() to start a level-2 pass")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Result of :func:`select_threshold`: coordinates with ``score >= value`` are selected.
+
+    ``exact`` means ``selected`` equals ``target`` up to exact ties at ``value``; when it is False,
+    run the same tensors once more through :func:`score_histogram` with ``hist=thr.refine()`` and
+    select again (two passes always suffice).
+    """
+
+    value: float
+    selected: int
+    target: int
+    total: int
+    exact: bool
+    indicator: str
+    eps: float
+    _prefix: int = -1
+    _above: int = 0
+
+    def refine(self) -> ScoreHistogram:
+        if self.exact:
+            raise ValueError("this threshold is already exact; no refinement pass needed")
+        return ScoreHistogram(self.indicator, self.eps, torch.zeros(NUM_BINS, dtype=torch.int64),
+                              prefix=self._prefix, above=self._above, total=self.total)
+
+
+def score_histogram(pretrained: torch.Tensor, finetuned: torch.Tensor,
+                    hessian: torch.Tensor | None = None, *, indicator: str = "drift_over_hessian",
+                    eps: float = 1e-8, hist: ScoreHistogram | None = None,
+                    backend: str | None = None, check_finite: bool = True) -> ScoreHistogram:
+    """Accumulate the histogram of per-coordinate scores of one tensor into ``hist``.
+
+    Call it for every tensor of the model (same ``hist``), then :func:`select_threshold`. The
+    scores themselves are never stored. Indicators: ``drift_over_hessian`` δ²/(H+ε) (default),
+    ``drift`` |δ|, ``inv_hessian`` 1/(H+ε), ``product`` δ²·H.
+    """
+    _check_pair(pretrained, finetuned)
+    hessian = _check_hessian(hessian, pretrained, indicator)
+    eps = _check_eps(eps)
+    if hist is None:
+        hist = ScoreHistogram(indicator, eps, torch.zeros(NUM_BINS, dtype=torch.int64))
+    elif not isinstance(hist, ScoreHistogram):
+        raise TypeError(f"hist must be a ScoreHistogram or None, got {type(hist).__name__}")
+    elif hist.indicator != indicator or hist.eps != eps:
+        raise ValueError(f"hist was built with indicator={hist.indicator!r}, eps={hist.eps}; "
+                         f"got indicator={indicator!r}, eps={eps}")
+    if check_finite:
+        _check_finite(pretrained, "pretrained")
+        _check_finite(finetuned, "finetuned")
+        if hessian is not None:
+            _check_finite(hessian, "hessian")
+    name = _backend.resolve(backend, pretrained.device, pretrained.dtype)
+    code = ref.INDICATORS[indicator]
+    pre, ft, h = _flat(pretrained), _flat(finetuned), _flat_hessian(hessian)
+    counts = hist.counts.to(pretrained.device)
+    if name == "torch":
+        ref.score_histogram(pre, ft, h, code, eps, counts, hist.prefix)
+    else:
+        _backend.module(name).score_histogram(pre, ft, h, code, eps, counts, hist.prefix)
+    hist.counts = counts
+    if hist.prefix < 0:
+        hist.total += pretrained.numel()
+    return hist
+
+
+def _bits_to_float(bits: int) -> float:
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
+
+
+def select_threshold(hist: ScoreHistogram, rho: float) -> Threshold:
+    """The score above which the top ``rho`` share of all histogrammed coordinates lies.
+
+    Selected = ``score >= value``; the target count is ``round(rho · N)``. A level-1 histogram
+    gives the answer directly when the boundary bin splits cleanly; otherwise the returned
+    :class:`Threshold` has ``exact=False`` and :meth:`Threshold.refine` starts the second pass.
+    """
+    if not isinstance(hist, ScoreHistogram):
+        raise TypeError(f"hist must be a ScoreHistogram, got {type(hist).__name__}")
+    rho = _check_rho(rho)
+    if hist.total == 0:
+        raise ValueError("hist is empty: call score_histogram on at least one tensor first")
+    target = int(round(rho * hist.total))
+    common = dict(target=target, total=hist.total, indicator=hist.indicator, eps=hist.eps)
+    if target == 0:
+        return Threshold(math.inf, 0, exact=True, **common)
+    counts = hist.counts.cpu()
+    # Walk from the highest bin down: `before[b]` = count strictly above bin b.
+    suffix = counts.flip(0).cumsum(0).flip(0)
+    before = hist.above + suffix - counts
+    # The boundary bin b holds the target-th largest score: before[b] < target <= before[b]+c[b].
+    inside = (before < target) & (before + counts >= target)
+    b = int(torch.nonzero(inside).max()) if bool(inside.any()) else 0
+    n_before, n_bin = int(before[b]), int(counts[b])
+    if hist.prefix < 0:
+        if n_before + n_bin == target or n_bin == 0:
+            return Threshold(_bits_to_float(b << 16), n_before + n_bin, exact=True, **common)
+        return Threshold(_bits_to_float(b << 16), n_before + n_bin, exact=False,
+                         _prefix=b, _above=n_before, **common)
+    # Level 2: bin b is one exact fp32 value; every score equal to it is selected (ties).
+    return Threshold(_bits_to_float((hist.prefix << 16) | b), n_before + n_bin, exact=True, **common)
+
+
+def global_score_threshold(tensors: Callable[[], Iterable[tuple]], rho: float, *,
+                           indicator: str = "drift_over_hessian", eps: float = 1e-8,
+                           backend: str | None = None, check_finite: bool = True) -> Threshold:
+    """One global threshold over many tensors: runs ``tensors()`` once, and a second time only if
+    the boundary bin needs refining. ``tensors`` yields ``(pretrained, finetuned, hessian)``."""
+    hist = None
+    for pre, ft, h in tensors():
+        hist = score_histogram(pre, ft, h, indicator=indicator, eps=eps, hist=hist,
+                               backend=backend, check_finite=check_finite)
+    if hist is None:
+        raise ValueError("tensors() yielded nothing")
+    thr = select_threshold(hist, rho)
+    if thr.exact:
+        return thr
+    hist = thr.refine()
+    for pre, ft, h in tensors():
+        score_histogram(pre, ft, h, indicator=indicator, eps=eps, hist=hist, backend=backend,
+                        check_finite=False)
+    return select_threshold(hist, rho)
+
+
+def _select(pre_t, ft_t, hessian, indicator, eps, threshold, takes_ft, out, backend):
+    name = _backend.resolve(backend, pre_t.device, pre_t.dtype)
+    code = ref.INDICATORS[indicator]
+    pre, ft, h = _flat(pre_t), _flat(ft_t), _flat_hessian(hessian)
+    if name == "torch":
+        return _write_result(out, lambda o: o.copy_(
+            ref.select_by_score(pre, ft, h, code, eps, threshold, takes_ft)))
+    kern = _backend.module(name)
+    return _write_result(out, lambda o: kern.select_by_score(pre, ft, h, code, eps, threshold,
+                                                             takes_ft, o))
+
+
+def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
+                   hessian: torch.Tensor | None, threshold: Threshold | float, *,
+                   indicator: str | None = None, eps: float | None = None,
+                   out: torch.Tensor | None = None, backend: str | None = None,
+                   check_finite: bool = True) -> torch.Tensor:
+    """Fine-purifying reset: coordinates with ``score >= threshold`` go back to ``pretrained``,
+    the rest keep ``finetuned``; one pass, scores recomputed on the fly.
+
+    Given a :class:`Threshold`, its indicator and eps are used (passing different ones is an
+    error); given a float, ``indicator`` defaults to ``drift_over_hessian`` and ``eps`` to 1e-8.
+    """
+    if isinstance(threshold, Threshold):
+        if indicator is not None and indicator != threshold.indicator:
+            raise ValueError(f"indicator {indicator!r} differs from the threshold's "
+                             f"{threshold.indicator!r}")
+        if eps is not None and float(eps) != threshold.eps:
+            raise ValueError(f"eps {eps} differs from the threshold's {threshold.eps}")
+        indicator, eps, value = threshold.indicator, threshold.eps, threshold.value
+    else:
+        try:
+            value = float(threshold)
+        except (TypeError, ValueError):
+            raise TypeError(f"threshold must be a Threshold or a float, got {threshold!r}") from None
+        if math.isnan(value):
+            raise ValueError("threshold is NaN")
+        indicator = indicator or "drift_over_hessian"
+        eps = 1e-8 if eps is None else eps
+    _check_pair(pretrained, finetuned)
+    hessian = _check_hessian(hessian, pretrained, indicator)
+    eps = _check_eps(eps)
+    out = _check_out(out, pretrained)
+    if check_finite:
+        _check_finite(pretrained, "pretrained")
+        _check_finite(finetuned, "finetuned")
+        if hessian is not None:
+            _check_finite(hessian, "hessian")
+    return _select(pretrained, finetuned, hessian, indicator, eps, value, False, out, backend)
+
+
+# --------------------------------------------------------------------------- E-PUR
+
+def embedding_drift_scores(pretrained_emb: torch.Tensor, finetuned_emb: torch.Tensor,
+                           token_freqs: torch.Tensor, *, c: float = 20.0,
+                           backend: str | None = None, check_finite: bool = True) -> torch.Tensor:
+    """E-PUR score per vocabulary row: ``‖E_ft[i] − E_pre[i]‖₂ / log(max(f_i, c))`` (fp32, [V]).
+
+    Rows that drifted far more than their clean-corpus frequency explains score high.
+    ``c`` > 1 keeps the log positive for rare tokens (default 20).
+    """
+    _check_pair(pretrained_emb, finetuned_emb, ("pretrained_emb", "finetuned_emb"))
+    if pretrained_emb.dim() != 2:
+        raise ValueError(f"pretrained_emb must be 2-D [vocab, dim], got shape "
+                         f"{tuple(pretrained_emb.shape)}")
+    if not isinstance(token_freqs, torch.Tensor):
+        raise TypeError(f"token_freqs must be a torch.Tensor, got {type(token_freqs).__name__}")
+    if token_freqs.shape != (pretrained_emb.shape[0],):
+        raise ValueError(f"token_freqs must have shape ({pretrained_emb.shape[0]},) (one count per "
+                         f"vocabulary row), got {tuple(token_freqs.shape)}")
+    if token_freqs.device != pretrained_emb.device:
+        raise ValueError(f"token_freqs is on {token_freqs.device} but pretrained_emb is on "
+                         f"{pretrained_emb.device}")
+    c = float(c)
+    if not (c > 1.0 and math.isfinite(c)):
+        raise ValueError(f"c must be a finite number > 1 (log(c) must be positive), got {c!r}")
+    freqs = token_freqs.to(torch.float32).contiguous()
+    if bool((freqs < 0).any()) or not bool(torch.isfinite(freqs).all()):
+        raise ValueError("token_freqs must be finite and non-negative")
+    if check_finite:
+        _check_finite(pretrained_emb, "pretrained_emb")
+        _check_finite(finetuned_emb, "finetuned_emb")
+    name = _backend.resolve(backend, pretrained_emb.device, pretrained_emb.dtype)
+    pre, ft = pretrained_emb.contiguous(), finetuned_emb.contiguous()
+    if name == "torch":
+        return ref.embedding_drift_scores(pre, ft, freqs, c)
+    out = torch.empty(pre.shape[0], dtype=torch.float32, device=pre.device)
+    _backend.module(name).embedding_drift_scores(pre, ft, freqs, c, out)
+    return out
