@@ -14,3 +14,5 @@ from purify_fast.ops.weight_space import (  # noqa: F401
     score_histogram,
     select_threshold,
 )
+from purify_fast.ops.multiscale_lora import multiscale_lora  # noqa: E402,F401
+from purify_fast.ops.attention_maps import attention_layer_mse, attention_map_loss  # noqa: E402,F401

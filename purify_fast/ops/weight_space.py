@@ -277,6 +277,11 @@ def score_histogram(pretrained: torch.Tensor, finetuned: torch.Tensor,
     elif hist.indicator != indicator or hist.eps != eps:
         raise ValueError(f"hist was built with indicator={hist.indicator!r}, eps={hist.eps}; "
                          f"got indicator={indicator!r}, eps={eps}")
+    if not (isinstance(hist.counts, torch.Tensor) and hist.counts.dtype == torch.int64
+            and hist.counts.shape == (NUM_BINS,)):
+        got = (f"{hist.counts.dtype} {tuple(hist.counts.shape)}"
+               if isinstance(hist.counts, torch.Tensor) else type(hist.counts).__name__)
+        raise TypeError(f"hist.counts must be an int64 tensor of shape ({NUM_BINS},), got {got}")
     if check_finite:
         _check_finite(pretrained, "pretrained")
         _check_finite(finetuned, "finetuned")
