@@ -1,0 +1,1002 @@
+"""Streaming weight-space purification of whole checkpoints (7B-70B), tensor by tensor.
+
+:func:`purify_checkpoint` runs Fine-mixing (``mix``), E-PUR (``e-pur``) or Fine-purifying
+(``fine-purifying``) over a pre-trained and a suspect safetensors checkpoint and writes the purified
+checkpoint with the suspect's layout (see :mod:`purify_fast.checkpoint` for the atomic, resumable
+output protocol). Every per-tensor computation is a :mod:`purify_fast.ops` call, keyed by the
+parameter name, so the streaming result equals the in-memory one bit for bit.
+
+Pipeline and memory
+-------------------
+Three stages run concurrently:
+
+1. a reader thread copies the next tensors (pre-trained, suspect, Hessian) out of the mmap'd files
+   into a slot of a fixed input buffer pool (pinned when the device is CUDA);
+2. the main thread moves them to the device (on a side CUDA stream, so the copy of tensor i+1
+   overlaps the kernels of tensor i), runs the op, and puts the result in an output buffer;
+3. a writer thread ``pwrite``-s the result at its precomputed offset in the output shard and
+   hands the buffer back.
+
+The pools are the memory bound: two input slots on CPU (three on CUDA), each big enough for the
+largest tensor's inputs, and two output buffers; a stage that runs ahead waits for a free buffer
+instead of allocating. Steady-state streaming allocates no tensor-sized host memory, so peak host
+memory is a small multiple of the largest tensor whatever the model size (measured flat from 0.46
+to 2.69 GB models in ``benchmarks/results_streaming.md``). The ops add their own per-call
+temporaries on top: a bool tensor per input for the NaN/Inf check, and, on the readable ``torch``
+backend, about ten int64 words per element for the Philox mask.
+
+Fine-purifying's global threshold needs every score before any reset: pass 1 streams every tensor
+through :func:`purify_fast.ops.score_histogram` (65,536 int64 bins, never the scores), a second
+histogram pass runs only if the boundary bin needs refining, and the reset pass follows. The
+threshold is stored in the manifest, so a resumed run does not recompute it and resets exactly the
+same coordinates.
+
+Diagonal Fisher for large models
+--------------------------------
+:class:`DiskFisher` accumulates ``H = mean_b g_b²`` with bounded memory. The choice: fp32
+accumulators live in safetensors side files on disk (sharded and indexed like a checkpoint),
+memory-mapped shared, and updated in place by :func:`purify_fast.ops.fisher_accumulate_` from a
+post-accumulate-grad hook that frees each gradient as soon as it is folded in. RAM holds only the
+page cache the kernel chooses to keep (it may evict it), the full-model gradient never exists at
+once, and the finished files are directly a ``--hessian`` input for :func:`purify_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from purify_fast import ops
+from purify_fast.checkpoint import (
+    INDEX_NAME,
+    Checkpoint,
+    CheckpointError,
+    OutputDir,
+    ShardLayout,
+    TensorInfo,
+    atomic_write_bytes,
+    check_free_space,
+    compare,
+    dumps_json,
+    fsync_path,
+    load_tensor,
+    pwrite_all,
+    side_files,
+    tensor_bytes,
+)
+from purify_fast.ops.weight_space import NUM_BINS
+
+METHODS = ("mix", "e-pur", "fine-purifying")
+DEFAULT_RHO = {"mix": 0.5, "fine-purifying": 0.1, "e-pur": 0.0}
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight",
+                      "tok_embeddings.weight", "embed_in.weight")
+_SCOPES = ("global", "tensor")
+
+
+# --------------------------------------------------------------------------- configuration
+
+@dataclass
+class PurifyConfig:
+    """What to do to a checkpoint. Every field is recorded in the manifest: resuming with other
+    values is refused, because it would splice two different purifications together.
+
+    * ``method``: ``mix`` (Fine-mixing: keep a share ``rho`` of the fine-tuned coordinates),
+      ``fine-purifying`` (reset the top ``rho`` share by ``indicator`` to pre-trained) or ``e-pur``
+      (only the embedding-row reset).
+    * ``rho``: None takes the method default (mix 0.5, fine-purifying 0.1).
+    * ``select``: mix selection, ``random`` (Philox keyed by seed and parameter name) or
+      ``magnitude`` (largest ``|δ|`` inside each tensor).
+    * ``indicator``/``eps``/``scope``: Fine-purifying score, and whether the threshold is one over
+      the whole model (``global``) or one per tensor.
+    * ``e_pur``: run E-PUR on the embedding first (implied by ``method="e-pur"``); ``top_n`` rows,
+      or every row with score >= ``score_threshold``; ``special_ids`` are never ranked; ``c`` is the
+      frequency floor in the log.
+    * ``allow_new_keys``: tensors only in the suspect (a new head) are kept; otherwise an error.
+    """
+
+    method: str
+    rho: float | None = None
+    seed: int = 0
+    select: str = "random"
+    indicator: str = "drift_over_hessian"
+    eps: float = 1e-8
+    scope: str = "global"
+    e_pur: bool = False
+    embedding_key: str | None = None
+    top_n: int = 200
+    score_threshold: float | None = None
+    c: float = 20.0
+    special_ids: tuple[int, ...] = ()
+    allow_new_keys: bool = False
+    backend: str | None = None
+    check_finite: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; "
+                             f"got {self.method!r}")
+        if self.rho is None:
+            self.rho = DEFAULT_RHO[self.method]
+        rho = float(self.rho)
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"rho must be in [0, 1], got {self.rho!r}")
+        self.rho = rho
+        if self.scope not in _SCOPES:
+            raise ValueError(f"scope must be one of {_SCOPES}, got {self.scope!r}")
+        if self.select not in ("random", "magnitude"):
+            raise ValueError(f"select must be 'random' or 'magnitude', got {self.select!r}")
+        if self.indicator not in ops.INDICATORS:
+            raise ValueError(f"indicator must be one of {', '.join(map(repr, ops.INDICATORS))}; "
+                             f"got {self.indicator!r}")
+        if not (float(self.eps) > 0 and math.isfinite(float(self.eps))):
+            raise ValueError(f"eps must be a positive finite number, got {self.eps!r}")
+        if not (float(self.c) > 1 and math.isfinite(float(self.c))):
+            raise ValueError(f"c must be a finite number > 1, got {self.c!r}")
+        if self.method == "e-pur":
+            self.e_pur = True
+        if self.top_n < 0:
+            raise ValueError(f"top_n must be >= 0, got {self.top_n}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        self.special_ids = tuple(sorted({int(i) for i in self.special_ids}))
+
+    def record(self) -> dict:
+        rec = asdict(self)
+        rec["special_ids"] = list(self.special_ids)
+        # The backend changes speed, not bytes: every backend must draw the reference's mask
+        # and histogram bits (see purify_fast.reference.weight_space), so a run may resume on
+        # another backend or device.
+        rec.pop("backend")
+        return rec
+
+
+@dataclass
+class PurifyResult:
+    out: Path
+    method: str
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    resumed: bool
+    shards_total: int
+    shards_skipped: int
+    threshold: float | None = None
+    reset_rows: list[int] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- communication
+
+class LocalComm:
+    """The single-process stand-in for :class:`purify_fast.distributed.TorchComm`."""
+
+    rank = 0
+    world_size = 1
+
+    def barrier(self) -> None:
+        pass
+
+    def all_reduce_sum_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def broadcast_object(self, obj):
+        return obj
+
+
+def assign_ranks(infos: Sequence[TensorInfo], world_size: int) -> dict[str, int]:
+    """Deterministic split of tensors over ranks, balancing bytes: biggest first to the least
+    loaded rank (ties to the lowest rank)."""
+    loads = [0] * world_size
+    owner = {}
+    for info in sorted(infos, key=lambda i: (-i.nbytes, i.key)):
+        r = min(range(world_size), key=lambda k: (loads[k], k))
+        owner[info.key] = r
+        loads[r] += info.nbytes
+    return owner
+
+
+# --------------------------------------------------------------------------- pipeline helpers
+
+_DONE = object()
+
+
+def _prefetch(produce: Callable[[threading.Event], Iterable], depth: int = 1) -> Iterator:
+    """Iterate ``produce(stop)`` in a background thread, at most ``depth`` items ahead; its
+    exceptions are re-raised here, and abandoning the iteration sets ``stop``, which the producer
+    must honour wherever it blocks."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run():
+        try:
+            for item in produce(stop):
+                if not put(item):
+                    return
+        except _Cancelled:
+            return
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+            errors.append(exc)
+        put(_DONE)
+
+    thread = threading.Thread(target=run, name="purify-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                if errors:
+                    raise errors[0]
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+class _Writer:
+    """pwrite results in a background thread so disk writes overlap the next tensor's compute."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="purify-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while True:
+            job = self.q.get()
+            try:
+                if job is None:
+                    return
+                fd, tensor, offset, release = job
+                try:
+                    if self.error is None:
+                        pwrite_all(fd, tensor_bytes(tensor), offset)
+                finally:
+                    release()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by check()
+                self.error = exc
+            finally:
+                self.q.task_done()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, fd: int, tensor: torch.Tensor, offset: int,
+            release: Callable[[], None] = lambda: None) -> None:
+        """Queue a write; ``release()`` runs once the bytes are written (or the write failed)."""
+        self.check()
+        self.q.put((fd, tensor, offset, release))
+
+    def drain(self) -> None:
+        """Wait until every queued write has finished (or failed); raises nothing."""
+        self.q.join()
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Pool:
+    """A fixed set of reusable host buffers (pinned when feeding a GPU).
+
+    Steady-state streaming allocates nothing, so memory cannot creep up through allocator
+    fragmentation as the model grows, and a reader that runs ahead blocks in :meth:`take` instead
+    of queueing more tensors: the pool size *is* the memory bound. Buffers are allocated on first
+    use, so a pool never costs more than the tensors that actually went through it.
+    """
+
+    def __init__(self, nbytes: int, count: int, pin: bool):
+        self.nbytes = max(int(nbytes), 1)
+        self.pin = pin
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(count):
+            self._free.put(None)
+
+    def take(self, stop: threading.Event | None = None) -> torch.Tensor:
+        while True:
+            try:
+                buf = self._free.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if stop is not None and stop.is_set():
+                    raise _Cancelled() from None
+        if buf is None:
+            buf = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        return buf
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
+
+
+def _carve(buf: torch.Tensor, infos: Sequence[TensorInfo | None]) -> list[torch.Tensor | None]:
+    """Views of ``buf`` shaped like ``infos`` (64-byte aligned, one after the other)."""
+    views, cursor = [], 0
+    for info in infos:
+        if info is None:
+            views.append(None)
+            continue
+        cursor += -cursor % 64
+        raw = buf[cursor:cursor + info.nbytes]
+        views.append(raw.view(info.torch_dtype).view(info.shape) if info.nbytes else
+                      torch.empty(info.shape, dtype=info.torch_dtype))
+        cursor += info.nbytes
+    return views
+
+
+def _carved_size(infos: Sequence[TensorInfo | None]) -> int:
+    return sum(i.nbytes + 64 for i in infos if i is not None)
+
+
+class _Device:
+    """Host <-> device moves. On CUDA the host->device copy runs on a side stream so the copy of
+    the next tensor overlaps the current kernels; on CPU it is the identity."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def stage(self, tensors: Sequence[torch.Tensor | None]):
+        if not self.cuda:
+            return list(tensors), None
+        with torch.cuda.stream(self.stream):
+            moved = [None if t is None else t.to(self.device, non_blocking=True) for t in tensors]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return moved, event
+
+    def wait(self, staged):
+        """Make the current stream wait for a staged copy; returns the device tensors."""
+        moved, event = staged
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in moved:
+                if t is not None:
+                    # The tensors were allocated on the side stream but are used (and freed) on
+                    # the current one: tell the caching allocator.
+                    t.record_stream(current)
+        return moved
+
+
+# --------------------------------------------------------------------------- the engine
+
+def _load_freqs(token_freqs, vocab: int) -> torch.Tensor:
+    if token_freqs is None:
+        raise ValueError("E-PUR needs token_freqs: clean-corpus counts, one per vocabulary row "
+                         "(--token-freqs FILE)")
+    freqs = torch.as_tensor(token_freqs).flatten().to(torch.float32)
+    if freqs.numel() != vocab:
+        raise ValueError(f"token_freqs has {freqs.numel()} entries but the embedding has {vocab} "
+                         f"rows")
+    return freqs
+
+
+def _find_embedding(cfg: PurifyConfig, suspect: Checkpoint) -> str:
+    if cfg.embedding_key is not None:
+        if cfg.embedding_key not in suspect:
+            raise CheckpointError(f"embedding_key {cfg.embedding_key!r} is not a tensor of "
+                                  f"{suspect.path}")
+        return cfg.embedding_key
+    for key, info in suspect.tensors.items():
+        if key.endswith(EMBEDDING_SUFFIXES) and len(info.shape) == 2:
+            return key
+    raise CheckpointError(f"{suspect.path}: no embedding tensor found (looked for names ending "
+                          f"in {', '.join(EMBEDDING_SUFFIXES)}); pass embedding_key "
+                          f"(--embedding-key)")
+
+
+def epur_rows(pre_emb: torch.Tensor, ft_emb: torch.Tensor, freqs: torch.Tensor,
+              cfg: PurifyConfig) -> list[int]:
+    """Rows E-PUR resets: top ``cfg.top_n`` by :func:`ops.embedding_drift_scores` (or all with
+    score >= ``cfg.score_threshold``), never a special token. Ties break by row index so every
+    device picks the same rows."""
+    scores = ops.embedding_drift_scores(pre_emb, ft_emb, freqs.to(pre_emb.device), c=cfg.c,
+                                        backend=cfg.backend, check_finite=cfg.check_finite).cpu()
+    special = [i for i in cfg.special_ids if 0 <= i < scores.numel()]
+    if special:
+        scores[special] = -math.inf
+    if cfg.score_threshold is not None:
+        rows = torch.nonzero(scores >= float(cfg.score_threshold)).flatten()
+    else:
+        order = torch.sort(scores, descending=True, stable=True).indices
+        n = min(cfg.top_n, scores.numel() - len(special))
+        rows = order[:n]
+    return sorted(int(r) for r in rows)
+
+
+def _float_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _bits_float(b: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", b))[0]
+
+
+class _Plan:
+    """Everything decided before any output byte: keys, actions, layouts, owners."""
+
+    def __init__(self, cfg: PurifyConfig, pre: Checkpoint, ft: Checkpoint,
+                 hessian: Checkpoint | None, world_size: int):
+        shared, _ = compare(pre, ft, allow_new_keys=cfg.allow_new_keys)
+        shared_set = set(shared)
+        if hessian is not None and cfg.method != "fine-purifying":
+            raise ValueError(f"a Hessian is only used by fine-purifying, not {cfg.method!r}; "
+                             f"drop --hessian")
+        self.processed = [k for k in shared if ft[k].is_float] if cfg.method != "e-pur" else []
+        self.emb_key = _find_embedding(cfg, ft) if cfg.e_pur else None
+        if self.emb_key is not None and self.emb_key not in shared_set:
+            raise CheckpointError(f"embedding {self.emb_key!r} has no pre-trained counterpart in "
+                                  f"{pre.path}")
+        if hessian is not None:
+            for k in self.processed:
+                if k not in hessian:
+                    raise CheckpointError(f"{hessian.path}: no Hessian for tensor {k!r}")
+                if hessian[k].shape != ft[k].shape:
+                    raise CheckpointError(f"{hessian[k].file}: Hessian {k!r} has shape "
+                                          f"{list(hessian[k].shape)}, the model "
+                                          f"{list(ft[k].shape)}")
+                if not hessian[k].is_float:
+                    raise CheckpointError(f"{hessian[k].file}: Hessian {k!r} has non-float dtype "
+                                          f"{hessian[k].dtype}")
+        elif cfg.method == "fine-purifying" and cfg.indicator in ("drift_over_hessian",
+                                                                   "inv_hessian", "product"):
+            raise ValueError(f"fine-purifying with indicator {cfg.indicator!r} needs a Hessian "
+                             f"checkpoint (--hessian FILE, e.g. written by DiskFisher)")
+        self.processed_set = set(self.processed)
+        self.layouts = [ShardLayout.build(f.name, [ft[k] for k in ft.keys_in(f)],
+                                          ft.metadata.get(f.name))
+                        for f in ft.files]
+        self.owner = assign_ranks(list(ft.tensors.values()), world_size)
+        self.index = None
+        if ft.sharded:
+            self.index = {"metadata": {"total_size": sum(i.nbytes for i in ft.tensors.values())},
+                          "weight_map": {k: ft[k].file.name for k in sorted(ft.keys())}}
+
+
+def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
+                      suspect: str | os.PathLike | Checkpoint,
+                      out: str | os.PathLike,
+                      config: PurifyConfig | None = None, *,
+                      hessian: str | os.PathLike | Checkpoint | None = None,
+                      token_freqs=None,
+                      device: str | torch.device = "cpu",
+                      resume: bool = False,
+                      progress: bool = False,
+                      comm=None,
+                      on_shard_done: Callable[[str, int], None] | None = None,
+                      **options) -> PurifyResult:
+    """Purify ``suspect`` against ``pretrained`` into the new directory ``out``, streaming.
+
+    ``config`` (or keyword ``options`` building one, e.g. ``method="mix", rho=0.3``) says what to
+    do; ``hessian`` is a safetensors checkpoint with an fp32 diagonal Hessian per processed tensor
+    (Fine-purifying); ``token_freqs`` the clean-corpus count of every vocabulary row (E-PUR).
+    ``comm`` splits the work over processes (:mod:`purify_fast.distributed`); the bytes written do
+    not depend on it, on ``device``, or on the backend. ``on_shard_done(name, n_done)`` is called
+    after each shard is committed (progress hooks, fault-injection tests).
+
+    Everything is validated before the first output byte; errors name the file and tensor.
+    """
+    t_start = time.perf_counter()
+    cfg = config if config is not None else PurifyConfig(**options)
+    if config is not None and options:
+        raise TypeError(f"pass either config or keyword options, not both (got {sorted(options)})")
+    comm = comm or LocalComm()
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for but torch sees no CUDA device")
+    stages: dict[str, float] = {}
+
+    def opened(x, what):
+        if x is None or isinstance(x, Checkpoint):
+            return x
+        try:
+            return Checkpoint.open(x)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{what} checkpoint: {exc}") from None
+
+    pre = opened(pretrained, "pre-trained")
+    ft = opened(suspect, "suspect")
+    hes = opened(hessian, "hessian")
+    plan = _Plan(cfg, pre, ft, hes, comm.world_size)
+    freqs = None
+    if cfg.e_pur:
+        freqs = _load_freqs(token_freqs, ft[plan.emb_key].shape[0])
+
+    od = OutputDir(out)
+    run = {"config": cfg.record(), "pretrained": pre.fingerprint(), "suspect": ft.fingerprint(),
+           "hessian": hes.fingerprint() if hes is not None else None,
+           "token_freqs_sha256": (hashlib.sha256(tensor_bytes(freqs)).hexdigest()
+                                  if freqs is not None else None)}
+
+    # Rank 0 owns the directory and the manifest; the others learn the outcome from it, so an
+    # error on rank 0 (existing output, full disk) stops every rank instead of hanging them.
+    status = None
+    if comm.rank == 0:
+        try:
+            od.check_target()
+            already = 0
+            if od.partial.exists() and resume:
+                already = sum((od.partial / lay.name).stat().st_size for lay in plan.layouts
+                              if (od.partial / lay.name).is_file())
+            needed = sum(lay.size for lay in plan.layouts) - already
+            needed += sum(p.stat().st_size for p in side_files(ft))
+            check_free_space(od.out.parent, needed)
+            resumed = od.start(run, resume=resume)
+            if cfg.e_pur and "reset_rows" not in od.state:
+                t0 = time.perf_counter()
+                rows = epur_rows(pre.load(plan.emb_key).to(device),
+                                 ft.load(plan.emb_key).to(device),
+                                 freqs, cfg)
+                od.state["reset_rows"] = rows
+                od.save_manifest()
+                stages["e-pur scores"] = time.perf_counter() - t0
+            status = ("ok", resumed, od.manifest)
+        except Exception as exc:  # noqa: BLE001 - forwarded to every rank, then re-raised
+            status = ("error", exc, None)
+    status = comm.broadcast_object(status)
+    if status[0] == "error":
+        raise status[1]
+    resumed = status[1]
+    od.manifest = status[2]
+    reset_rows = torch.tensor(od.state.get("reset_rows", []), dtype=torch.int64)
+
+    dev = _Device(device)
+    mine = [k for k in ft.tensors if plan.owner[k] == comm.rank]
+    bytes_read = 0
+    emb_rows = reset_rows.to(device)
+
+    def needs_pre(k: str) -> bool:
+        return k in plan.processed_set or k == plan.emb_key
+
+    def item_infos(k: str):
+        h = hes[k] if (hes is not None and k in plan.processed_set) else None
+        return (pre[k] if needs_pre(k) else None), ft[k], h
+
+    # Buffers: on CPU one item is computed while the next is read (2 slots); on CUDA one more is
+    # in flight host->device. Outputs: one being computed into, one being written.
+    in_pool = _Pool(max((_carved_size(item_infos(k)) for k in mine), default=1),
+                    3 if dev.cuda else 2, pin=dev.cuda)
+    out_pool = _Pool(max((ft[k].nbytes for k in mine), default=1), 2, pin=dev.cuda)
+
+    def read(keys: Sequence[str]):
+        def produce(stop: threading.Event):
+            nonlocal bytes_read
+            for k in keys:
+                infos = item_infos(k)
+                slot = in_pool.take(stop)
+                views = _carve(slot, infos)
+                for info, view in zip(infos, views):
+                    if info is not None:
+                        load_tensor(info, out=view)
+                        bytes_read += info.nbytes
+                yield (k, slot, *views)
+        return _prefetch(produce)
+
+    def staged(items):
+        """Yield ``(key, release, p, t, h)`` on the device. On CUDA item i+1's host->device copy
+        is issued before item i is handed out, so it overlaps item i's kernels; ``release()``
+        gives the host slot back once its copy has finished."""
+        def entry(item):
+            key, slot, *host = item
+            st = dev.stage(host)
+
+            def release():
+                if st[1] is not None:
+                    st[1].synchronize()
+                in_pool.give(slot)
+            return key, release, st
+        if not dev.cuda:
+            for key, slot, *host in items:
+                yield (key, lambda slot=slot: in_pool.give(slot), *host)
+            return
+        it = iter(items)
+        nxt = next(it, None)
+        pending = None if nxt is None else entry(nxt)
+        while pending is not None:
+            key, release, st = pending
+            nxt = next(it, None)
+            pending = None if nxt is None else entry(nxt)
+            yield (key, release, *dev.wait(st))
+
+    def wrap(key, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, with the tensor and its file named in any input error."""
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"tensor {key!r} ({ft[key].file}): {exc}") from exc
+
+    def epur_first(key: str, t: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+        # E-PUR runs before everything else: the embedding's flagged rows go back to
+        # pre-trained. `t` is this item's private buffer, so it is edited in place.
+        if key == plan.emb_key and emb_rows.numel():
+            t[emb_rows] = p[emb_rows]
+        return t
+
+    # ---- Fine-purifying global threshold (two histogram passes at most), shared by all ranks
+    threshold = None
+    global_fp = cfg.method == "fine-purifying" and cfg.scope == "global"
+    if global_fp and "threshold_bits" in od.state:
+        threshold = _bits_float(od.state["threshold_bits"])
+    elif global_fp:
+        t0 = time.perf_counter()
+        hist_keys = [k for k in mine if k in plan.processed_set]
+
+        def histogram_pass(hist):
+            for key, release, p, t, h in staged(read(hist_keys)):
+                try:
+                    t = epur_first(key, t, p)
+                    hist = wrap(key, ops.score_histogram, p, t, h, indicator=cfg.indicator,
+                                eps=cfg.eps, hist=hist, backend=cfg.backend,
+                                check_finite=cfg.check_finite)
+                finally:
+                    release()
+            hist.counts = comm.all_reduce_sum_(hist.counts.cpu())
+            return hist
+
+        empty = ops.ScoreHistogram(cfg.indicator, cfg.eps,
+                                   torch.zeros(NUM_BINS, dtype=torch.int64))
+        hist = histogram_pass(empty)
+        total = torch.tensor([hist.total], dtype=torch.int64)
+        hist.total = int(comm.all_reduce_sum_(total).item())
+        thr = ops.select_threshold(hist, cfg.rho)
+        if not thr.exact:
+            thr = ops.select_threshold(histogram_pass(thr.refine()), cfg.rho)
+        threshold = thr.value
+        if comm.rank == 0:
+            od.state["threshold_bits"] = _float_bits(threshold)
+            od.save_manifest()
+        stages["threshold passes"] = time.perf_counter() - t0
+
+    # ---- which shards remain (rank 0 re-hashes finished ones; everyone follows its answer)
+    todo = None
+    if comm.rank == 0:
+        todo = [lay.name for lay in plan.layouts if not (resumed and od.finished(lay))]
+    todo = comm.broadcast_object(todo)
+    skipped = len(plan.layouts) - len(todo)
+
+    def compute(key, p, t, h, out):
+        """The purified tensor, written into ``out`` when computing on the CPU."""
+        t = epur_first(key, t, p)
+        if key not in plan.processed_set:
+            return out.copy_(t) if out is not None else t
+        common = {"backend": cfg.backend, "out": out}
+        if cfg.method == "mix":
+            return ops.mix_weights(p, t, cfg.rho, seed=cfg.seed, key=key, select=cfg.select,
+                                   check_finite=cfg.check_finite, **common)
+        if threshold is None:  # per-tensor scope
+            thr = ops.global_score_threshold(lambda: [(p, t, h)], cfg.rho, indicator=cfg.indicator,
+                                             eps=cfg.eps, backend=cfg.backend,
+                                             check_finite=cfg.check_finite)
+            return ops.reset_by_score(p, t, h, thr, check_finite=False, **common)
+        return ops.reset_by_score(p, t, h, threshold, indicator=cfg.indicator, eps=cfg.eps,
+                                  check_finite=cfg.check_finite, **common)
+
+    t0 = time.perf_counter()
+    bar = None
+    if progress and comm.rank == 0:
+        from tqdm.auto import tqdm
+
+        total_bytes = sum(lay.size for lay in plan.layouts if lay.name in todo)
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"{cfg.method} shards")
+    layouts = {lay.name: lay for lay in plan.layouts}
+    bytes_written = 0
+    done = skipped
+    writer = _Writer()
+    try:
+        for name in todo:
+            lay = layouts[name]
+            fd = od.begin_shard(lay) if comm.rank == 0 else None
+            comm.barrier()
+            if fd is None:
+                fd = od.open_shard(lay)
+            try:
+                keys = [k for k in lay.offsets if plan.owner[k] == comm.rank]
+                for key, release, p, t, h in staged(read(keys)):
+                    buf = out_pool.take()
+                    host = _carve(buf, [ft[key]])[0]
+                    try:
+                        if dev.cuda:
+                            host.copy_(wrap(key, compute, key, p, t, h, None))
+                        else:
+                            wrap(key, compute, key, p, t, h, host)
+                    except BaseException:
+                        out_pool.give(buf)
+                        raise
+                    finally:
+                        release()
+                    writer.put(fd, host, lay.offsets[key][0],
+                               release=lambda buf=buf: out_pool.give(buf))
+                    bytes_written += host.nbytes
+                    if bar is not None:
+                        bar.update(host.nbytes)
+            finally:
+                # the fd must outlive every queued write, whether or not this shard succeeded
+                writer.drain()
+                os.close(fd)
+            writer.check()
+            comm.barrier()
+            if comm.rank == 0:
+                od.commit_shard(lay)
+            done += 1
+            if on_shard_done is not None:
+                on_shard_done(name, done)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    stages["purify pass"] = time.perf_counter() - t0
+
+    comm.barrier()
+    if comm.rank == 0:
+        od.finalize(plan.layouts, plan.index, side_files(ft))
+    comm.barrier()
+    return PurifyResult(out=od.out, method=cfg.method, tensors=len(mine), bytes_read=bytes_read,
+                        bytes_written=bytes_written, seconds=time.perf_counter() - t_start,
+                        resumed=resumed, shards_total=len(plan.layouts), shards_skipped=skipped,
+                        threshold=threshold, reset_rows=[int(r) for r in reset_rows],
+                        stage_seconds=stages)
+
+
+# --------------------------------------------------------------------------- in-memory twin
+
+def purify_state_dict(pretrained: dict[str, torch.Tensor], suspect: dict[str, torch.Tensor],
+                      config: PurifyConfig | None = None, *, hessian=None, token_freqs=None,
+                      **options) -> dict[str, torch.Tensor]:
+    """The same purification on in-memory state dicts (all tensors resident): what the streaming
+    engine must reproduce byte for byte, and a convenience for small models."""
+    cfg = config if config is not None else PurifyConfig(**options)
+    out = {}
+    emb_key = None
+    ft = dict(suspect)
+    if cfg.e_pur:
+        emb_key = cfg.embedding_key or next(
+            (k for k, v in ft.items() if k.endswith(EMBEDDING_SUFFIXES) and v.dim() == 2), None)
+        if emb_key is None:
+            raise ValueError("no embedding tensor found; pass embedding_key")
+        freqs = _load_freqs(token_freqs, ft[emb_key].shape[0])
+        rows = torch.tensor(epur_rows(pretrained[emb_key], ft[emb_key], freqs, cfg),
+                            dtype=torch.int64)
+        if rows.numel():
+            e = ft[emb_key].clone()
+            e[rows] = pretrained[emb_key][rows]
+            ft[emb_key] = e
+    keys = [k for k in ft if k in pretrained and ft[k].is_floating_point()
+            and cfg.method != "e-pur"]
+    threshold = None
+    if cfg.method == "fine-purifying" and cfg.scope == "global":
+        threshold = ops.global_score_threshold(
+            lambda: [(pretrained[k], ft[k], None if hessian is None else hessian[k]) for k in keys],
+            cfg.rho, indicator=cfg.indicator, eps=cfg.eps, backend=cfg.backend)
+    for k, t in ft.items():
+        if k not in keys:
+            out[k] = t
+        elif cfg.method == "mix":
+            out[k] = ops.mix_weights(pretrained[k], t, cfg.rho, seed=cfg.seed, key=k,
+                                     select=cfg.select, backend=cfg.backend)
+        else:
+            h = None if hessian is None else hessian[k]
+            thr = threshold
+            if thr is None:
+                one = [(pretrained[k], t, h)]
+                thr = ops.global_score_threshold(lambda one=one: one, cfg.rho,
+                                                 indicator=cfg.indicator, eps=cfg.eps,
+                                                 backend=cfg.backend)
+            out[k] = ops.reset_by_score(pretrained[k], t, h, thr, backend=cfg.backend)
+    return out
+
+
+# --------------------------------------------------------------------------- diagonal Fisher
+
+class DiskFisher:
+    """Diagonal Fisher ``H_i = mean over batches of g_i²`` with fp32 accumulators on disk.
+
+    ``DiskFisher(model, out_dir)`` lays out one safetensors file per group of parameters (groups
+    of at most ``max_shard_bytes`` fp32 bytes, named and indexed like a Hugging Face checkpoint),
+    filled with zeros, and maps each file shared into memory. While active (``with fisher:``),
+    each trainable parameter's post-accumulate-grad hook folds its gradient into the mapped
+    accumulator with :func:`purify_fast.ops.fisher_accumulate_` and then drops the gradient, so no
+    full-model gradient or fp32 copy is ever resident; the page cache holding the mapped files is
+    the operating system's to evict. Call :meth:`step` once per batch (after ``backward``) and
+    :meth:`finish` at the end: it divides by the number of batches, flushes, fsyncs and returns the
+    directory, a checkpoint ready for ``purify_checkpoint(..., hessian=...)``.
+
+    ``names`` maps parameters to checkpoint keys (default: ``model.named_parameters()`` names,
+    which match ``model.state_dict()`` and so ``save_pretrained`` output).
+    """
+
+    def __init__(self, model: torch.nn.Module, out_dir: str | os.PathLike, *,
+                 max_shard_bytes: int = 2 << 30, names: dict[str, str] | None = None,
+                 backend: str | None = None):
+        self.model = model
+        self.backend = backend
+        self.params = [(names.get(n, n) if names else n, p) for n, p in model.named_parameters()
+                       if p.requires_grad]
+        if not self.params:
+            raise ValueError("model has no parameter with requires_grad=True")
+        self.out = Path(out_dir)
+        self._create_files(max_shard_bytes)
+        self.ckpt = Checkpoint.open(self.out)
+        self._maps: list[torch.Tensor] = []
+        self.acc: dict[str, torch.Tensor] = {}
+        for f in self.ckpt.files:
+            storage = torch.UntypedStorage.from_file(str(f), shared=True,
+                                                     nbytes=f.stat().st_size)
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+            self._maps.append(raw)
+            for key in self.ckpt.keys_in(f):
+                info = self.ckpt[key]
+                start = info.data_start + info.begin
+                self.acc[key] = raw[start:start + info.nbytes].view(torch.float32).view(info.shape)
+        self.batches = 0
+        self._handles: list = []
+
+    def _create_files(self, max_shard_bytes: int) -> None:
+        """Zero-filled safetensors files laid out like a sharded checkpoint. ``ftruncate`` past the
+        header makes the zeros (sparse on most filesystems), so nothing model-sized is written or
+        held in memory."""
+        if self.out.exists():
+            raise CheckpointError(f"{self.out} already exists; DiskFisher needs a new directory")
+        groups: list[list[TensorInfo]] = [[]]
+        size = 0
+        for name, p in self.params:
+            info = TensorInfo(name, "F32", tuple(p.shape), Path(), 0, p.numel() * 4, 0)
+            if groups[-1] and size + info.nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(info)
+            size += info.nbytes
+        names = ([f"fisher-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                  for i in range(len(groups))] if len(groups) > 1 else ["model.safetensors"])
+        layouts = [ShardLayout.build(n, g, {"format": "pt"}) for n, g in zip(names, groups)]
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        check_free_space(self.out.parent, sum(lay.size for lay in layouts))
+        self.out.mkdir()
+        for lay in layouts:
+            with open(self.out / lay.name, "wb") as fh:
+                fh.write(lay.header)
+                fh.truncate(lay.size)
+        if len(layouts) > 1:
+            index = {"metadata": {"total_size": sum(i.nbytes for g in groups for i in g)},
+                     "weight_map": {i.key: n for n, g in zip(names, groups) for i in g}}
+            atomic_write_bytes(self.out / INDEX_NAME, dumps_json(index))
+
+    def _hook(self, key):
+        acc = self.acc[key]
+
+        def hook(p):
+            if p.grad is None:
+                return
+            ops.fisher_accumulate_(acc, p.grad.detach().to("cpu"), backend=self.backend)
+            p.grad = None
+        return hook
+
+    def __enter__(self):
+        for key, p in self.params:
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook(key)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    def step(self) -> None:
+        """Count one batch (call after each ``loss.backward()``)."""
+        self.batches += 1
+
+    def finish(self) -> Path:
+        if self.batches == 0:
+            raise ValueError("no batch was accumulated: call step() after each backward()")
+        for acc in self.acc.values():
+            acc.div_(self.batches)
+        self.acc.clear()
+        self._maps.clear()  # unmaps: dirty pages stay in the page cache; fsync makes them durable
+        for f in self.ckpt.files:
+            fsync_path(f)
+        return self.out
+
+
+# --------------------------------------------------------------------------- synthetic checkpoints
+
+LLAMA_PRESETS = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+    "llama-2-7b": (4096, 11008, 32, 32, 32, 32000),
+    "llama-2-13b": (5120, 13824, 40, 40, 40, 32000),
+    "llama-3-8b": (4096, 14336, 32, 32, 8, 128256),
+    "llama-2-70b": (8192, 28672, 80, 64, 8, 32000),
+    "llama-tiny": (256, 688, 2, 4, 4, 1000),  # for smoke tests of scripts and tests
+}
+
+
+def llama_specs(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                vocab: int, dtype: torch.dtype = torch.bfloat16
+                ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """``(key, dtype, shape)`` of every tensor of a Hugging Face ``LlamaForCausalLM`` state dict,
+    in the order ``save_pretrained`` writes them."""
+    if hidden % heads:
+        raise ValueError(f"hidden {hidden} is not a multiple of heads {heads}")
+    kv = hidden // heads * kv_heads
+    specs = [("model.embed_tokens.weight", dtype, (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [(p + "self_attn.q_proj.weight", dtype, (hidden, hidden)),
+                  (p + "self_attn.k_proj.weight", dtype, (kv, hidden)),
+                  (p + "self_attn.v_proj.weight", dtype, (kv, hidden)),
+                  (p + "self_attn.o_proj.weight", dtype, (hidden, hidden)),
+                  (p + "mlp.gate_proj.weight", dtype, (intermediate, hidden)),
+                  (p + "mlp.up_proj.weight", dtype, (intermediate, hidden)),
+                  (p + "mlp.down_proj.weight", dtype, (hidden, intermediate)),
+                  (p + "input_layernorm.weight", dtype, (hidden,)),
+                  (p + "post_attention_layernorm.weight", dtype, (hidden,))]
+    specs += [("model.norm.weight", dtype, (hidden,)), ("lm_head.weight", dtype, (vocab, hidden))]
+    return specs
+
+
+def synthetic_tensor(key: str, dtype: torch.dtype, shape: tuple[int, ...], *, seed: int,
+                     role: str) -> torch.Tensor:
+    """A deterministic random tensor for synthetic checkpoints: ``role="pretrained"`` gives the
+    weights (norm weights near 1, the rest N(0, 0.02²)); ``role="suspect"`` gives the same weights
+    plus an N(0, 0.002²) fine-tuning drift and, on a 1/1000 share of coordinates, a 25x larger
+    planted drift; ``role="hessian"`` gives a positive fp32 curvature estimate."""
+    from purify_fast.reference.weight_space import key_hash
+
+    def gen(salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed((seed * 1_000_003 + key_hash(key) * 7 + salt)
+                                             % (2**63))
+
+    if role == "hessian":
+        return torch.rand(shape, generator=gen(3), dtype=torch.float32).add_(1e-3).mul_(1e-4)
+    norm = len(shape) == 1
+    w = torch.randn(shape, generator=gen(0), dtype=torch.float32).mul_(0.02)
+    if norm:
+        w.add_(1.0)
+    if role == "suspect":
+        w.add_(torch.randn(shape, generator=gen(1), dtype=torch.float32).mul_(0.002))
+        planted = torch.rand(shape, generator=gen(2)) < 1e-3
+        w.add_(planted.to(torch.float32).mul_(0.05))
+    elif role != "pretrained":
+        raise ValueError(f"role must be 'pretrained', 'suspect' or 'hessian', got {role!r}")
+    return w.to(dtype)
+
+
+def write_synthetic_llama(out: str | os.PathLike, specs, *, role: str, seed: int = 0,
+                          max_shard_bytes: int | None = None) -> Path:
+    """Write a synthetic checkpoint for ``specs`` one tensor at a time (bounded memory)."""
+    from purify_fast.checkpoint import write_checkpoint_streaming
+
+    kinds = {k: (dt, shape) for k, dt, shape in specs}
+    if role == "hessian":
+        specs = [(k, torch.float32, shape) for k, _, shape in specs]
+    return write_checkpoint_streaming(
+        specs, lambda k: synthetic_tensor(k, kinds[k][0] if role != "hessian" else torch.float32,
+                                          kinds[k][1], seed=seed, role=role),
+        out, max_shard_bytes=max_shard_bytes)

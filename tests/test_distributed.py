@@ -1,0 +1,187 @@
+"""Multi-process paths with 2 CPU processes joined by gloo: the streaming engine split over ranks
+writes the same bytes as one process, and a fine-tuning stage under `accelerate launch` trains
+the same weights as one process on the global batch."""
+
+import hashlib
+import socket
+import subprocess
+import textwrap
+
+import pytest
+import torch
+
+from purify_fast.distributed import (
+    accelerate_launch_argv,
+    purify_checkpoint_local,
+    run_local,
+)
+from purify_fast.streaming import llama_specs, purify_checkpoint, write_synthetic_llama
+
+SPECS = llama_specs(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=96,
+                    dtype=torch.bfloat16)
+
+
+def _digest(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    return {"pre": write_synthetic_llama(root / "pre", SPECS, role="pretrained",
+                                          max_shard_bytes=12_000),
+                "ft": write_synthetic_llama(root / "ft", SPECS, role="suspect",
+                                         max_shard_bytes=12_000),
+                "h": write_synthetic_llama(root / "h", SPECS, role="hessian")}
+
+
+def test_two_gloo_ranks_write_the_single_process_bytes(model, tmp_path):
+    freqs = torch.arange(96, dtype=torch.float32) * 10
+    kw = {"method": "fine-purifying", "rho": 0.1, "e_pur": True, "top_n": 4}
+    single = purify_checkpoint(model["pre"], model["ft"], tmp_path / "one", hessian=model["h"],
+                               token_freqs=freqs, **kw)
+    ranks = purify_checkpoint_local(model["pre"], model["ft"], tmp_path / "two", world_size=2,
+                                    hessian=str(model["h"]), token_freqs=freqs, **kw)
+    assert _digest(tmp_path / "two") == _digest(single.out)
+    # both ranks worked, on disjoint shares that cover the model, and agreed on the threshold
+    assert all(r["tensors"] > 0 for r in ranks)
+    assert sum(r["tensors"] for r in ranks) == len(SPECS)
+    assert {r["threshold"] for r in ranks} == {single.threshold}
+
+
+def test_two_gloo_ranks_mix(model, tmp_path):
+    single = purify_checkpoint(model["pre"], model["ft"], tmp_path / "one", method="mix",
+                               rho=0.7, seed=11)
+    purify_checkpoint_local(model["pre"], model["ft"], tmp_path / "two", world_size=2,
+                            method="mix", rho=0.7, seed=11)
+    assert _digest(tmp_path / "two") == _digest(single.out)
+
+
+class ShardFault(RuntimeError):
+    pass
+
+
+def _fault_after_two_shards(name, n_done):
+    if n_done == 2:
+        raise ShardFault(f"injected after {name}")
+
+
+def test_two_ranks_killed_then_resumed_match_single_process(model, tmp_path):
+    kw = {"method": "fine-purifying", "rho": 0.2, "hessian": str(model["h"])}
+    single = purify_checkpoint(model["pre"], model["ft"], tmp_path / "one", **kw)
+    with pytest.raises(Exception, match="injected after"):
+        purify_checkpoint_local(model["pre"], model["ft"], tmp_path / "two", world_size=2,
+                                on_shard_done=_fault_after_two_shards, **kw)
+    assert not (tmp_path / "two").exists()
+    assert len(list((tmp_path / "two.partial").glob(".*.done"))) == 2
+    purify_checkpoint_local(model["pre"], model["ft"], tmp_path / "two", world_size=2,
+                            resume=True, **kw)
+    assert _digest(tmp_path / "two") == _digest(single.out)
+
+
+def _fails_on_rank_1(comm):
+    if comm.rank == 1:
+        raise RuntimeError("rank 1 failed")
+    return comm.rank
+
+
+def test_a_failing_rank_raises_in_the_caller():
+    with pytest.raises(Exception, match="rank 1 failed"):
+        run_local(_fails_on_rank_1, 2)
+
+
+def test_errors_on_rank_0_reach_every_rank(model, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(Exception, match="already exists"):
+        purify_checkpoint_local(model["pre"], model["ft"], tmp_path / "taken", world_size=2,
+                                method="mix")
+
+
+def test_launch_argv():
+    argv = accelerate_launch_argv("train.py", ["--x", 1], num_processes=4, fsdp=True,
+                                  mixed_precision="bf16")
+    assert argv[-3:] == ["train.py", "--x", "1"]
+    assert "--multi_gpu" in argv and "--use_fsdp" in argv
+    assert argv[argv.index("--num_processes") + 1] == "4"
+    with pytest.raises(ValueError, match="main_process_ip"):
+        accelerate_launch_argv("t.py", num_processes=8, num_machines=2)
+    with pytest.raises(ValueError, match="FSDP needs GPUs"):
+        accelerate_launch_argv("t.py", cpu=True, fsdp=True)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        accelerate_launch_argv("t.py", mixed_precision="fp64")
+
+
+_STAGE = textwrap.dedent("""
+    import sys, torch
+    from torch.utils.data import DataLoader, TensorDataset
+    from purify_fast.distributed import prepare_stage
+
+    def data():
+        g = torch.Generator().manual_seed(1)
+        return torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)
+
+    def train(per_process_batch, prepare=True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        dl = DataLoader(TensorDataset(*data()), batch_size=per_process_batch, shuffle=False)
+        if prepare:
+            acc, model, opt, dl = prepare_stage(model, opt, dl)
+        for xb, yb in dl:
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            acc.backward(loss) if prepare else loss.backward()
+            opt.step()
+        return (acc if prepare else None), model
+
+    if __name__ == "__main__":
+        acc, model = train(int(sys.argv[2]))
+        if acc.is_main_process:
+            torch.save({"world": acc.num_processes, "type": str(acc.distributed_type),
+                        "state": acc.unwrap_model(model).state_dict()}, sys.argv[1])
+""")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_stage_under_accelerate_launch_two_cpu_processes(tmp_path):
+    script = tmp_path / "stage.py"
+    script.write_text(_STAGE)
+    argv = accelerate_launch_argv(script, [tmp_path / "two.pt", 4], num_processes=2, cpu=True,
+                                  main_process_port=_free_port())
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt")
+    assert two["world"] == 2 and "MULTI_CPU" in two["type"]
+    # one process on the global batch (2 x 4) reaches the same weights: gradients were averaged
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage", script)
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    _, one = stage.train(8, prepare=False)
+    for k, v in one.state_dict().items():
+        torch.testing.assert_close(two["state"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_under_torchrun_two_processes(model, tmp_path):
+    """`torchrun -m purify_fast.cli purify-checkpoint` joins the ranks from the environment."""
+    import sys
+
+    args = ["purify-checkpoint", "--method", "mix", "--rho", "0.4", "--pretrained",
+            str(model["pre"]), "--suspect", str(model["ft"]), "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(_free_port()), "-m", "purify_fast.cli", *args,
+           "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from purify_fast.cli import main
+
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert _digest(tmp_path / "two") == _digest(tmp_path / "one")

@@ -1,0 +1,486 @@
+"""purify_fast.streaming: streamed purification equals the in-memory ops, bad inputs fail before
+any output exists, and a killed run resumes to byte-identical output."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from purify_fast import checkpoint as ck
+from purify_fast import ops
+from purify_fast.checkpoint import Checkpoint, CheckpointError, write_checkpoint
+from purify_fast.cli import main as cli_main
+from purify_fast.streaming import (
+    DiskFisher,
+    PurifyConfig,
+    assign_ranks,
+    llama_specs,
+    purify_checkpoint,
+    purify_state_dict,
+    write_synthetic_llama,
+)
+
+VOCAB = 96
+SPECS = llama_specs(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=VOCAB,
+                    dtype=torch.float32)
+SHARD = 24_000  # a few tensors per shard: 5 shards
+
+
+def _digest(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    pre = write_synthetic_llama(root / "pre", SPECS, role="pretrained", max_shard_bytes=SHARD)
+    ft = write_synthetic_llama(root / "ft", SPECS, role="suspect", max_shard_bytes=SHARD)
+    hes = write_synthetic_llama(root / "h", SPECS, role="hessian", max_shard_bytes=3 * SHARD)
+    (ft / "config.json").write_text('{"model_type": "llama"}')
+    freqs = torch.randint(0, 5000, (VOCAB,), generator=torch.Generator().manual_seed(0))
+    return {"root": root, "pre": pre, "ft": ft, "h": hes, "freqs": freqs, "P": _load(pre),
+            "F": _load(ft), "H": _load(hes)}
+
+
+def _load(out):
+    c = Checkpoint.open(out)
+    return {k: c.load(k) for k in c}
+
+
+CASES = [
+    {"method": "mix", "rho": 0.3, "seed": 7},
+    {"method": "mix", "rho": 0.5, "select": "magnitude"},
+    {"method": "fine-purifying", "rho": 0.05},
+    {"method": "fine-purifying", "rho": 0.2, "scope": "tensor"},
+    {"method": "fine-purifying", "rho": 0.1, "indicator": "drift"},
+    {"method": "e-pur", "top_n": 10, "special_ids": (0, 1)},
+    {"method": "mix", "rho": 0.5, "e_pur": True, "top_n": 5},
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_streaming_equals_in_memory(model, tmp_path, case):
+    uses_h = case["method"] == "fine-purifying" and case.get("indicator") != "drift"
+    hessian = model["h"] if uses_h else None
+    res = purify_checkpoint(model["pre"], model["ft"], tmp_path / "out", hessian=hessian,
+                            token_freqs=model["freqs"], **case)
+    got = _load(res.out)
+    want = purify_state_dict(model["P"], model["F"], hessian=model["H"] if hessian else None,
+                             token_freqs=model["freqs"], **case)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    # the output keeps the suspect's layout and side files
+    assert sorted(p.name for p in res.out.glob("*.safetensors")) == \
+        sorted(p.name for p in model["ft"].glob("*.safetensors"))
+    assert (res.out / "config.json").read_text() == '{"model_type": "llama"}'
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_against_the_ops_directly(model, tmp_path):
+    """Independent of purify_state_dict: the per-key mix, and one global threshold + reset."""
+    P, F, H = model["P"], model["F"], model["H"]
+    got = _load(purify_checkpoint(model["pre"], model["ft"], tmp_path / "m", method="mix",
+                                  rho=0.4, seed=3).out)
+    for k in P:
+        assert torch.equal(got[k], ops.mix_weights(P[k], F[k], 0.4, seed=3, key=k)), k
+    got = _load(purify_checkpoint(model["pre"], model["ft"], tmp_path / "f", hessian=model["h"],
+                                  method="fine-purifying", rho=0.1).out)
+    thr = ops.global_score_threshold(lambda: [(P[k], F[k], H[k]) for k in P], 0.1)
+    reset = 0
+    for k in P:
+        want = ops.reset_by_score(P[k], F[k], H[k], thr)
+        assert torch.equal(got[k], want), k
+        reset += int((got[k] != F[k]).sum())
+    total = sum(t.numel() for t in P.values())
+    # ~10% of coordinates go back to pre-trained (ties and coordinates with no drift aside)
+    assert 0.09 * total <= reset <= 0.11 * total
+    # the planted large-drift coordinates are among the reset ones far more often than chance
+    planted = sum(int(((F[k] - P[k]).abs() > 0.03).sum()) for k in P)
+    planted_reset = sum(int((((F[k] - P[k]).abs() > 0.03) & (got[k] != F[k])).sum()) for k in P)
+    assert planted > 0 and planted_reset / planted > 0.5
+
+
+def test_epur_resets_the_rows_that_drifted(model, tmp_path):
+    P, F = dict(model["P"]), dict(model["F"])
+    emb = "model.embed_tokens.weight"
+    F[emb] = F[emb].clone()
+    F[emb][[5, 40]] += 1.0  # two trigger rows
+    ft = write_checkpoint(F, tmp_path / "ft")
+    freqs = torch.full((VOCAB,), 1000.0)
+    res = purify_checkpoint(model["pre"], ft, tmp_path / "o", method="e-pur", top_n=2,
+                            token_freqs=freqs)
+    assert res.reset_rows == [5, 40]
+    got = _load(res.out)
+    assert torch.equal(got[emb][[5, 40]], P[emb][[5, 40]])
+    assert torch.equal(got[emb][6], F[emb][6])
+    res = purify_checkpoint(model["pre"], ft, tmp_path / "o2", method="e-pur", top_n=2,
+                            token_freqs=freqs, special_ids=(5,))
+    assert 5 not in res.reset_rows and 40 in res.reset_rows
+    # a score threshold instead of a row count: trigger rows score ~0.8, ordinary ones ~0.002
+    res = purify_checkpoint(model["pre"], ft, tmp_path / "o3", method="e-pur",
+                            score_threshold=0.1, token_freqs=freqs)
+    assert res.reset_rows == [5, 40]
+
+
+def test_single_file_inputs_and_new_head(model, tmp_path):
+    P, F = model["P"], dict(model["F"])
+    F["score.weight"] = torch.randn(2, 32)
+    pre = write_checkpoint(P, tmp_path / "pre")
+    ft = write_checkpoint(F, tmp_path / "ft")
+    with pytest.raises(CheckpointError, match=r"only in the suspect.*'score\.weight'"):
+        purify_checkpoint(pre, ft, tmp_path / "o", method="mix")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    out = purify_checkpoint(pre / "model.safetensors", ft, tmp_path / "o", method="mix",
+                            allow_new_keys=True).out
+    got = _load(out)
+    assert torch.equal(got["score.weight"], F["score.weight"])
+    assert not (out / ck.INDEX_NAME).exists()  # single file in, single file out
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(model, tmp_path):
+    a = purify_checkpoint(model["pre"], model["ft"], tmp_path / "a", method="mix", seed=1).out
+    b = purify_checkpoint(model["pre"], model["ft"], tmp_path / "b", method="mix", seed=1).out
+    c = purify_checkpoint(model["pre"], model["ft"], tmp_path / "c", method="mix", seed=2).out
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_inputs_never_modified(model, tmp_path):
+    before = [_digest(model[k]) for k in ("pre", "ft", "h")]
+    purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", hessian=model["h"],
+                      method="fine-purifying", e_pur=True, token_freqs=model["freqs"])
+    assert [_digest(model[k]) for k in ("pre", "ft", "h")] == before
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+def _no_output(tmp_path):
+    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o.partial").exists()
+
+
+def _copy(src, dst):
+    dst.mkdir()
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_bad_inputs_fail_before_any_output(model, tmp_path, monkeypatch):
+    def run(ft, **kw):
+        return purify_checkpoint(model["pre"], ft, tmp_path / "o", **kw)
+
+    # truncated shard
+    bad = _copy(model["ft"], tmp_path / "trunc")
+    shard = sorted(bad.glob("model-*.safetensors"))[2]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=f"suspect checkpoint: .*{shard.name}.*truncated"):
+        run(bad, method="mix")
+    _no_output(tmp_path)
+    # missing shard
+    bad = _copy(model["ft"], tmp_path / "missing")
+    sorted(bad.glob("model-*.safetensors"))[1].unlink()
+    with pytest.raises(CheckpointError, match="shard\\(s\\) missing"):
+        run(bad, method="mix")
+    _no_output(tmp_path)
+    # shape / dtype mismatch between the checkpoints
+    F = dict(model["F"])
+    F["model.norm.weight"] = F["model.norm.weight"].half()
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight': dtype F16 .* F32"):
+        run(write_checkpoint(F, tmp_path / "dt"), method="mix")
+    F = dict(model["F"])
+    F["model.norm.weight"] = torch.ones(33)
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight': shape \[33\]"):
+        run(write_checkpoint(F, tmp_path / "sh"), method="mix")
+    _no_output(tmp_path)
+    # Hessian missing, lacking a key, or misshapen
+    with pytest.raises(ValueError, match="needs a Hessian"):
+        run(model["ft"], method="fine-purifying")
+    H = dict(model["H"])
+    del H["model.norm.weight"]
+    with pytest.raises(CheckpointError, match=r"no Hessian for tensor 'model\.norm\.weight'"):
+        run(model["ft"], method="fine-purifying", hessian=write_checkpoint(H, tmp_path / "h1"))
+    H["model.norm.weight"] = torch.ones(3)
+    with pytest.raises(CheckpointError, match=r"Hessian 'model\.norm\.weight' has shape \[3\]"):
+        run(model["ft"], method="fine-purifying", hessian=write_checkpoint(H, tmp_path / "h2"))
+    with pytest.raises(ValueError, match="only used by fine-purifying"):
+        run(model["ft"], method="mix", hessian=model["h"])
+    # E-PUR without / with wrong frequencies
+    with pytest.raises(ValueError, match="E-PUR needs token_freqs"):
+        run(model["ft"], method="e-pur")
+    with pytest.raises(ValueError, match="token_freqs has 3 entries but the embedding has 96"):
+        run(model["ft"], method="e-pur", token_freqs=torch.ones(3))
+    # not enough disk
+    monkeypatch.setattr(ck, "free_bytes", lambda path: 1000)
+    with pytest.raises(CheckpointError, match="not enough disk space"):
+        run(model["ft"], method="mix")
+    _no_output(tmp_path)
+    monkeypatch.undo()
+    # bad options
+    with pytest.raises(ValueError, match="method must be one of"):
+        run(model["ft"], method="bogus")
+    with pytest.raises(ValueError, match=r"rho must be in \[0, 1\]"):
+        run(model["ft"], method="mix", rho=1.5)
+    with pytest.raises(ValueError, match="select must be"):
+        run(model["ft"], method="mix", select="largest")
+    with pytest.raises(ValueError, match="indicator must be one of"):
+        run(model["ft"], method="fine-purifying", indicator="hessian", hessian=model["h"])
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        run(model["ft"], method="fine-purifying", eps=0.0, hessian=model["h"])
+    _no_output(tmp_path)
+
+
+def test_nan_in_a_tensor_names_it_and_leaves_no_output(model, tmp_path):
+    F = dict(model["F"])
+    F["model.layers.1.mlp.up_proj.weight"] = F["model.layers.1.mlp.up_proj.weight"].clone()
+    F["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
+    ft = write_checkpoint(F, tmp_path / "ft", max_shard_bytes=SHARD)
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight'.*NaN"):
+        purify_checkpoint(model["pre"], ft, tmp_path / "o", method="mix")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_never_touched(model, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists"):
+        purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", method="mix")
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- faults and resume
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_fault_after_n_shards_then_resume_is_byte_identical(model, tmp_path):
+    kw = {"hessian": model["h"], "method": "fine-purifying", "rho": 0.1, "e_pur": True, "top_n": 4,
+              "token_freqs": model["freqs"]}
+    clean = purify_checkpoint(model["pre"], model["ft"], tmp_path / "clean", **kw).out
+
+    def fault(name, n):
+        if n == 3:
+            raise _Boom(name)
+    with pytest.raises(_Boom):
+        purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", on_shard_done=fault, **kw)
+    assert not (tmp_path / "o").exists()
+    partial = tmp_path / "o.partial"
+    assert len(list(partial.glob(".*.done"))) == 3
+    manifest = json.loads((partial / ck.MANIFEST_NAME).read_text())
+    assert "threshold_bits" in manifest["state"] and len(manifest["state"]["reset_rows"]) == 4
+    with pytest.raises(CheckpointError, match="pass resume=True"):
+        purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", **kw)
+    with pytest.raises(CheckpointError, match="differs in: config"):
+        purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", resume=True,
+                          **{**kw, "rho": 0.2})
+    res = purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", resume=True, **kw)
+    assert res.resumed and res.shards_skipped == 3
+    assert _digest(res.out) == _digest(clean)
+
+
+_KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import purify_fast.streaming as S
+    calls = [0]
+    real = S.pwrite_all
+    def pwrite_then_die(fd, data, offset):
+        real(fd, data, offset)
+        calls[0] += 1
+        if calls[0] == int(os.environ["KILL_AFTER_WRITES"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real crash
+    S.pwrite_all = pwrite_then_die
+    from purify_fast.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("kill_after", [3, 15])  # 21 tensors in 5 shards
+def test_sigkill_mid_shard_then_resume_is_byte_identical(model, tmp_path, kill_after):
+    args = ["purify-checkpoint", "--method", "mix", "--rho", "0.3", "--seed", "5",
+            "--pretrained", str(model["pre"]), "--suspect", str(model["ft"]), "--no-progress"]
+    assert cli_main(args + ["--out", str(tmp_path / "clean")]) == 0
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    env = {**os.environ, "KILL_AFTER_WRITES": str(kill_after)}
+    proc = subprocess.run([sys.executable, str(script), *args, "--out", str(tmp_path / "o")],
+                          env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == -9, proc.stderr
+    assert not (tmp_path / "o").exists()
+    assert (tmp_path / "o.partial").is_dir()
+    assert any(p.name.endswith(".tmp") for p in (tmp_path / "o.partial").iterdir())
+    assert cli_main(args + ["--out", str(tmp_path / "o"), "--resume"]) == 0
+    assert _digest(tmp_path / "o") == _digest(tmp_path / "clean")
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_epur_with_json_freqs(model, tmp_path, capsys):
+    freqs = tmp_path / "freqs.json"
+    freqs.write_text(json.dumps(model["freqs"].tolist()))
+    rc = cli_main(["purify-checkpoint", "--method", "e-pur", "--pretrained", str(model["pre"]),
+                   "--suspect", str(model["ft"]), "--out", str(tmp_path / "o"), "--top-n", "3",
+                   "--token-freqs", str(freqs), "--special-ids", "0,1", "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["reset_rows"] == 3
+    assert summary["shards_total"] == len(list(model["ft"].glob("*.safetensors")))
+    want = purify_state_dict(model["P"], model["F"], method="e-pur", top_n=3, special_ids=(0, 1),
+                             token_freqs=model["freqs"])
+    got = _load(tmp_path / "o")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_cli_errors_exit_2(model, tmp_path, capsys):
+    rc = cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(tmp_path / "nope"),
+                   "--suspect", str(model["ft"]), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2
+    assert "pre-trained checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- property tests
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shapes=st.lists(st.lists(st.integers(1, 17), min_size=1, max_size=3), min_size=1,
+                       max_size=4),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       method=st.sampled_from(["mix", "fine-purifying"]),
+       rho=st.floats(0.0, 1.0), seed=st.integers(0, 2**32 - 1),
+       shard=st.sampled_from([None, 64, 400]))
+def test_property_streaming_matches_ops(tmp_path_factory, shapes, dtype, method, rho, seed,
+                                        shard):
+    tmp = tmp_path_factory.mktemp("prop")
+    g = torch.Generator().manual_seed(seed % 1000)
+    P = {f"t{i}": torch.randn(s, generator=g).to(dtype) for i, s in enumerate(shapes)}
+    F = {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in P.items()}
+    H = {k: torch.rand(v.shape, generator=g) for k, v in P.items()}
+    pre = write_checkpoint(P, tmp / "pre", max_shard_bytes=shard)
+    ft = write_checkpoint(F, tmp / "ft", max_shard_bytes=shard)
+    hes = write_checkpoint(H, tmp / "h") if method == "fine-purifying" else None
+    res = purify_checkpoint(pre, ft, tmp / "o", hessian=hes, method=method, rho=rho, seed=seed)
+    got = _load(res.out)
+    if method == "mix":
+        want = {k: ops.mix_weights(P[k], F[k], rho, seed=seed, key=k) for k in P}
+    else:
+        thr = ops.global_score_threshold(lambda: [(P[k], F[k], H[k]) for k in P], rho)
+        want = {k: ops.reset_by_score(P[k], F[k], H[k], thr) for k in P}
+    for k, p in P.items():
+        assert got[k].dtype == dtype and got[k].shape == p.shape
+        assert torch.equal(got[k], want[k]), k
+
+
+# --------------------------------------------------------------------------- helpers
+
+def test_assign_ranks_balances_and_is_deterministic(model):
+    infos = list(Checkpoint.open(model["ft"]).tensors.values())
+    a = assign_ranks(infos, 3)
+    assert a == assign_ranks(infos, 3) and set(a.values()) == {0, 1, 2}
+    loads = [sum(i.nbytes for i in infos if a[i.key] == r) for r in range(3)]
+    assert max(loads) - min(loads) <= max(i.nbytes for i in infos)
+
+
+def test_config_record_excludes_backend():
+    rec = PurifyConfig(method="mix", backend="torch").record()
+    assert "backend" not in rec and rec["rho"] == 0.5
+
+
+def test_disk_fisher_matches_in_memory_and_feeds_fine_purifying(model, tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    batches = [(torch.randn(5, 8), torch.randint(0, 3, (5,))) for _ in range(4)]
+    want = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    for x, y in batches:
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        for n, p in net.named_parameters():
+            want[n] += p.grad ** 2 / len(batches)
+    net.zero_grad(set_to_none=True)
+    fisher = DiskFisher(net, tmp_path / "fisher", max_shard_bytes=200)
+    with fisher:
+        for x, y in batches:
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            assert all(p.grad is None for p in net.parameters())  # folded in and freed
+            fisher.step()
+    out = fisher.finish()
+    ckpt = Checkpoint.open(out)
+    assert ckpt.sharded
+    for n, w in want.items():
+        torch.testing.assert_close(ckpt.load(n), w, rtol=1e-5, atol=1e-9)
+    # the Fisher directory is directly a --hessian input
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    pre = write_checkpoint(sd, tmp_path / "pre")
+    ft = write_checkpoint({k: v + 0.01 for k, v in sd.items()}, tmp_path / "ft")
+    res = purify_checkpoint(pre, ft, tmp_path / "o", hessian=out, method="fine-purifying", rho=0.5)
+    assert res.threshold is not None and res.threshold > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", [
+    {"method": "mix", "rho": 0.3},
+    {"method": "fine-purifying", "rho": 0.1, "e_pur": True, "top_n": 4},
+])
+def test_cuda_device_writes_the_cpu_bytes(model, tmp_path, case):
+    hessian = model["h"] if case["method"] == "fine-purifying" else None
+    cpu = purify_checkpoint(model["pre"], model["ft"], tmp_path / "cpu", hessian=hessian,
+                            token_freqs=model["freqs"], **case)
+    gpu = purify_checkpoint(model["pre"], model["ft"], tmp_path / "gpu", hessian=hessian,
+                            token_freqs=model["freqs"], device="cuda", **case)
+    assert _digest(gpu.out) == _digest(cpu.out)
+
+
+def test_buffer_pool_blocks_instead_of_growing():
+    import threading
+
+    from purify_fast.streaming import _Cancelled, _carve, _Pool
+
+    pool = _Pool(1024, 2, pin=False)
+    a, b = pool.take(), pool.take()
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(_Cancelled):
+        pool.take(stop)  # a third buffer would exceed the bound: wait, and honour cancellation
+    pool.give(a)
+    assert pool.take() is a
+    infos = [ck.TensorInfo("x", "BF16", (3, 5), None, 0, 30, 0), None,
+             ck.TensorInfo("y", "F32", (7,), None, 0, 28, 0)]
+    x, none, y = _carve(b, infos)
+    assert none is None and x.shape == (3, 5) and x.dtype == torch.bfloat16
+    assert y.data_ptr() % 64 == 0 and y.data_ptr() >= x.data_ptr() + 30
+
+
+def test_output_loads_with_transformers(tmp_path):
+    """A real Hugging Face sharded checkpoint in, a checkpoint `from_pretrained` loads out."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "pre", max_shard_size="20KB")
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    base.save_pretrained(tmp_path / "ft", max_shard_size="20KB")
+    assert (tmp_path / "ft" / ck.INDEX_NAME).is_file()
+    res = purify_checkpoint(tmp_path / "pre", tmp_path / "ft", tmp_path / "out", method="mix",
+                            rho=0.5, seed=4)
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    pre = Checkpoint.open(tmp_path / "pre")
+    ft = Checkpoint.open(tmp_path / "ft")
+    for name, p in loaded.state_dict().items():
+        want = ops.mix_weights(pre.load(name), ft.load(name), 0.5, seed=4, key=name)
+        assert torch.equal(p, want), name
+    assert res.shards_total == len(ft.files) > 1
