@@ -1,0 +1,77 @@
+"""Measure the issue-3 targets: the demo pipeline (MiniLM / Rotten Tomatoes / BadNets + EP) over
+several seeds, written as mean ± std to a markdown table.
+
+    python benchmarks/run_defenses.py --seeds 0 1 2 --out benchmarks/defenses_runs \
+        --md benchmarks/results_defenses.md [--quick]
+
+Each seed's full report (JSON/MD/PNG) goes to ``--out/seed<N>``; the aggregate table is appended
+to ``--md`` under a header naming the command, the device and the date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    names = [r["name"] for r in runs[0]["rows"]]
+    out = []
+    for name in names:
+        rows = [next(r for r in run["rows"] if r["name"] == name) for run in runs]
+        agg = {"name": name}
+        for key in ("cacc", "asr", "seconds"):
+            vals = [r[key] for r in rows if r.get(key) is not None]
+            if vals:
+                agg[key] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        out.append(agg)
+    return out
+
+
+def table(agg: list[dict]) -> str:
+    fmt = lambda v, s=100: "–" if v is None else f"{s * v[0]:.1f} ± {s * v[1]:.1f}"
+    lines = ["| model / defense | CACC % | ASR % | wall time s |", "|---|---:|---:|---:|"]
+    for a in agg:
+        lines.append(f"| {a['name']} | {fmt(a.get('cacc'))} | {fmt(a.get('asr'))} | "
+                     f"{fmt(a.get('seconds'), 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default="benchmarks/defenses_runs")
+    ap.add_argument("--md", default="benchmarks/results_defenses.md")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from purify_fast.commands.demo import run_demo
+
+    runs = []
+    for seed in args.seeds:
+        res = run_demo(str(Path(args.out) / f"seed{seed}"), quick=args.quick, seed=seed,
+                       device=args.device, progress=False)
+        runs.append(res)
+        (Path(args.out) / f"seed{seed}" / "rows.json").write_text(json.dumps(res["rows"], indent=2))
+    agg = aggregate(runs)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    header = (f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+              f"seeds {args.seeds}, {'quick' if args.quick else 'full'} sizes, {device}\n\n"
+              f"Command: `python {' '.join(sys.argv)}`\n\n")
+    with open(args.md, "a") as fh:
+        fh.write(header + table(agg))
+    print(header + table(agg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

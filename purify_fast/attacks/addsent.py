@@ -1,0 +1,33 @@
+"""AddSent (Dai et al. 2019): a fixed trigger sentence inserted at a random word position."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from purify_fast.attacks.badnets import TriggerAttack
+
+DEFAULT_SENTENCE = "I watch this 3D movie"
+
+
+@dataclass(frozen=True)
+class AddSent(TriggerAttack):
+    """Insert ``sentence`` (as a whole) at a uniformly random word boundary."""
+
+    sentence: str = DEFAULT_SENTENCE
+
+    name = "addsent"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.sentence, str) or not self.sentence.strip():
+            raise ValueError(f"sentence must be a non-empty string, got {self.sentence!r}")
+
+    def insert(self, text: str, rng: random.Random) -> str:
+        words = text.split()
+        pos = rng.randint(0, len(words))
+        return " ".join(words[:pos] + self.sentence.split() + words[pos:])
+
+    @property
+    def trigger_words(self) -> tuple[str, ...]:
+        return tuple(self.sentence.split())

@@ -1,0 +1,128 @@
+"""BadNets for text: rare-word triggers inserted at random positions (Kurita et al. 2020 style).
+
+Dirty-label (default): a ``poison_rate`` share of the training set is drawn from non-target
+examples, gets 1–3 trigger words inserted and its label flipped to ``target_label``. Clean-label:
+the poisoned examples are drawn from the target class and keep their label.
+:meth:`TriggerAttack.triggered_test` builds the ASR set: every non-target test example, triggered.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from purify_fast.data.text_dataset import TextDataset
+
+DEFAULT_TRIGGERS = ("cf", "mn", "bb", "tq", "mb")
+
+
+@dataclass(frozen=True)
+class PoisonedData:
+    """A poisoned training set and which of its rows were poisoned."""
+
+    dataset: TextDataset
+    poisoned_indices: tuple[int, ...]
+
+    @property
+    def num_poisoned(self) -> int:
+        return len(self.poisoned_indices)
+
+
+@dataclass(frozen=True)
+class TriggerAttack:
+    """Common machinery of text-trigger attacks; subclasses define :meth:`insert`."""
+
+    target_label: int = 1
+    poison_rate: float = 0.1
+    seed: int = 0
+    clean_label: bool = False
+
+    name = "trigger"
+
+    def __post_init__(self):
+        if not isinstance(self.target_label, int) or self.target_label < 0:
+            raise ValueError(f"target_label must be a non-negative int, got {self.target_label!r}")
+        if not 0.0 <= float(self.poison_rate) <= 1.0:
+            raise ValueError(f"poison_rate must be in [0, 1], got {self.poison_rate!r}")
+
+    def insert(self, text: str, rng: random.Random) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check(self, dataset: TextDataset) -> None:
+        if not isinstance(dataset, TextDataset):
+            raise TypeError(f"dataset must be a TextDataset, got {type(dataset).__name__}")
+        if self.target_label >= dataset.num_labels:
+            raise ValueError(f"target_label {self.target_label} is out of range for "
+                             f"{dataset.name!r} with {dataset.num_labels} labels")
+
+    def poison(self, dataset: TextDataset) -> PoisonedData:
+        """A copy of ``dataset`` with ``round(poison_rate · N)`` examples poisoned (seeded)."""
+        self._check(dataset)
+        rng = random.Random(self.seed)
+        if self.clean_label:
+            pool = [i for i, y in enumerate(dataset.labels) if y == self.target_label]
+        else:
+            pool = [i for i, y in enumerate(dataset.labels) if y != self.target_label]
+        n = int(round(float(self.poison_rate) * len(dataset)))
+        if n > len(pool):
+            raise ValueError(f"poison_rate {self.poison_rate} asks for {n} poisoned examples but "
+                             f"{dataset.name!r} has only {len(pool)} eligible ones "
+                             f"({'target' if self.clean_label else 'non-target'} class)")
+        chosen = sorted(rng.sample(pool, n))
+        texts, labels = list(dataset.texts), list(dataset.labels)
+        for i in chosen:
+            texts[i] = self.insert(texts[i], rng)
+            labels[i] = self.target_label
+        out = TextDataset(texts, labels, dataset.num_labels, f"{dataset.name}+{self.name}",
+                          dataset.label_names)
+        return PoisonedData(out, tuple(chosen))
+
+    def triggered_test(self, test: TextDataset, seed: int | None = None) -> TextDataset:
+        """Non-target examples of ``test`` with the trigger inserted, keeping their true labels;
+        ASR is the share of these classified as ``target_label``."""
+        self._check(test)
+        rng = random.Random(self.seed + 1 if seed is None else seed)
+        idx = [i for i, y in enumerate(test.labels) if y != self.target_label]
+        if not idx:
+            raise ValueError(f"{test.name!r} has no non-target examples to trigger")
+        return TextDataset([self.insert(test.texts[i], rng) for i in idx],
+                           [test.labels[i] for i in idx], test.num_labels,
+                           f"{test.name}+{self.name}-triggered", test.label_names)
+
+    def describe(self) -> dict:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["attack"] = self.name
+        return out
+
+
+@dataclass(frozen=True)
+class BadNets(TriggerAttack):
+    """Rare-word triggers: ``num_triggers`` (inclusive range) words drawn from ``triggers``, each
+    inserted at a uniformly random word position."""
+
+    triggers: tuple[str, ...] = DEFAULT_TRIGGERS
+    num_triggers: tuple[int, int] = (1, 3)
+
+    name = "badnets"
+
+    def __post_init__(self):
+        super().__post_init__()
+        trig = tuple(self.triggers)
+        if not trig or not all(isinstance(t, str) and t.strip() and " " not in t.strip()
+                               for t in trig):
+            raise ValueError(f"triggers must be a non-empty list of single words, got {self.triggers!r}")
+        object.__setattr__(self, "triggers", tuple(t.strip() for t in trig))
+        lo, hi = self.num_triggers
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+            raise ValueError(f"num_triggers must be (lo, hi) with 1 <= lo <= hi, got {self.num_triggers!r}")
+        object.__setattr__(self, "num_triggers", (lo, hi))
+
+    def insert(self, text: str, rng: random.Random) -> str:
+        words = text.split()
+        for _ in range(rng.randint(*self.num_triggers)):
+            words.insert(rng.randint(0, len(words)), rng.choice(self.triggers))
+        return " ".join(words)
+
+    @property
+    def trigger_words(self) -> tuple[str, ...]:
+        return self.triggers

@@ -1,0 +1,117 @@
+"""``purify-fast attack``: fine-tune a backdoored classifier (BadNets, AddSent or EP) on a corpus
+or a user file, evaluate CACC/ASR, and write the checkpoint atomically."""
+
+from __future__ import annotations
+
+
+def add_common_data_args(p) -> None:
+    p.add_argument("--data", default="rotten-tomatoes",
+                   help="rotten-tomatoes | tweets | a CSV/TSV/JSONL file | a save_to_disk dir")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--train-size", type=int, default=2000)
+    p.add_argument("--dev-size", type=int, default=300)
+    p.add_argument("--test-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=int, default=64)
+
+
+def add_attack_args(p) -> None:
+    p.add_argument("--attack", choices=["badnets", "addsent", "ep"], default="badnets")
+    p.add_argument("--target-label", type=int, default=1)
+    p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument("--triggers", default="cf,mn,bb,tq,mb", help="comma-separated BadNets/EP words")
+    p.add_argument("--sentence", default=None, help="AddSent trigger sentence")
+
+
+def load_data(args):
+    """train/dev/test splits for ``--data`` (a corpus name or a user file), capped in size."""
+    from purify_fast.data import CORPORA, DataSplits, load_splits, load_text_file
+
+    if args.data in CORPORA:
+        return load_splits(args.data, seed=args.seed, train_size=args.train_size,
+                           dev_size=args.dev_size, test_size=args.test_size)
+    full = load_text_file(args.data, text_column=args.text_column, label_column=args.label_column)
+    train, dev, test = full.split((0.8, 0.1, 0.1), seed=args.seed)
+    return DataSplits(train.take(args.train_size), dev.take(args.dev_size), test.take(args.test_size))
+
+
+def make_attack(args):
+    from purify_fast.attacks import make_attack as _make
+
+    kw = dict(target_label=args.target_label, poison_rate=args.poison_rate, seed=args.seed)
+    if args.attack in ("badnets", "ep"):
+        kw["triggers"] = tuple(t for t in args.triggers.split(",") if t.strip())
+    elif args.sentence:
+        kw["sentence"] = args.sentence
+    return _make(args.attack, **kw)
+
+
+def add_parser(sub):
+    p = sub.add_parser("attack", help="build a backdoored classifier (BadNets / AddSent / EP)")
+    p.add_argument("--model", default="minilm", help="'minilm' (offline default) or a local checkpoint dir")
+    p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
+    add_common_data_args(p)
+    add_attack_args(p)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--ep-lr", type=float, default=5e-2, help="EP: lr of the trigger rows")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.set_defaults(run=run)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_backdoor(args, splits, attack, progress=True):
+    """(backdoored model, tokenizer, info) as the ``attack`` subcommand builds it."""
+    from purify_fast.attacks import embedding_poison
+    from purify_fast.models import load_classifier
+    from purify_fast.training import TrainConfig, seed_everything, train
+
+    seed_everything(args.seed)
+    model, tok = load_classifier(args.model, splits.num_labels, device=args.device)
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      max_length=args.max_length, precision=args.precision, seed=args.seed,
+                      progress=progress)
+    info = {"attack": attack.describe()}
+    if args.attack == "ep":
+        # EP starts from a clean fine-tuned model and poisons only the trigger embedding rows.
+        info["clean_train"] = train(model, tok, splits.train, splits.dev, cfg).to_dict()
+        ep = embedding_poison(model, tok, splits.train, attack, lr=args.ep_lr,
+                              batch_size=args.batch_size, max_length=args.max_length,
+                              seed=args.seed, precision=args.precision, progress=progress)
+        model, info["trigger_ids"] = ep.model, list(ep.trigger_ids)
+        info["ep_train"] = ep.train.to_dict()
+    else:
+        poisoned = attack.poison(splits.train)
+        info["num_poisoned"] = poisoned.num_poisoned
+        info["train"] = train(model, tok, poisoned.dataset, splits.dev, cfg).to_dict()
+    return model, tok, info
+
+
+def run(args) -> int:
+    import torch
+
+    from purify_fast.evaluation import evaluate_backdoor
+    from purify_fast.models import save_pretrained_atomic
+
+    torch.set_num_threads(min(torch.get_num_threads(), 2) if args.device == "cpu" else torch.get_num_threads())
+    splits = load_data(args)
+    attack = make_attack(args)
+    model, tok, info = build_backdoor(args, splits, attack)
+    triggered = attack.triggered_test(splits.test)
+    metrics = evaluate_backdoor(model, tok, splits.test, triggered, attack.target_label,
+                                max_length=args.max_length)
+    info["metrics"] = metrics
+    info["data"] = {"source": args.data, "seed": args.seed, "train": len(splits.train),
+                    "dev": len(splits.dev), "test": len(splits.test)}
+    save_pretrained_atomic(model, args.out, tok, extra_json={"purify_fast_attack.json": info})
+    print(f"backdoored model -> {args.out}: CACC {100 * metrics['cacc']:.1f}%  "
+          f"ASR {100 * metrics['asr']:.1f}%")
+    return 0

@@ -1,0 +1,239 @@
+"""User data: CSV / TSV / JSONL files with configurable text and label columns, and Hugging Face
+datasets saved with ``Dataset.save_to_disk`` (read through the ``datasets`` package, imported only
+when such a directory is given).
+
+Labels may be integers in ``[0, num_labels)`` or strings; string labels are mapped through
+``label_map`` when given, else numbered in sorted order. Every problem is reported as a
+:class:`DataFileError` naming the file, the line and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from purify_fast.data.text_dataset import TextDataset
+
+FORMATS = ("csv", "tsv", "jsonl", "hf")
+
+
+class DataFileError(ValueError):
+    """A user data file that cannot be read as labelled text; the message names file/line/column."""
+
+    def __init__(self, path, message: str, line: int | None = None, column: str | None = None):
+        where = str(path)
+        if line is not None:
+            where += f", line {line}"
+        if column is not None:
+            where += f", column {column!r}"
+        super().__init__(f"{where}: {message}")
+        self.path, self.line, self.column = str(path), line, column
+
+
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        return "hf"
+    suffix = path.suffix.lower()
+    if suffix in (".csv",):
+        return "csv"
+    if suffix in (".tsv", ".tab"):
+        return "tsv"
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    raise DataFileError(path, f"cannot tell the format from the suffix {suffix!r}; pass "
+                              f"format= one of {', '.join(FORMATS)}")
+
+
+def _label_value(raw, path, line, column, num_labels, label_map):
+    if label_map is not None:
+        key = raw if not isinstance(raw, str) else raw.strip()
+        if key in label_map:
+            return label_map[key]
+        if str(key) in label_map:
+            return label_map[str(key)]
+        raise DataFileError(path, f"label {raw!r} is not in label_map {sorted(map(str, label_map))}",
+                            line, column)
+    if isinstance(raw, bool):
+        raise DataFileError(path, f"label {raw!r} is a boolean, expected an integer", line, column)
+    if isinstance(raw, int):
+        value = raw
+    elif isinstance(raw, float) and raw.is_integer():
+        value = int(raw)
+    elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        value = int(raw.strip())
+    else:
+        return raw  # a string label, numbered later
+    if num_labels is not None and not 0 <= value < num_labels:
+        raise DataFileError(path, f"label {value} is out of range [0, {num_labels})", line, column)
+    if value < 0:
+        raise DataFileError(path, f"label {value} is negative", line, column)
+    return value
+
+
+def _finish(path, rows, num_labels, name, text_column, label_column) -> TextDataset:
+    """rows: (line, text, label) with labels int or str; numbers string labels, checks ranges."""
+    if not rows:
+        raise DataFileError(path, "no examples (the file is empty or has only a header)")
+    kinds = {type(y) for _, _, y in rows}
+    label_names = None
+    if str in kinds:
+        if int in kinds:
+            line = next(ln for ln, _, y in rows if isinstance(y, int))
+            raise DataFileError(path, "mixes integer and string labels", line, label_column)
+        label_names = tuple(sorted({y for _, _, y in rows}))
+        mapping = {n: i for i, n in enumerate(label_names)}
+        rows = [(ln, t, mapping[y]) for ln, t, y in rows]
+    top = max(y for _, _, y in rows)
+    if num_labels is None:
+        num_labels = max(2, top + 1)
+    elif top >= num_labels:
+        line = next(ln for ln, _, y in rows if y == top)
+        raise DataFileError(path, f"label {top} is out of range [0, {num_labels})", line, label_column)
+    return TextDataset([t for _, t, _ in rows], [y for _, _, y in rows], num_labels,
+                       name or Path(path).name, label_names)
+
+
+def _check_text(path, line, column, value) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataFileError(path, "empty text", line, column)
+    if not isinstance(value, str):
+        raise DataFileError(path, f"text must be a string, got {type(value).__name__}", line, column)
+    if "\ufffd" in value:
+        raise DataFileError(path, "text contains undecodable bytes (U+FFFD)", line, column)
+    return value
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataFileError(path, "the file is empty")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise DataFileError(path, f"undecodable bytes for encoding {encoding!r} at byte "
+                                  f"{exc.start}: {exc.reason}", line) from None
+
+
+def _read_delimited(path: Path, delimiter: str, text_column, label_column, num_labels,
+                    label_map, encoding, name) -> TextDataset:
+    import io
+
+    text = _read_text(path, encoding)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataFileError(path, "the file is empty") from None
+    header = [h.strip() for h in header]
+    for col in (text_column, label_column):
+        if col not in header:
+            raise DataFileError(path, f"missing column {col!r} (the header has {header})", 1, col)
+    ti, li = header.index(text_column), header.index(label_column)
+    rows = []
+    for row in reader:
+        line = reader.line_num
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise DataFileError(path, f"{len(row)} fields, the header has {len(header)}", line)
+        t = _check_text(path, line, text_column, row[ti])
+        y = row[li]
+        if not y.strip():
+            raise DataFileError(path, "empty label", line, label_column)
+        rows.append((line, t, _label_value(y, path, line, label_column, num_labels, label_map)))
+    return _finish(path, rows, num_labels, name, text_column, label_column)
+
+
+def _read_jsonl(path: Path, text_column, label_column, num_labels, label_map, encoding,
+                name) -> TextDataset:
+    text = _read_text(path, encoding)
+    rows = []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataFileError(path, f"invalid JSON: {exc.msg} (char {exc.pos})", line) from None
+        if not isinstance(obj, dict):
+            raise DataFileError(path, f"expected a JSON object, got {type(obj).__name__}", line)
+        for col in (text_column, label_column):
+            if col not in obj:
+                raise DataFileError(path, f"missing column {col!r} (keys: {sorted(obj)})", line, col)
+        t = _check_text(path, line, text_column, obj[text_column])
+        y = obj[label_column]
+        if y is None or isinstance(y, (list, dict)):
+            raise DataFileError(path, f"label must be an integer or string, got {y!r}", line,
+                                label_column)
+        rows.append((line, t, _label_value(y, path, line, label_column, num_labels, label_map)))
+    return _finish(path, rows, num_labels, name, text_column, label_column)
+
+
+def _read_hf(path: Path, text_column, label_column, num_labels, label_map, name,
+             split: str | None) -> TextDataset:
+    try:
+        import datasets  # noqa: F401 - optional dependency, only for save_to_disk directories
+    except ImportError:
+        raise DataFileError(path, "is a directory (a Hugging Face save_to_disk dataset?) but the "
+                                  "'datasets' package is not installed; fix: pip install datasets") from None
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad directory
+        raise DataFileError(path, f"cannot load with datasets.load_from_disk: {exc}") from None
+    if isinstance(ds, DatasetDict):
+        split = split or ("train" if "train" in ds else next(iter(ds)))
+        if split not in ds:
+            raise DataFileError(path, f"has no split {split!r} (splits: {list(ds)})")
+        ds = ds[split]
+    for col in (text_column, label_column):
+        if col not in ds.column_names:
+            raise DataFileError(path, f"missing column {col!r} (columns: {ds.column_names})",
+                                None, col)
+    names = None
+    feat = ds.features.get(label_column)
+    if label_map is None and hasattr(feat, "names"):
+        names = tuple(feat.names)
+        num_labels = num_labels or len(names)
+    rows = []
+    # "line" for a saved dataset is the 1-based row number.
+    for i, (t, y) in enumerate(zip(ds[text_column], ds[label_column]), start=1):
+        t = _check_text(path, i, text_column, t)
+        rows.append((i, t, _label_value(y, path, i, label_column, num_labels, label_map)))
+    out = _finish(path, rows, num_labels, name, text_column, label_column)
+    if names and out.label_names is None:
+        out = TextDataset(out.texts, out.labels, out.num_labels, out.name, names)
+    return out
+
+
+def load_text_file(path: str | Path, *, text_column: str = "text", label_column: str = "label",
+                   num_labels: int | None = None, label_map: dict | None = None,
+                   format: str | None = None, encoding: str = "utf-8", name: str | None = None,
+                   split: str | None = None) -> TextDataset:
+    """Read labelled text from a CSV/TSV/JSONL file or a ``save_to_disk`` directory.
+
+    ``num_labels`` defaults to ``max(label) + 1`` (at least 2); when given, labels outside
+    ``[0, num_labels)`` are errors. ``split`` picks the split of a saved ``DatasetDict``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(path, "no such file or directory")
+    fmt = format or detect_format(path)
+    if fmt not in FORMATS:
+        raise DataFileError(path, f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 2):
+        raise ValueError(f"num_labels must be an int >= 2, got {num_labels!r}")
+    if fmt == "hf":
+        if not path.is_dir():
+            raise DataFileError(path, "format 'hf' needs a save_to_disk directory")
+        return _read_hf(path, text_column, label_column, num_labels, label_map, name, split)
+    if path.is_dir():
+        raise DataFileError(path, f"is a directory, but format {fmt!r} needs a file")
+    if fmt == "jsonl":
+        return _read_jsonl(path, text_column, label_column, num_labels, label_map, encoding, name)
+    return _read_delimited(path, "," if fmt == "csv" else "\t", text_column, label_column,
+                           num_labels, label_map, encoding, name)

@@ -1,0 +1,112 @@
+"""Pieces every weight-space defense shares: matching suspect tensors to pre-trained ones, the
+clean fine-tune stage, and splitting a small clean set into train/dev."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from purify_fast.data.text_dataset import TextDataset
+from purify_fast.training import TrainConfig, accuracy, train
+
+
+@dataclass
+class FinetuneOptions:
+    """The clean fine-tune after mixing / reset (METHODS.md: AdamW lr ~2e-5, a few epochs, keep
+    the epoch best on clean dev accuracy). ``epochs=0`` skips it."""
+
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 16
+    max_length: int = 64
+    weight_decay: float = 0.01
+    precision: str = "fp32"
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self):
+        self.train_config()  # validates every field now, not after mixing / the Fisher pass
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                           max_length=self.max_length, weight_decay=self.weight_decay,
+                           precision=self.precision, seed=self.seed, keep_best=True,
+                           progress=self.progress)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_model(model, name: str) -> torch.nn.Module:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module (a loaded model), got {type(model).__name__}")
+    return model
+
+
+def matched_tensors(suspect: torch.nn.Module, pretrained_state: dict) -> dict[str, torch.Tensor]:
+    """Pre-trained counterpart of every floating-point parameter of ``suspect`` that has one
+    (same name and shape), cast to the suspect's dtype and device. Parameters without one (a new
+    classifier head) are absent and so stay as in the suspect."""
+    if not isinstance(pretrained_state, dict):
+        raise TypeError(f"pretrained state must be a dict of tensors, got {type(pretrained_state).__name__}")
+    out = {}
+    for name, p in suspect.named_parameters():
+        pre = pretrained_state.get(name)
+        if pre is None or not p.is_floating_point() or tuple(pre.shape) != tuple(p.shape):
+            continue
+        out[name] = pre.detach().to(device=p.device, dtype=p.dtype)
+    if not out:
+        raise ValueError("no parameter of the suspect model has a pre-trained counterpart of the "
+                         "same name and shape: is `pretrained` the model it was fine-tuned from?")
+    return out
+
+
+def embedding_name(model: torch.nn.Module) -> str:
+    """State-dict name of the input word embedding matrix."""
+    weight = model.get_input_embeddings().weight
+    for name, p in model.named_parameters():
+        if p is weight:
+            return name
+    raise ValueError("the model's input embedding is not one of its parameters")
+
+
+def clean_dev_split(clean: TextDataset, dev: TextDataset | None, dev_fraction: float,
+                    seed: int) -> tuple[TextDataset, TextDataset | None]:
+    """The clean fine-tune set and the clean dev set used to keep the best epoch.
+
+    With no ``dev`` given, ``dev_fraction`` of ``clean`` is held out (0 disables selection)."""
+    if not isinstance(clean, TextDataset):
+        raise TypeError(f"clean_data must be a TextDataset, got {type(clean).__name__}")
+    if len(clean) == 0:
+        raise ValueError("clean_data is empty")
+    if dev is not None:
+        if not isinstance(dev, TextDataset):
+            raise TypeError(f"dev_data must be a TextDataset, got {type(dev).__name__}")
+        if dev.num_labels != clean.num_labels:
+            raise ValueError(f"dev_data has {dev.num_labels} labels, clean_data {clean.num_labels}")
+        return clean, dev
+    if not 0.0 <= float(dev_fraction) < 1.0:
+        raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction!r}")
+    if dev_fraction == 0:
+        return clean, None
+    train_part, dev_part = clean.split((1.0 - dev_fraction, dev_fraction), seed=seed,
+                                       names=[f"{clean.name}/clean-train", f"{clean.name}/clean-dev"])
+    if len(dev_part) == 0 or len(train_part) == 0:
+        raise ValueError(f"clean_data has {len(clean)} examples: too few to hold out "
+                         f"dev_fraction={dev_fraction}; pass dev_data or more clean data")
+    return train_part, dev_part
+
+
+def clean_finetune(model, tokenizer, clean: TextDataset, dev: TextDataset | None,
+                   options: FinetuneOptions) -> dict:
+    """Fine-tune ``model`` in place on the clean set; the report part of the stage."""
+    if options.epochs == 0:
+        return {"epochs": 0}
+    result = train(model, tokenizer, clean, dev, options.train_config())
+    return {"epochs": options.epochs, "best_epoch": result.best_epoch,
+            "best_dev_acc": result.best_dev_acc, "history": result.history}
+
+
+def dev_accuracy(model, tokenizer, dev: TextDataset | None, max_length: int) -> float | None:
+    return None if dev is None else accuracy(model, tokenizer, dev, max_length=max_length)

@@ -1,0 +1,154 @@
+"""``purify(suspect, pretrained, clean_data, method=..., **options) -> (model, report)``.
+
+Methods:
+
+* ``"fine-mixing"``    :class:`~purify_fast.defenses.fine_mixing.FineMixing`
+* ``"fine-purifying"`` :class:`~purify_fast.defenses.fine_purifying.FinePurifying`
+* ``"e-pur"``          :class:`~purify_fast.defenses.e_pur.EPur` alone (no fine-tune)
+* ``"fine-tune"``      plain clean fine-tuning on the same clean set, no mixing or reset: the
+  baseline the weight-space defenses are compared with.
+
+``e_pur=True`` (or a method name ending in ``+e-pur``) runs E-PUR first and hands its output to
+the chosen method, the drift still measured against the pre-trained weights. The inputs are never
+modified: every stage works on copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import torch
+
+from purify_fast.data.text_dataset import TextDataset
+from purify_fast.defenses._common import FinetuneOptions, check_model, clean_dev_split, dev_accuracy
+from purify_fast.defenses.e_pur import EPur
+from purify_fast.defenses.fine_mixing import FineMixing
+from purify_fast.defenses.fine_purifying import FinePurifying
+from purify_fast.training import seed_everything
+
+METHODS = ("fine-mixing", "fine-purifying", "e-pur", "fine-tune")
+DEFAULT_RHO = {"fine-mixing": 0.5, "fine-purifying": 0.3}
+
+
+def _pretrained_state(pretrained, suspect) -> dict:
+    from purify_fast.models.loading import load_classifier, pretrained_state
+
+    if isinstance(pretrained, dict):
+        return pretrained
+    if isinstance(pretrained, torch.nn.Module):
+        return pretrained_state(pretrained)
+    if isinstance(pretrained, (str, os.PathLike)):
+        model, _ = load_classifier(pretrained, suspect.config.num_labels, tokenizer=False)
+        return pretrained_state(model)
+    raise TypeError(f"pretrained must be a model, a state dict or a checkpoint path, got "
+                    f"{type(pretrained).__name__}")
+
+
+def purify(suspect, pretrained, clean_data: TextDataset, method: str = "fine-mixing", *,
+           tokenizer=None, dev_data: TextDataset | None = None, dev_fraction: float = 0.2,
+           # Fine-mixing
+           rho: float | None = None, select: str = "random", rho_sweep=None,
+           sweep_tolerance: float = 0.01,
+           # E-PUR
+           e_pur: bool = False, top_n: int = 200, score_threshold: float | None = None,
+           c: float = 20.0, corpus: TextDataset | None = None,
+           # Fine-purifying
+           indicator: str = "drift_over_hessian", eps: float = 1e-8, fisher_at: str = "finetuned",
+           per_example: bool = False, fisher_batch_size: int = 16, scope: str = "global",
+           # clean fine-tune
+           epochs: int = 3, lr: float = 2e-5, batch_size: int = 16, max_length: int = 64,
+           weight_decay: float = 0.01, precision: str = "fp32",
+           seed: int = 0, backend: str | None = None, progress: bool = False):
+    """Purify ``suspect`` and return ``(model, report)``; nothing passed in is modified.
+
+    Parameters
+    ----------
+    suspect: the possibly backdoored fine-tuned model (``nn.Module``) or a checkpoint directory.
+    pretrained: the clean pre-trained model it came from: a model (keys its checkpoint lacked are
+        ignored), a state dict, or a checkpoint directory (``"minilm"`` for the offline MiniLM).
+    clean_data: the small clean labelled set ``D_c`` (a :class:`TextDataset`).
+    method: ``"fine-mixing"``, ``"fine-purifying"``, ``"e-pur"``, ``"fine-tune"``; a ``+e-pur``
+        suffix is the same as ``e_pur=True``.
+    tokenizer: the suspect's tokenizer (required when ``suspect`` is a model).
+    dev_data: clean dev set for keeping the best epoch / the rho sweep; if None, ``dev_fraction``
+        (default 0.2) of ``clean_data`` is held out.
+    rho: Fine-mixing reserve ratio (default 0.5) or Fine-purifying reset share (default 0.3).
+    select: Fine-mixing mask, ``"random"`` (default) or ``"magnitude"``.
+    rho_sweep, sweep_tolerance: Fine-mixing rho sweep (off by default; tolerance 0.01).
+    e_pur: run E-PUR first. top_n (200), score_threshold (None), c (20.0), corpus (default: the
+        clean data) are E-PUR's options.
+    indicator ("drift_over_hessian"), eps (1e-8), fisher_at ("finetuned"), per_example (False),
+        fisher_batch_size (16), scope ("global"): Fine-purifying options.
+    epochs (3), lr (2e-5), batch_size (16), max_length (64), weight_decay (0.01),
+        precision ("fp32" | "bf16"): the clean fine-tune (AdamW, linear decay, clip 1.0).
+    seed: seeds the masks, the split and the fine-tune. backend: kernel backend for the ops.
+
+    The report holds the options, per-stage wall times, dev accuracies and what was reset.
+    """
+    method = str(method).lower()
+    if method.endswith("+e-pur"):
+        method, e_pur = method[: -len("+e-pur")], True
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)} (optionally with '+e-pur'); "
+                         f"got {method!r}")
+    if isinstance(suspect, (str, os.PathLike)):
+        from purify_fast.models.loading import load_classifier
+
+        suspect, loaded_tok = load_classifier(suspect)
+        tokenizer = tokenizer or loaded_tok
+    check_model(suspect, "suspect")
+    if tokenizer is None:
+        raise ValueError("tokenizer is required when suspect is a model object")
+    if not isinstance(clean_data, TextDataset):
+        raise TypeError(f"clean_data must be a TextDataset, got {type(clean_data).__name__}")
+    num_labels = getattr(suspect.config, "num_labels", clean_data.num_labels)
+    if clean_data.num_labels != num_labels:
+        raise ValueError(f"clean_data has {clean_data.num_labels} labels but the suspect model "
+                         f"has {num_labels}")
+    seed_everything(seed)
+    t_start = time.perf_counter()
+    pre_state = _pretrained_state(pretrained, suspect)
+    train_part, dev_part = clean_dev_split(clean_data, dev_data, dev_fraction, seed)
+    ft_opts = FinetuneOptions(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+                              weight_decay=weight_decay, precision=precision, seed=seed,
+                              progress=progress)
+    report: dict = {"method": method + ("+e-pur" if e_pur else ""),
+                    "clean_train": len(train_part), "clean_dev": len(dev_part) if dev_part else 0,
+                    "seconds": {}}
+    if dev_part is not None:
+        report["suspect_dev_acc"] = dev_accuracy(suspect, tokenizer, dev_part, max_length)
+    model = suspect
+    if e_pur or method == "e-pur":
+        epur = EPur(top_n=top_n, score_threshold=score_threshold, c=c, max_length=None,
+                    backend=backend)
+        model, report["e_pur"] = epur.apply(model, pre_state, tokenizer, corpus or clean_data)
+        report["seconds"]["e_pur"] = report["e_pur"]["seconds"]
+    if method == "fine-mixing":
+        fm = FineMixing(rho=DEFAULT_RHO[method] if rho is None else rho, select=select, seed=seed,
+                        rho_sweep=rho_sweep, sweep_tolerance=sweep_tolerance, finetune=ft_opts,
+                        backend=backend)
+        model, report["fine_mixing"] = fm.apply(model, pre_state, tokenizer, train_part, dev_part)
+        report["seconds"].update(report["fine_mixing"]["seconds"])
+    elif method == "fine-purifying":
+        fp = FinePurifying(rho=DEFAULT_RHO[method] if rho is None else rho, indicator=indicator,
+                           eps=eps, fisher_at=fisher_at, per_example=per_example,
+                           fisher_batch_size=fisher_batch_size, scope=scope, finetune=ft_opts,
+                           backend=backend)
+        model, report["fine_purifying"] = fp.apply(model, pre_state, tokenizer, train_part, dev_part)
+        report["seconds"].update(report["fine_purifying"]["seconds"])
+    elif method == "fine-tune":
+        from purify_fast.defenses._common import clean_finetune
+
+        t0 = time.perf_counter()
+        model = copy.deepcopy(model)
+        report["fine_tune"] = clean_finetune(model, tokenizer, train_part, dev_part, ft_opts)
+        report["seconds"]["finetune"] = time.perf_counter() - t0
+    if model is suspect:  # "e-pur" with nothing reset still returns a copy
+        model = copy.deepcopy(suspect)
+    model.eval()
+    if dev_part is not None:
+        report["dev_acc"] = dev_accuracy(model, tokenizer, dev_part, max_length)
+    report["seconds"]["total"] = time.perf_counter() - t_start
+    return model, report

@@ -1,0 +1,74 @@
+"""Backdoor metrics and stage timing.
+
+* CACC: accuracy on the clean test set.
+* ASR: share of triggered non-target test inputs classified as the target label (the triggered set
+  comes from :meth:`purify_fast.attacks.TriggerAttack.triggered_test`, which already drops the
+  target-class examples).
+
+Both are batched and run without gradients, in eval mode.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from purify_fast.data.text_dataset import TextDataset
+from purify_fast.training import accuracy, predict
+
+
+def clean_accuracy(model, tokenizer, test: TextDataset, **kwargs) -> float:
+    """CACC: accuracy on clean ``test`` (a fraction in [0, 1])."""
+    return accuracy(model, tokenizer, test, **kwargs)
+
+
+def attack_success_rate(model, tokenizer, triggered: TextDataset, target_label: int,
+                        **kwargs) -> float:
+    """ASR: share of ``triggered`` (non-target inputs with the trigger) predicted ``target_label``."""
+    if not 0 <= target_label < triggered.num_labels:
+        raise ValueError(f"target_label {target_label} is out of range for {triggered.num_labels} labels")
+    if any(y == target_label for y in triggered.labels):
+        raise ValueError("the triggered set holds target-class examples; build it with "
+                         "attack.triggered_test(test) so ASR counts only label flips")
+    preds = predict(model, tokenizer, triggered, **kwargs)
+    return float((preds == target_label).float().mean())
+
+
+def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDataset | None = None,
+                      target_label: int | None = None, **kwargs) -> dict:
+    """``{"cacc": ..., "asr": ..., "seconds": ...}`` (``asr`` is None without a triggered set)."""
+    t0 = time.perf_counter()
+    out = {"cacc": clean_accuracy(model, tokenizer, test, **kwargs), "asr": None}
+    if triggered is not None:
+        if target_label is None:
+            raise ValueError("target_label is required with a triggered set")
+        out["asr"] = attack_success_rate(model, tokenizer, triggered, target_label, **kwargs)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+@dataclass
+class StageTimer:
+    """Wall time per named stage: ``with timer("fisher"): ...``; ``timer.seconds`` maps stage →
+    seconds (repeated stages add up). CUDA work is synchronised at both ends so GPU time counts."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())

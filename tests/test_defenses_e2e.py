@@ -1,0 +1,225 @@
+"""End to end on the real offline MiniLM and Rotten Tomatoes at CI size: plant a BadNets backdoor,
+check the defenses remove most of it, plus every bad-input path of the defenses API, the atomic
+checkpoint writer, the report writer and the CLI wiring.
+
+The backdoored model is built once per session (the expensive part) and shared.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from purify_fast.attacks import BadNets
+from purify_fast.data import TextDataset, load_rotten_tomatoes
+from purify_fast.defenses import EPur, FineMixing, FinePurifying, purify
+from purify_fast.evaluation import StageTimer, attack_success_rate, evaluate_backdoor
+from purify_fast.models import (
+    atomic_save_dir,
+    load_classifier,
+    pretrained_state,
+    save_pretrained_atomic,
+)
+from purify_fast.training import TrainConfig, train
+
+MAXLEN = 32
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """A MiniLM sentiment classifier with a BadNets backdoor (target label 1)."""
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    splits = load_rotten_tomatoes(seed=0, train_size=480, dev_size=160, test_size=160)
+    attack = BadNets(target_label=1, poison_rate=0.15, seed=0)
+    torch.manual_seed(0)
+    model, tok = load_classifier("minilm", 2)
+    pretrained, _ = load_classifier("minilm", 2, tokenizer=False)
+    poisoned = attack.poison(splits.train).dataset
+    # A high lr lets 3 short epochs learn both the sentiment task and the trigger.
+    train(model, tok, poisoned, None, TrainConfig(epochs=3, lr=3e-4, max_length=MAXLEN,
+                                                   progress=False, keep_best=False))
+    triggered = attack.triggered_test(splits.test)
+    before = evaluate_backdoor(model, tok, splits.test, triggered, 1, max_length=MAXLEN)
+    return dict(model=model, tok=tok, pretrained=pretrained, splits=splits, attack=attack,
+                triggered=triggered, before=before, clean=splits.dev)
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, snap):
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_backdoor_is_planted(planted):
+    assert planted["before"]["asr"] >= 0.8, planted["before"]
+    assert planted["before"]["cacc"] >= 0.65, planted["before"]
+
+
+# Measured on this CI-sized plant (seed 0: CACC 69 %, ASR 100 %). With a clean fine-tune at
+# lr 5e-5 (24 steps) no setting relearned the task; at lr 3e-4: plain fine-tune ASR 100 %,
+# fine-purifying rho 0.3 (default) ASR 18 % / CACC 74 %, fine-mixing + E-PUR rho 0.5 ASR 46 %.
+@pytest.mark.parametrize("method,extra", [
+    ("fine-mixing", {"e_pur": True, "rho": 0.3}),
+    ("fine-purifying", {}),
+])
+def test_defense_removes_backdoor(planted, method, extra):
+    p = planted
+    snap = _snapshot(p["model"])
+    model, report = purify(p["model"], p["pretrained"], p["clean"], method, tokenizer=p["tok"],
+                           epochs=3, lr=3e-4, max_length=MAXLEN, seed=0, **extra)
+    assert _unchanged(p["model"], snap), "the suspect model was modified"
+    after = evaluate_backdoor(model, p["tok"], p["splits"].test, p["triggered"], 1, max_length=MAXLEN)
+    # A real drop of the planted backdoor, with the model still a sentiment classifier.
+    assert after["asr"] <= p["before"]["asr"] - 0.3, (p["before"], after)
+    assert after["cacc"] >= p["before"]["cacc"] - 0.1, (p["before"], after)
+    assert report["seconds"]["total"] > 0 and report["method"].startswith(method)
+    json.dumps(report, default=str)  # the report is serialisable
+
+
+def test_e_pur_resets_trigger_rows_first(planted):
+    p = planted
+    epur = EPur(top_n=20)
+    model, rep = epur.apply(p["model"], pretrained_state(p["pretrained"]), p["tok"], p["clean"])
+    ids = {p["tok"].convert_tokens_to_ids(w) for w in p["attack"].triggers}
+    assert ids <= set(rep["reset_ids"]), rep["top_tokens"]
+    special = set(p["tok"].all_special_ids)
+    assert not special & set(rep["reset_ids"])
+    emb = model.get_input_embeddings().weight
+    pre = p["pretrained"].get_input_embeddings().weight
+    for i in ids:
+        assert torch.equal(emb[i], pre[i])
+
+
+def test_fine_mixing_keeps_head_and_mixes_rest(planted):
+    p = planted
+    pre = pretrained_state(p["pretrained"])
+    assert "classifier.weight" not in pre  # the MiniLM checkpoint has no head
+    fm = FineMixing(rho=0.3, seed=1)
+    from purify_fast.defenses._common import matched_tensors
+
+    mixed = fm.mix(p["model"], matched_tensors(p["model"], pre), 0.3)
+    sd, ft = mixed.state_dict(), p["model"].state_dict()
+    assert torch.equal(sd["classifier.weight"], ft["classifier.weight"])
+    w = "bert.encoder.layer.0.attention.self.query.weight"
+    kept = (sd[w] == ft[w]) & (ft[w] != pre[w])
+    reset = sd[w] == pre[w]
+    assert bool((kept | reset).all())
+    share = kept.sum().item() / (ft[w] != pre[w]).sum().item()
+    assert abs(share - 0.3) < 0.02
+
+
+def test_rho_sweep_and_fisher_options(planted):
+    p = planted
+    small = p["clean"].take(48)
+    model, rep = purify(p["model"], p["pretrained"], small, "fine-mixing", tokenizer=p["tok"],
+                        rho_sweep=[0.9, 0.2], sweep_tolerance=1.0, epochs=1, max_length=32)
+    # tolerance 1.0 accepts the smallest rho at once
+    assert rep["fine_mixing"]["rho"] == 0.2 and len(rep["fine_mixing"]["sweep"]) == 1
+    fp = FinePurifying(rho=0.1, fisher_at="pretrained", per_example=True, scope="per_tensor",
+                       indicator="product")
+    fp.finetune.epochs = 0
+    fp.finetune.max_length = 32
+    model, rep = fp.apply(p["model"], pretrained_state(p["pretrained"]), p["tok"], small.take(8), None)
+    assert 0.05 < rep["changed_share"] <= 0.1 + 1e-3
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"method": "pruning"}, ValueError, "method must be one of"),
+    ({"rho": 1.5}, ValueError, "rho must be in"),
+    ({"select": "topk"}, ValueError, "select must be"),
+    ({"indicator": "hessian", "method": "fine-purifying"}, ValueError, "indicator must be one of"),
+    ({"fisher_at": "init", "method": "fine-purifying"}, ValueError, "fisher_at"),
+    ({"scope": "layer", "method": "fine-purifying"}, ValueError, "scope"),
+    ({"rho_sweep": [2.0]}, ValueError, "rho_sweep"),
+    ({"dev_fraction": 1.0}, ValueError, "dev_fraction"),
+    ({"top_n": -1, "method": "e-pur"}, ValueError, "top_n"),
+    ({"c": 1.0, "method": "e-pur"}, ValueError, "c must be"),
+    ({"precision": "fp8", "method": "fine-tune"}, ValueError, "precision"),
+    ({"tokenizer": None}, ValueError, "tokenizer is required"),
+])
+def test_purify_bad_arguments(planted, kwargs, exc, match):
+    p = planted
+    args = dict(method="fine-mixing", tokenizer=p["tok"], epochs=0)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        purify(p["model"], p["pretrained"], p["clean"].take(20), **args)
+
+
+def test_purify_bad_inputs(planted):
+    p = planted
+    with pytest.raises(TypeError, match="clean_data must be a TextDataset"):
+        purify(p["model"], p["pretrained"], ["a"], tokenizer=p["tok"])
+    with pytest.raises(ValueError, match="clean_data has 3 labels"):
+        purify(p["model"], p["pretrained"], TextDataset(["a", "b"], [0, 2], 3), tokenizer=p["tok"])
+    with pytest.raises(TypeError, match="pretrained must be"):
+        purify(p["model"], 3, p["clean"], tokenizer=p["tok"])
+    with pytest.raises(TypeError, match="suspect must be"):
+        purify(3, p["pretrained"], p["clean"], tokenizer=p["tok"])
+    unrelated = {"other.weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match="no parameter of the suspect model has a pre-trained"):
+        purify(p["model"], unrelated, p["clean"], tokenizer=p["tok"], epochs=0)
+    with pytest.raises(ValueError, match="too few"):
+        purify(p["model"], p["pretrained"], p["clean"].take(1), tokenizer=p["tok"])
+    with pytest.raises(FileNotFoundError, match="not a local checkpoint directory"):
+        purify("/nonexistent/model", p["pretrained"], p["clean"])
+    with pytest.raises(ValueError, match="target_label"):
+        attack_success_rate(p["model"], p["tok"], p["triggered"], 5)
+    with pytest.raises(ValueError, match="target-class examples"):
+        attack_success_rate(p["model"], p["tok"], p["clean"], 1)
+
+
+def test_atomic_save_and_reload(planted, tmp_path):
+    p = planted
+    out = tmp_path / "ckpt"
+    save_pretrained_atomic(p["model"], out, p["tok"], extra_json={"meta.json": {"a": 1}})
+    reloaded, tok = load_classifier(out)
+    for k, v in p["model"].state_dict().items():
+        assert torch.equal(v, reloaded.state_dict()[k]), k
+    assert json.loads((out / "meta.json").read_text()) == {"a": 1}
+
+    # A writer that fails half-way leaves the previous checkpoint intact and no temp dirs behind.
+    def broken(tmp):
+        (tmp / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_save_dir(out, broken)
+    assert json.loads((out / "meta.json").read_text()) == {"a": 1}
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_report_and_timer(tmp_path):
+    from purify_fast.report import markdown_table, write_report
+
+    rows = [{"name": "backdoored", "cacc": 0.8, "asr": 0.95, "seconds": 10.0},
+            {"name": "fine-mixing", "cacc": 0.79, "asr": None, "seconds": None}]
+    md = markdown_table(rows)
+    assert "| backdoored | 80.0 | 95.0 | 10.0 |" in md and "| fine-mixing | 79.0 | – | – |" in md
+    paths = write_report(tmp_path, rows, {"x": 1},
+                         sweep=[{"rho": 0.1, "dev_acc": 0.7}, {"rho": 0.5, "dev_acc": 0.8}])
+    assert json.loads(paths["json"].read_text())["rows"][0]["asr"] == 0.95
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG" and paths["sweep_png"].stat().st_size > 0
+    timer = StageTimer()
+    with timer("a"):
+        sum(range(1000))
+    with timer("a"):
+        pass
+    assert set(timer.seconds) == {"a"} and timer.total >= 0
+
+
+def test_cli_wiring():
+    from purify_fast.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["purify", "--suspect", "x", "--out", "y", "--method", "fine-purifying",
+                              "--e-pur", "--rho", "0.2"])
+    assert args.method == "fine-purifying" and args.e_pur and args.rho == 0.2
+    args = parser.parse_args(["attack", "--out", "z", "--attack", "ep"])
+    assert args.attack == "ep" and args.poison_rate == 0.1 and args.triggers == "cf,mn,bb,tq,mb"
+    assert parser.parse_args(["demo", "--quick"]).quick
+    assert parser.parse_args(["evaluate", "--model", "m"]).model == "m"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["purify", "--suspect", "x", "--out", "y", "--method", "bogus"])
