@@ -1,0 +1,107 @@
+"""``purify-fast train-clean``: train a clean model on possibly poisoned data (MuScleLoRA) and write
+it merged (plain architecture, loads with ``from_pretrained``), atomically.
+
+Example::
+
+    purify-fast train-clean --method muscle-lora --data rotten-tomatoes --model minilm \\
+        --out runs/rt-clean --attack badnets --epochs 3
+
+``--data`` is a corpus name (``rotten-tomatoes``, ``tweets``: split into train/dev/test by
+``--seed``) or a user file/directory of training examples, in which case ``--dev`` (a clean
+labelled file) is required. ``--attack`` plants a backdoor in the training split first (to
+evaluate the defense): CACC and ASR on the test split are then written to ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def add_parser(sub):
+    p = sub.add_parser("train-clean",
+                       help="train a clean model on possibly poisoned data (MuScleLoRA) and save "
+                            "it merged")
+    p.add_argument("--method", default="muscle-lora", choices=["muscle-lora"])
+    p.add_argument("--ablation", default="muscle-lora",
+                   choices=["muscle-lora", "lora", "ga+lora", "lora+mslr"],
+                   help="muscle-lora = MSLR + LoRA + gradient alignment (default)")
+    p.add_argument("--data", required=True, help="corpus name or training data file/directory")
+    p.add_argument("--dev", default=None, help="clean dev file (required for a user --data file)")
+    p.add_argument("--model", default="minilm", help="local checkpoint directory or 'minilm'")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--scaling", choices=["radial", "fft"], default="radial")
+    p.add_argument("--scales", default=None,
+                   help="comma-separated MSLR scales (default: the architecture's)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--train-size", type=int, default=None, help="cap the corpus train split")
+    p.add_argument("--dev-size", type=int, default=None, help="cap the corpus dev split")
+    p.add_argument("--test-size", type=int, default=None, help="cap the corpus test split")
+    p.add_argument("--ref-pool-size", type=int, default=None)
+    p.add_argument("--attack", choices=["badnets", "addsent"], default=None,
+                   help="plant this backdoor in the training split first (evaluation runs)")
+    p.add_argument("--poison-rate", type=float, default=0.1)
+    p.add_argument("--target-label", type=int, default=1)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default=None, help="MSLR op backend (default auto)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from purify_fast.attacks import make_attack
+    from purify_fast.data import CORPORA, load_dataset, load_splits
+    from purify_fast.defenses.muscle_lora import MuscleLoRATrainConfig, train_clean
+    from purify_fast.evaluation import evaluate_backdoor
+    from purify_fast.models import load_classifier, save_pretrained_atomic
+    from purify_fast.nn import MuscleLoRAConfig
+
+    test = None
+    if args.data in CORPORA:
+        splits = load_splits(args.data, seed=args.seed, train_size=args.train_size,
+                             dev_size=args.dev_size, test_size=args.test_size)
+        train, dev, test = splits.train, splits.dev, splits.test
+        if args.dev:
+            dev = load_dataset(args.dev)
+    else:
+        if not args.dev:
+            print("error: --dev (a clean labelled file) is required when --data is a file",
+                  file=sys.stderr)
+            return 2
+        train, dev = load_dataset(args.data), load_dataset(args.dev)
+    attack = None
+    if args.attack:
+        attack = make_attack(args.attack, target_label=args.target_label,
+                             poison_rate=args.poison_rate, seed=args.seed)
+        train = attack.poison(train).dataset
+    scales = [float(s) for s in args.scales.split(",")] if args.scales else None
+    model, tok = load_classifier(args.model, train.num_labels, device=args.device)
+    t0 = time.perf_counter()
+    model, result = train_clean(
+        model, tok, train, dev, method=args.method, ablation=args.ablation,
+        inject=MuscleLoRAConfig(scales=scales, mode=args.scaling, backend=args.backend),
+        config=MuscleLoRATrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                     max_length=args.max_length, precision=args.precision,
+                                     seed=args.seed, ref_pool_size=args.ref_pool_size,
+                                     progress=not args.no_progress),
+        return_result=True)
+    report = {"method": args.method, "ablation": args.ablation, "data": args.data,
+              "model": args.model, "train_seconds": time.perf_counter() - t0,
+              "best_epoch": result.best_epoch, "best_dev_acc": result.best_dev_acc,
+              "history": result.history, "config": result.config}
+    if test is not None:
+        trig = attack.triggered_test(test) if attack else None
+        report["eval"] = evaluate_backdoor(model, tok, test, trig,
+                                           args.target_label if attack else None,
+                                           max_length=args.max_length)
+    out = save_pretrained_atomic(model, args.out, tok, extra_json={"report.json": report})
+    summary = {k: report[k] for k in ("best_epoch", "best_dev_acc")}
+    summary.update(report.get("eval", {}))
+    print(f"wrote {out}  {json.dumps(summary, default=str)}")
+    return 0

@@ -1,0 +1,325 @@
+"""MuScleLoRA (Wu et al., ACL 2024): train a clean model on a possibly poisoned dataset.
+
+Multi-scale low-rank adaptation on the penultimate dense layer (``purify_fast.nn``) shifts the
+clean, high-frequency mapping down so it is learned before the low-frequency backdoor mapping;
+standard LoRA on attention q/v; every other weight frozen; and **gradient alignment** (GA) keeps
+each update pointed where a small clean reference set agrees.
+
+Gradient alignment (METHODS.md §4), per trainable tensor, with ``g`` the training-batch gradient
+and ``g_c`` the gradient on one batch of the clean reference pool::
+
+    g_a = |⟨g, g_c⟩| / ‖g_c‖² · g_c                 (the length of g along g_c, on g_c's side)
+    update = g_a                                      while ref_loss > 0.4 and ‖g_c‖ > 5e-7
+    update = (1 − μ_e)·g_a + μ_e·g                    otherwise
+
+with ``μ_e = max_raw_grad_ratio · (e + 1) / E`` rising linearly over the ``E`` epochs to
+``max_raw_grad_ratio`` (0.1). The ``(e + 1)/E`` form (reconstructed: the official schedule is
+only described as linear) lets a little raw gradient in from the first epoch once the reference
+loss is low. One extra forward/backward per step (the reference batch).
+
+The reference pool (96 examples for encoders, 128 for decoders) is split off the clean dev set;
+the rest of the dev set picks the epoch kept (best clean dev accuracy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from purify_fast.data.text_dataset import TextDataset, make_loader
+from purify_fast.nn.multiscale_lora import (
+    MuscleLoRAConfig,
+    inject_muscle_lora,
+    merge_muscle_lora,
+    model_family,
+)
+from purify_fast.training import accuracy, autocast, model_device, seed_everything
+
+ABLATIONS = ("muscle-lora", "lora", "ga+lora", "lora+mslr")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class MuscleLoRATrainConfig:
+    """Training hyper-parameters; ``None`` fields take the family default (METHODS.md §4):
+    lr 2e-5 / epochs 10 / pool 96 for encoders, lr 1e-5 / epochs 5 / pool 128 for decoders."""
+
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int = 32
+    max_length: int = 64
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    clip_norm: float | None = 1.0
+    precision: str = "auto"
+    seed: int = 0
+    gradient_alignment: bool = True
+    ref_pool_size: int | None = None
+    ref_batch_size: int | None = None
+    loss_threshold: float = 0.4
+    norm_threshold: float = 5e-7
+    max_raw_grad_ratio: float = 0.1
+    keep_best: bool = True
+    eval_batch_size: int = 128
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
+        if self.lr is not None and not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.ref_pool_size is not None and (not isinstance(self.ref_pool_size, int)
+                                               or self.ref_pool_size < 1):
+            raise ValueError(f"ref_pool_size must be a positive int, got {self.ref_pool_size!r}")
+        if not 0.0 <= float(self.max_raw_grad_ratio) <= 1.0:
+            raise ValueError(f"max_raw_grad_ratio must be in [0, 1], got {self.max_raw_grad_ratio!r}")
+        if self.clip_norm is not None and not float(self.clip_norm) > 0:
+            raise ValueError(f"clip_norm must be positive or None, got {self.clip_norm!r}")
+
+
+@dataclass
+class MuscleLoRAResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = -1
+    best_dev_acc: float | None = None
+    seconds: float = 0.0
+    ga_steps: int = 0        # steps that used the pure aligned gradient on every tensor
+    blended_steps: int = 0   # steps where at least one tensor blended in the raw gradient
+    config: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- GA math
+
+def raw_grad_ratio(epoch: int, epochs: int, max_ratio: float = 0.1) -> float:
+    """``μ_e``: rises linearly with the 0-based ``epoch`` to ``max_ratio`` at the last epoch."""
+    if epochs < 1 or not 0 <= epoch < epochs:
+        raise ValueError(f"epoch must be in [0, {epochs}), got {epoch}")
+    return float(max_ratio) * (epoch + 1) / epochs
+
+
+@torch.no_grad()
+def align_gradients(grads: Sequence[torch.Tensor], ref_grads: Sequence[torch.Tensor],
+                    ref_loss: float, mu: float, *, loss_threshold: float = 0.4,
+                    norm_threshold: float = 5e-7) -> tuple[list[torch.Tensor], list[bool]]:
+    """Per-tensor gradient alignment (module docstring). Returns the update for each tensor and
+    whether it is the pure aligned gradient (``True``) or the blend (``False``).
+
+    Dot products and norms are taken in fp32; each update keeps its tensor's dtype. A reference
+    gradient of zero norm has no direction, so its aligned part is zero.
+    """
+    if len(grads) != len(ref_grads):
+        raise ValueError(f"{len(grads)} gradients but {len(ref_grads)} reference gradients")
+    out, pure = [], []
+    for g, gc in zip(grads, ref_grads):
+        if g.shape != gc.shape:
+            raise ValueError(f"gradient shape {tuple(g.shape)} != reference {tuple(gc.shape)}")
+        g32, gc32 = g.to(torch.float32), gc.to(torch.float32)
+        n2 = float((gc32 * gc32).sum())
+        if n2 > 0.0:
+            ga = gc32 * (abs(float((g32 * gc32).sum())) / n2)
+        else:
+            ga = torch.zeros_like(gc32)
+        use_aligned = ref_loss > loss_threshold and math.sqrt(n2) > norm_threshold
+        upd = ga if use_aligned else (1.0 - mu) * ga + mu * g32
+        out.append(upd.to(g.dtype))
+        pure.append(use_aligned)
+    return out, pure
+
+
+def split_reference_pool(dev: TextDataset, size: int, seed: int = 0
+                         ) -> tuple[TextDataset, TextDataset]:
+    """``(reference_pool, remaining_dev)``: a seeded, label-stratified pool of ``size`` examples
+    split off the clean dev set; the remainder keeps choosing the best epoch."""
+    if len(dev) <= size:
+        raise ValueError(f"the clean dev set has {len(dev)} examples; the reference pool needs "
+                         f"{size} plus at least one left for model selection (pass a larger dev "
+                         f"set or a smaller ref_pool_size)")
+    frac = size / len(dev)
+    pool, rest = dev.split((frac, 1.0 - frac), seed=seed,
+                           names=[f"{dev.name}/ref-pool", f"{dev.name}/select"])
+    return pool, rest
+
+
+def _cycle(loader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def _resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+# --------------------------------------------------------------------------- trainer
+
+def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextDataset,
+                      config: MuscleLoRATrainConfig | None = None, **overrides) -> MuscleLoRAResult:
+    """Train the adapters of an injected model (:func:`purify_fast.nn.inject_muscle_lora`) in
+    place, with gradient alignment against a reference pool split off ``dev_data``. The model ends
+    with the epoch of best clean accuracy on the rest of ``dev_data`` (adapters still unmerged)."""
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    config = dataclasses.replace(config or MuscleLoRATrainConfig(), **overrides)
+    family = model_family(model) if not hasattr(model, "muscle_lora_config") else \
+        model.muscle_lora_config["family"]
+    decoder = family == "decoder"
+    epochs = config.epochs or (5 if decoder else 10)
+    lr = config.lr or (1e-5 if decoder else 2e-5)
+    pool_size = config.ref_pool_size or (128 if decoder else 96)
+    if len(train_data) == 0:
+        raise ValueError(f"train_data {train_data.name!r} is empty")
+    if train_data.num_labels != dev_data.num_labels:
+        raise ValueError(f"train has {train_data.num_labels} labels, dev {dev_data.num_labels}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameter: inject MuScleLoRA first (inject_muscle_lora)")
+    device = model_device(model)
+    precision = _resolve_precision(config.precision, device)
+    seed_everything(config.seed)
+
+    ga = config.gradient_alignment
+    if ga:
+        pool, select = split_reference_pool(dev_data, pool_size, seed=config.seed)
+        ref_loader = make_loader(pool, tokenizer, config.ref_batch_size or config.batch_size,
+                                 config.max_length, shuffle=True, seed=config.seed + 1)
+        ref_iter = _cycle(ref_loader)
+    else:
+        select = dev_data
+    loader = make_loader(train_data, tokenizer, config.batch_size, config.max_length,
+                         shuffle=True, seed=config.seed)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]],
+                            lr=lr)
+    total = max(1, epochs * len(loader))
+    sched = get_linear_schedule_with_warmup(opt, int(config.warmup_ratio * total), total)
+    eval_kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length,
+                   "precision": precision}
+
+    def to_dev(batch):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def loss_and_grads(batch) -> tuple[float, list[torch.Tensor]]:
+        for p in params:
+            p.grad = None
+        with autocast(device, precision):
+            loss = model(**to_dev(batch)).loss
+        loss.backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        return float(loss.detach()), grads
+
+    result = MuscleLoRAResult(config=dict(dataclasses.asdict(config), epochs=epochs, lr=lr,
+                                          ref_pool_size=pool_size if ga else 0,
+                                          precision=precision))
+    start = time.perf_counter()
+    # Only adapters train, so the best epoch is fully described by the trainable tensors.
+    snapshot = lambda: [p.detach().clone() for p in params]
+    best = None
+    if config.keep_best:
+        acc0 = accuracy(model, tokenizer, select, **eval_kw)
+        result.best_epoch, result.best_dev_acc, best = 0, acc0, snapshot()
+        result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "seconds": 0.0})
+    model.train()
+    for epoch in range(epochs):
+        mu = raw_grad_ratio(epoch, epochs, config.max_raw_grad_ratio)
+        t0, loss_sum, ref_sum, n, steps = time.perf_counter(), 0.0, 0.0, 0, 0
+        bar = tqdm(loader, desc=f"muscle-lora {epoch + 1}/{epochs}", leave=False,
+                   disable=not config.progress)
+        for batch in bar:
+            loss, grads = loss_and_grads(batch)
+            if ga:
+                grads = [g.clone() for g in grads]
+                ref_loss, ref_grads = loss_and_grads(next(ref_iter))
+                update, pure = align_gradients(grads, ref_grads, ref_loss, mu,
+                                               loss_threshold=config.loss_threshold,
+                                               norm_threshold=config.norm_threshold)
+                for p, u in zip(params, update):
+                    p.grad = u
+                result.ga_steps += all(pure)
+                result.blended_steps += not all(pure)
+                ref_sum += ref_loss
+            if config.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+            opt.step()
+            sched.step()
+            for p in params:
+                p.grad = None
+            b = len(batch["labels"])
+            loss_sum, n, steps = loss_sum + loss * b, n + b, steps + 1
+            bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+        row = {"epoch": epoch + 1, "loss": loss_sum / max(n, 1),
+               "ref_loss": ref_sum / steps if ga and steps else None, "mu": mu,
+               "dev_acc": accuracy(model, tokenizer, select, **eval_kw),
+               "seconds": time.perf_counter() - t0}
+        result.history.append(row)
+        if config.keep_best and row["dev_acc"] > result.best_dev_acc:
+            result.best_epoch, result.best_dev_acc, best = epoch + 1, row["dev_acc"], snapshot()
+        model.train()
+    if config.keep_best and best is not None and result.best_epoch != epochs:
+        with torch.no_grad():
+            for p, b in zip(params, best):
+                p.copy_(b)
+    if not config.keep_best:
+        result.best_epoch, result.best_dev_acc = epochs, result.history[-1]["dev_acc"]
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def ablation_settings(ablation: str) -> tuple[bool, bool]:
+    """``(use_mslr, gradient_alignment)`` of an ablation name."""
+    table = {"muscle-lora": (True, True), "lora": (False, False), "ga+lora": (False, True),
+             "lora+mslr": (True, False)}
+    if ablation not in table:
+        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+    return table[ablation]
+
+
+def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset, *,
+                method: str = "muscle-lora", ablation: str = "muscle-lora",
+                inject: MuscleLoRAConfig | None = None,
+                config: MuscleLoRATrainConfig | None = None, return_result: bool = False,
+                **overrides):
+    """Train a clean model on possibly poisoned ``train_data`` and return it **merged**: every
+    adapter folded into its base layer, the original architecture back (ready for
+    ``save_pretrained``). ``ablation``: ``muscle-lora`` (MSLR + LoRA + GA), ``lora``,
+    ``ga+lora``, ``lora+mslr``. With ``return_result=True`` returns ``(model, result)``.
+
+    ``model`` may be a model object or a local checkpoint path / ``"minilm"`` (then ``tokenizer``
+    may be None and is loaded with it).
+    """
+    if method != "muscle-lora":
+        raise ValueError(f"method must be 'muscle-lora', got {method!r}")
+    use_mslr, ga = ablation_settings(ablation)
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        from purify_fast.models import load_classifier
+
+        model, tok = load_classifier(model, train_data.num_labels)
+        tokenizer = tokenizer or tok
+    if tokenizer is None:
+        raise ValueError("tokenizer is required when model is a model object")
+    inject = dataclasses.replace(inject or MuscleLoRAConfig(), use_mslr=use_mslr)
+    config = dataclasses.replace(config or MuscleLoRATrainConfig(), gradient_alignment=ga,
+                                 **overrides)
+    seed_everything(config.seed)  # the adapters' random init is part of the seeded run
+    inject_muscle_lora(model, inject)
+    result = train_muscle_lora(model, tokenizer, train_data, dev_data, config)
+    result.config["ablation"] = ablation
+    result.config["inject"] = dict(model.muscle_lora_config)
+    merge_muscle_lora(model)
+    model.eval()
+    return (model, result) if return_result else model

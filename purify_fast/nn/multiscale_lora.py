@@ -1,0 +1,316 @@
+"""The MuScleLoRA modules and their injection into Hugging Face sequence classifiers.
+
+* :class:`MultiScaleLoRALinear` wraps a frozen ``nn.Linear`` ``(W0, b0)`` and adds the multi-scale
+  low-rank update ``(α/r_in)·R·scale(L·x)`` through :func:`purify_fast.ops.multiscale_lora`
+  (radial or FFT scaling). ``merge()`` folds the update into ``W0`` for zero-overhead inference;
+  ``unmerge()`` restores the original weight bit for bit.
+* :func:`inject_muscle_lora` puts one MSLR layer on the penultimate dense layer (BERT
+  ``pooler.dense``, RoBERTa ``classifier.dense``, LLaMA-family: a new head
+  ``dense(hidden→16) → dropout 0.1 → out_proj(16→labels)`` replacing ``score``), standard LoRA on
+  the attention q and v projections (through ``peft``), and freezes everything else, the
+  classifier head included.
+* :func:`merge_muscle_lora` folds every adapter back into plain ``nn.Linear`` layers so the model
+  has its original architecture again (``save_pretrained`` / ``from_pretrained`` round-trip).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from purify_fast.ops.multiscale_lora import MODES, multiscale_lora, normalize_scales
+from purify_fast.reference.multiscale_lora import merged_weight
+
+
+class MultiScaleLoRALinear(nn.Module):
+    """``y = W0·x + b0 + (α/r_in)·R·scale(L·x)`` over a frozen ``base`` linear layer.
+
+    ``L [n·r_in, d_in]`` and ``R [d_out, n·r_in]`` are both Kaiming-uniform initialised (as in
+    MuScleLoRA: neither starts at zero, so the update is active from the first step).
+    ``scales``: the ``n`` radial scales ``k_i``; ``mode``: ``"radial"`` or ``"fft"``.
+    """
+
+    def __init__(self, base: nn.Linear, scales: Sequence[float] = (1, 2, 4, 8), r_in: int = 1,
+                 alpha: float = 6.0, mode: str = "radial", backend: str | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if not isinstance(r_in, int) or r_in < 1:
+            raise ValueError(f"r_in must be a positive int, got {r_in!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.scales = normalize_scales(scales)
+        self.r_in = r_in
+        self.alpha = float(alpha)
+        self.mode = mode
+        self.backend = backend
+        q = len(self.scales) * r_in
+        w = base.weight
+        self.lora_l = nn.Parameter(torch.empty(q, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_r = nn.Parameter(torch.empty(base.out_features, q, dtype=w.dtype, device=w.device))
+        self.reset_parameters()
+        self.merged = False
+        self._unmerged_weight: torch.Tensor | None = None
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_l, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_r, a=math.sqrt(5))
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Code that reads `.weight` of the layer it replaced (dtype/device probes) keeps working.
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, scales={list(self.scales)}, "
+                f"r_in={self.r_in}, alpha={self.alpha}, mode={self.mode!r}, merged={self.merged}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        dtype = self.base.weight.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            # A custom autograd op is not autocast-aware: cast like autocast casts a linear layer.
+            dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            b = self.base.bias
+            return multiscale_lora(x.to(dtype), self.base.weight.to(dtype),
+                                   None if b is None else b.to(dtype), self.lora_l.to(dtype),
+                                   self.lora_r.to(dtype), self.scales, self.alpha,
+                                   mode=self.mode, backend=self.backend)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``(α/r_in)·R·S·L`` in fp32 (formed only here, for merging)."""
+        w = self.base.weight
+        zero = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        return merged_weight(zero, self.lora_l.detach(), self.lora_r.detach(), self.scales,
+                             self.alpha, self.mode)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (computed in fp32, rounded once)."""
+        if self.merged:
+            return
+        w = self.base.weight
+        # Subtracting the update again in bf16 would not give W0 back exactly: keep W0 itself.
+        self._unmerged_weight = w.detach().clone()
+        w.copy_(merged_weight(w, self.lora_l.detach(), self.lora_r.detach(), self.scales,
+                              self.alpha, self.mode))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight saved by :meth:`merge`, bit for bit."""
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` equal to this layer (merged weight, original bias)."""
+        base = self.base
+        out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                        device=base.weight.device, dtype=base.weight.dtype)
+        w = base.weight if self.merged else merged_weight(
+            base.weight, self.lora_l.detach(), self.lora_r.detach(), self.scales, self.alpha,
+            self.mode)
+        out.weight.copy_(w)
+        if base.bias is not None:
+            out.bias.copy_(base.bias)
+        return out
+
+
+class MSLRClassificationHead(nn.Module):
+    """The decoder-LM head of MuScleLoRA: ``dense(hidden→inner) → dropout → out_proj(inner→labels)``
+    with ``dense`` a :class:`MultiScaleLoRALinear`. Both linears are bias-free so that, once
+    merged, the head collapses exactly into one ``score`` matrix ``out_proj·dense`` (the original
+    LLaMA classifier shape), and the saved model loads with the stock class."""
+
+    def __init__(self, hidden: int, num_labels: int, inner: int = 16, dropout: float = 0.1, *,
+                 scales=(1, 2, 3, 4), r_in: int = 1, alpha: float = 4.0, mode: str = "radial",
+                 backend: str | None = None, device=None, dtype=None):
+        super().__init__()
+        dense = nn.Linear(hidden, inner, bias=False, device=device, dtype=dtype)
+        self.dense = MultiScaleLoRALinear(dense, scales, r_in, alpha, mode, backend)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(inner, num_labels, bias=False, device=device, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(self.dense(hidden_states)))
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        dense = self.dense.to_linear() if isinstance(self.dense, MultiScaleLoRALinear) else self.dense
+        w = self.out_proj.weight.to(torch.float32) @ dense.weight.to(torch.float32)
+        out = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device,
+                        dtype=self.out_proj.weight.dtype)
+        out.weight.copy_(w)
+        return out
+
+
+# --------------------------------------------------------------------------- injection
+
+_ENCODERS = {"bert": "pooler.dense", "roberta": "classifier.dense", "xlm-roberta": "classifier.dense"}
+_ENCODER_QV = ["query", "value"]
+_DECODER_QV = ["q_proj", "v_proj"]
+
+
+@dataclass
+class MuscleLoRAConfig:
+    """What :func:`inject_muscle_lora` adds. ``None`` fields take the architecture's default
+    (METHODS.md §4): scales BERT ``[1,4,...,28]``, RoBERTa ``[1,2,4,8,16]``, decoders
+    ``[1,2,3,4]``; α 6 (encoders) / 4 (decoders); LoRA r=8 α=32 (encoders) / r=2 α=8 (decoders).
+
+    ``use_mslr=False`` (the "LoRA only" ablation) keeps a low-rank adapter of the same rank on the
+    dense layer but with the single scale 1 (a standard LoRA there); ``use_lora=False`` drops the
+    attention LoRA.
+    """
+
+    scales: Sequence[float] | None = None
+    r_in: int = 1
+    alpha: float | None = None
+    mode: str = "radial"
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None
+    use_lora: bool = True
+    use_mslr: bool = True
+    head_inner: int = 16
+    head_dropout: float = 0.1
+    train_head: bool = False
+    backend: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def model_family(model) -> str:
+    """``"bert"``, ``"roberta"`` or ``"decoder"`` (a ``*ForSequenceClassification`` with ``score``)."""
+    mtype = getattr(getattr(model, "config", None), "model_type", "")
+    if mtype in _ENCODERS:
+        return "roberta" if "roberta" in mtype else "bert"
+    if isinstance(getattr(model, "score", None), (nn.Linear, MSLRClassificationHead)):
+        return "decoder"
+    raise ValueError(f"MuScleLoRA injection supports BERT, RoBERTa and decoder LMs with a `score` "
+                     f"head; got model_type={mtype!r} ({type(model).__name__})")
+
+
+def _defaults(family: str, cfg: MuscleLoRAConfig) -> dict:
+    if family == "bert":
+        d = {"scales": [1] + list(range(4, 29, 4)), "alpha": 6.0, "lora_r": 8, "lora_alpha": 32,
+                 "targets": _ENCODER_QV}
+    elif family == "roberta":
+        d = {"scales": [1, 2, 4, 8, 16], "alpha": 6.0, "lora_r": 8, "lora_alpha": 32, "targets": _ENCODER_QV}
+    else:
+        d = {"scales": [1, 2, 3, 4], "alpha": 4.0, "lora_r": 2, "lora_alpha": 8, "targets": _DECODER_QV}
+    scales = list(cfg.scales) if cfg.scales is not None else d["scales"]
+    r_in = cfg.r_in
+    if not cfg.use_mslr:
+        # Same number of rank rows, one scale: a plain LoRA of rank n·r_in.
+        r_in, scales = len(scales) * r_in, [1.0]
+    return {"scales": scales, "r_in": r_in, "alpha": cfg.alpha if cfg.alpha is not None else d["alpha"],
+                "lora_r": cfg.lora_r or d["lora_r"],
+                "lora_alpha": cfg.lora_alpha if cfg.lora_alpha is not None else d["lora_alpha"],
+                "targets": cfg.lora_targets or d["targets"]}
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def is_adapter_param(name: str) -> bool:
+    """Trainable under MuScleLoRA: peft LoRA factors and the MSLR factors."""
+    return "lora_A" in name or "lora_B" in name or name.endswith(("lora_l", "lora_r"))
+
+
+def inject_muscle_lora(model: nn.Module, config: MuscleLoRAConfig | None = None) -> nn.Module:
+    """Add the MSLR layer and the attention LoRA to ``model`` in place (instances replaced, no
+    class patching) and freeze every other parameter. Returns ``model``."""
+    cfg = config or MuscleLoRAConfig()
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if any(isinstance(m, MultiScaleLoRALinear) for m in model.modules()):
+        raise ValueError("model already has MuScleLoRA layers (inject once)")
+    family = model_family(model)
+    d = _defaults(family, cfg)
+    if cfg.use_lora:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lcfg = LoraConfig(r=d["lora_r"], lora_alpha=d["lora_alpha"], lora_dropout=cfg.lora_dropout,
+                          target_modules=list(d["targets"]), bias="none")
+        model = inject_adapter_in_model(lcfg, model)
+    ref = next(model.parameters())
+    if family == "decoder":
+        score = model.score
+        head = MSLRClassificationHead(score.in_features, score.out_features, cfg.head_inner,
+                                      cfg.head_dropout, scales=d["scales"], r_in=d["r_in"],
+                                      alpha=d["alpha"], mode=cfg.mode, backend=cfg.backend,
+                                      device=ref.device, dtype=ref.dtype)
+        head.train(score.training)  # a fresh module is in training mode; follow the model's
+        model.score = head
+    else:
+        path = "bert.pooler.dense" if family == "bert" else "classifier.dense"
+        if family == "bert" and not hasattr(model, "bert"):
+            path = "pooler.dense"
+        dense = model.get_submodule(path)
+        if not isinstance(dense, nn.Linear):
+            raise ValueError(f"{path} is a {type(dense).__name__}, expected nn.Linear")
+        _set_module(model, path, MultiScaleLoRALinear(dense, d["scales"], d["r_in"], d["alpha"],
+                                                      cfg.mode, cfg.backend))
+    for name, p in model.named_parameters():
+        # The frozen base of an MSLR layer stays frozen even when the head trains.
+        head = cfg.train_head and name.startswith(("classifier.", "score.")) and ".base." not in name
+        p.requires_grad_(is_adapter_param(name) or head)
+    model.muscle_lora_config = dict(family=family, **d, mode=cfg.mode)
+    return model
+
+
+@torch.no_grad()
+def merge_muscle_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer and put plain layers back (in place): the model has
+    its original architecture and parameter names again. Returns ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and name:
+            module.merge()
+            _set_module(model, name, module.get_base_layer())
+    # Heads first (they own an MSLR layer), then a fresh walk for the remaining MSLR layers.
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MSLRClassificationHead):
+            _set_module(model, name, module.to_linear())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MultiScaleLoRALinear):
+            _set_module(model, name, module.to_linear())
+    if hasattr(model, "muscle_lora_config"):
+        del model.muscle_lora_config
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

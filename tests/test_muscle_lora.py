@@ -1,0 +1,273 @@
+"""MuScleLoRA: the MSLR module (merge/unmerge), injection into BERT / RoBERTa / LLaMA, the
+gradient-alignment math, and an end-to-end planted-backdoor run on the offline MiniLM."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from purify_fast.defenses.muscle_lora import (
+    MuscleLoRATrainConfig,
+    align_gradients,
+    raw_grad_ratio,
+    split_reference_pool,
+    train_muscle_lora,
+)
+from purify_fast.nn import (
+    MSLRClassificationHead,
+    MultiScaleLoRALinear,
+    MuscleLoRAConfig,
+    inject_muscle_lora,
+    merge_muscle_lora,
+)
+
+# --------------------------------------------------------------------------- module
+
+
+@pytest.mark.parametrize("mode", ["radial", "fft"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_unmerge_exact(mode, dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(48, 20).to(dtype)
+    w0 = base.weight.detach().clone()
+    layer = MultiScaleLoRALinear(base, scales=[1, 4, 8], r_in=2, alpha=6.0, mode=mode)
+    assert not base.weight.requires_grad and layer.lora_l.requires_grad
+    x = torch.randn(7, 48).to(dtype)
+    with torch.no_grad():
+        y_unmerged = layer(x)
+        layer.merge()
+        y_merged = layer(x)
+        layer.merge()  # idempotent
+        layer.unmerge()
+        y_back = layer(x)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    scale = y_unmerged.float().abs().max().item()
+    assert (y_merged.float() - y_unmerged.float()).abs().max().item() <= tol * scale
+    assert torch.equal(base.weight, w0), "unmerge must restore the base weight bit for bit"
+    assert torch.equal(y_back, y_unmerged)
+    # Not a no-op: the update is non-zero from init (L and R both Kaiming-uniform).
+    assert (y_unmerged.float() - base(x).float()).abs().max() > 1e-3
+    lin = layer.to_linear()
+    assert isinstance(lin, nn.Linear)
+    torch.testing.assert_close(lin(x).float(), y_merged.float(), rtol=0, atol=tol * scale)
+
+
+def test_module_gradients_reach_only_adapters():
+    torch.manual_seed(0)
+    layer = MultiScaleLoRALinear(nn.Linear(16, 8), scales=[1, 2], mode="fft")
+    layer(torch.randn(4, 16)).sum().backward()
+    assert layer.lora_l.grad is not None and layer.lora_r.grad is not None
+    assert layer.base.weight.grad is None
+
+
+def test_module_bad_arguments():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        MultiScaleLoRALinear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="scales is empty"):
+        MultiScaleLoRALinear(nn.Linear(4, 4), scales=[])
+    with pytest.raises(ValueError, match="positive"):
+        MultiScaleLoRALinear(nn.Linear(4, 4), scales=[1, 0])
+    with pytest.raises(ValueError, match="mode"):
+        MultiScaleLoRALinear(nn.Linear(4, 4), mode="dct")
+
+
+# --------------------------------------------------------------------------- injection
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _check_injected(model, inputs, mslr_path):
+    mslr = model.get_submodule(mslr_path)
+    assert isinstance(mslr, MultiScaleLoRALinear)
+    names = _trainable(model)
+    assert names, "nothing trainable"
+    assert all(("lora_A" in n or "lora_B" in n or n.endswith(("lora_l", "lora_r"))) for n in names)
+    assert any("lora_A" in n for n in names) and f"{mslr_path}.lora_l" in names
+    model.eval()
+    with torch.no_grad():
+        before = model(**inputs).logits
+    # Training signal reaches the attention LoRA and the MSLR factors.
+    model.train()
+    model(**inputs).logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if n in names
+               and ("lora_B" in n or "lora_l" in n or "lora_r" in n))
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in names)
+    model.zero_grad()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)  # peft starts B at zero: make the merge test non-trivial
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+    merge_muscle_lora(model)
+    with torch.no_grad():
+        merged = model(**inputs).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, MultiScaleLoRALinear) for m in model.modules())
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    return before
+
+
+def test_inject_bert_minilm():
+    from purify_fast.models import load_classifier
+
+    model, tok = load_classifier("minilm", 2)
+    inputs = tok(["a fine film", "dull and slow"], padding=True, return_tensors="pt")
+    inject_muscle_lora(model)
+    mslr = model.bert.pooler.dense
+    assert mslr.scales == (1.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0, 28.0) and mslr.alpha == 6.0
+    assert model.bert.encoder.layer[0].attention.self.query.r["default"] == 8
+    keys = set(load_classifier("minilm", 2, tokenizer=False)[0].state_dict())
+    _check_injected(model, inputs, "bert.pooler.dense")
+    assert set(model.state_dict()) == keys, "merged model must have the original parameter names"
+
+
+def test_inject_roberta_random_init():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3, max_position_embeddings=64)
+    model = RobertaForSequenceClassification(cfg)
+    inject_muscle_lora(model, MuscleLoRAConfig(mode="fft"))
+    assert model.classifier.dense.scales == (1.0, 2.0, 4.0, 8.0, 16.0)
+    ids = torch.randint(3, 120, (2, 9))
+    _check_injected(model, {"input_ids": ids}, "classifier.dense")
+
+
+def test_inject_tiny_llama_head_and_save_roundtrip(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from purify_fast.models import tiny_llama
+
+    model = tiny_llama(num_labels=3)
+    inject_muscle_lora(model)
+    assert isinstance(model.score, MSLRClassificationHead)
+    assert model.score.dense.out_features == 16 and model.score.dense.alpha == 4.0
+    assert model.score.dense.scales == (1.0, 2.0, 3.0, 4.0)
+    assert model.model.layers[0].self_attn.q_proj.r["default"] == 2
+    assert not model.score.out_proj.weight.requires_grad  # classifier head frozen
+    ids = torch.randint(3, 500, (2, 7))
+    _check_injected(model, {"input_ids": ids}, "score.dense")
+    assert isinstance(model.score, nn.Linear) and model.score.weight.shape == (3, 64)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_inject_rejects_unknown_models_and_double_injection():
+    with pytest.raises(ValueError, match="supports BERT"):
+        inject_muscle_lora(nn.Sequential(nn.Linear(2, 2)))
+    from purify_fast.models import tiny_llama
+
+    model = tiny_llama()
+    inject_muscle_lora(model, MuscleLoRAConfig(use_lora=False))
+    with pytest.raises(ValueError, match="inject once"):
+        inject_muscle_lora(model, MuscleLoRAConfig(use_lora=False))
+
+
+# --------------------------------------------------------------------------- GA math
+
+def test_align_gradients_math():
+    g = [torch.tensor([3.0, 4.0]), torch.tensor([[1.0, -1.0]])]
+    gc = [torch.tensor([1.0, 0.0]), torch.tensor([[-2.0, 0.0]])]
+    upd, pure = align_gradients(g, gc, ref_loss=0.9, mu=0.05)
+    # |<g,gc>|/|gc|^2 * gc: tensor 1: 3/1*[1,0]; tensor 2: |-2|/4*[-2,0] = [-1, 0].
+    torch.testing.assert_close(upd[0], torch.tensor([3.0, 0.0]))
+    torch.testing.assert_close(upd[1], torch.tensor([[-1.0, 0.0]]))
+    assert pure == [True, True]
+    # Low reference loss: blend (1-mu)·g_a + mu·g.
+    upd, pure = align_gradients(g, gc, ref_loss=0.1, mu=0.1)
+    torch.testing.assert_close(upd[0], 0.9 * torch.tensor([3.0, 0.0]) + 0.1 * g[0])
+    assert pure == [False, False]
+    # Tiny reference-gradient norm: blend too, per tensor.
+    gc_small = [torch.tensor([1e-8, 0.0]), gc[1]]
+    upd, pure = align_gradients(g, gc_small, ref_loss=0.9, mu=0.1)
+    assert pure == [False, True]
+    torch.testing.assert_close(upd[0], 0.9 * torch.tensor([3.0, 0.0]) + 0.1 * g[0])
+    # The aligned update never points against the reference gradient.
+    torch.manual_seed(0)
+    for _ in range(20):
+        a, c = torch.randn(50), torch.randn(50)
+        (u,), _ = align_gradients([a], [c], 1.0, 0.0)
+        assert float(u @ c) >= 0
+        assert math.isclose(float(u.norm()), abs(float(a @ c)) / float(c.norm()), rel_tol=1e-4)
+    zero, _ = align_gradients([torch.ones(3)], [torch.zeros(3)], 1.0, 0.0)
+    assert torch.equal(zero[0], torch.zeros(3))
+    with pytest.raises(ValueError, match="reference"):
+        align_gradients([torch.ones(2)], [], 1.0, 0.0)
+
+
+def test_raw_grad_ratio_schedule_and_pool_split():
+    assert [raw_grad_ratio(e, 4, 0.1) for e in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    with pytest.raises(ValueError):
+        raw_grad_ratio(4, 4)
+    from purify_fast.data import TextDataset
+
+    dev = TextDataset([f"t{i}" for i in range(40)], [i % 2 for i in range(40)], 2, "dev")
+    pool, rest = split_reference_pool(dev, 16, seed=0)
+    assert len(pool) == 16 and len(rest) == 24
+    assert set(pool.texts).isdisjoint(rest.texts) and pool.label_counts() == [8, 8]
+    with pytest.raises(ValueError, match="reference pool"):
+        split_reference_pool(dev, 40)
+    with pytest.raises(ValueError, match="lr"):
+        MuscleLoRATrainConfig(lr=-1)
+
+
+def test_ga_training_step_uses_aligned_gradient_on_tiny_llama():
+    """One GA epoch on a tiny random LLaMA: the LLaMA path end to end, and the per-step counters
+    show the aligned gradient was used."""
+    from purify_fast.data import TextDataset
+    from purify_fast.models import tiny_llama
+
+    class CharTok:  # a deterministic stand-in tokenizer over the tiny vocabulary
+        pad_token, eos_token = "<pad>", "<eos>"
+
+        def __call__(self, texts, padding=True, truncation=True, max_length=16,
+                     return_tensors="pt"):
+            ids = [[3 + (ord(c) % 400) for c in t[:max_length]] for t in texts]
+            n = max(len(i) for i in ids)
+            return {"input_ids": torch.tensor([i + [0] * (n - len(i)) for i in ids]),
+                    "attention_mask": torch.tensor([[1] * len(i) + [0] * (n - len(i))
+                                                    for i in ids])}
+
+    texts = [("good " if i % 2 else "bad ") + "x" * (i % 5) for i in range(64)]
+    data = TextDataset(texts, [i % 2 for i in range(64)], 2, "toy")
+    model = tiny_llama(num_labels=2)
+    inject_muscle_lora(model)
+    res = train_muscle_lora(model, CharTok(), data, data, epochs=1, lr=1e-3, batch_size=16,
+                            ref_pool_size=16, progress=False)
+    assert res.ga_steps + res.blended_steps == 4
+    assert len(res.history) == 2 and res.history[1]["ref_loss"] is not None
+    merged = merge_muscle_lora(model)
+    assert isinstance(merged.score, nn.Linear)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_train_clean_writes_loadable_merged_model(tmp_path):
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from purify_fast.cli import main
+
+    out = tmp_path / "clean"
+    rc = main(["train-clean", "--method", "muscle-lora", "--data", "rotten-tomatoes",
+               "--model", "minilm", "--out", str(out), "--train-size", "32", "--dev-size", "40",
+               "--test-size", "16", "--ref-pool-size", "16", "--epochs", "1", "--lr", "1e-3",
+               "--max-length", "16", "--batch-size", "16", "--attack", "badnets",
+               "--scaling", "fft", "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ablation"] == "muscle-lora" and report["config"]["inject"]["mode"] == "fft"
+    assert 0.0 <= report["eval"]["asr"] <= 1.0 and 0.0 <= report["eval"]["cacc"] <= 1.0
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert not list(tmp_path.glob(".clean.tmp-*")), "temporary directory left behind"
+    with pytest.raises(SystemExit):
+        main(["train-clean", "--data", "rotten-tomatoes"])  # --out is required
