@@ -1,0 +1,69 @@
+"""``purify-fast distill --method mimic``: distil a suspect encoder into a fresh student on clean
+unlabelled text and write the student as a loadable Hugging Face encoder directory (atomically),
+with the MI/loss curves as a PNG and a JSON summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_parser(sub):
+    p = sub.add_parser("distill", help="purify a suspect encoder by MI-guided distillation (MIMIC)")
+    p.add_argument("--method", choices=["mimic"], default="mimic")
+    p.add_argument("--teacher", default="minilm",
+                   help="suspect encoder: a local HF directory, or 'minilm' (offline default)")
+    p.add_argument("--data", default="rotten-tomatoes",
+                   help="clean unlabelled text: a corpus name (rotten-tomatoes, tweets) or a file")
+    p.add_argument("--num-examples", type=int, default=2000,
+                   help="how many clean sentences to use (a seeded sample)")
+    p.add_argument("--out", required=True, help="output directory for the student encoder")
+    p.add_argument("--student-layers", type=int, default=None,
+                   help="student depth (default: the teacher's)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--mi-source", choices=["teacher", "student"], default="teacher")
+    p.add_argument("--mine-steps", type=int, default=300)
+    p.add_argument("--backend", default=None, help="attention-kernel backend (auto by default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from purify_fast.attacks.encoder_backdoor import load_encoder
+    from purify_fast.data import load_dataset
+    from purify_fast.defenses.mimic import MIMIC, MIMICConfig, plot_curves
+    from purify_fast.models.loading import atomic_save_dir
+
+    if args.num_examples < 1:
+        print("error: --num-examples must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        teacher, tok = load_encoder(args.teacher, device=args.device)
+        data = load_dataset(args.data).take(args.num_examples, seed=args.seed)
+        cfg = MIMICConfig(student_layers=args.student_layers, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                          mi_source=args.mi_source, mine_steps=args.mine_steps,
+                          backend=args.backend, seed=args.seed, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = MIMIC(cfg).fit(teacher, tok, data)
+
+    def write(tmp):
+        result.student.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        summary = result.summary()
+        summary.update(teacher=str(args.teacher), data=args.data,
+                       config={k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
+        (tmp / "mimic.json").write_text(json.dumps(summary, indent=2, default=str))
+        plot_curves(result, tmp / "mimic_curves.png")
+
+    out = atomic_save_dir(args.out, write)
+    print(f"student written to {out} ({result.seconds:.0f}s; MI {[f'{m:.2f}' for m in result.mi]}; "
+          f"weights {[f'{w:.0f}' for w in result.weights]})")
+    return 0

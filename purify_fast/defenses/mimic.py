@@ -1,0 +1,475 @@
+"""MIMIC (Han et al., arXiv 2406.03508): purify a possibly backdoored pre-trained encoder by
+distilling it into a freshly initialised student, guided by per-layer mutual information.
+
+* Teacher: the suspect encoder, frozen (eval mode, no gradient). Student: the same architecture or
+  a smaller config (fewer layers), **randomly initialised**: no teacher weight is ever copied, so
+  no backdoor is inherited; only clean unlabelled inputs are seen.
+* MI guidance (:mod:`purify_fast.defenses.mine`): for each chosen layer l, MINE estimates
+  ``I(pool(h_l); z)`` (z = the final feature) on the teacher (default, as in the paper) or on the
+  student (``mi_source="student"``, as in the official code; re-estimated every ``mi_every``
+  epochs). Weights ``w_l = a + b · MI_l / Σ_j MI_j``.
+* Loss per step::
+
+      L = −cos(f̂_S(x), f̂_T(x))                                       (clone, L2-normalised)
+          + λ_attn · Σ_l w_l · MSE(A(F_S,l), A(F_T,l))                  (fused attention kernel)
+          + λ_ssl · NT-Xent(f_S(view1), f_S(view2); τ)                   (self-supervised)
+
+  Text views are two dropout passes (SimCSE, τ = 0.05 by default); images pass an ``augment``
+  callable for two augmented views (SimCLR, τ = 0.5).
+* Layers: Hugging Face encoders use ``output_hidden_states`` (student layer j ↔ teacher layer
+  round(j·L_T/L_S)); any ``nn.Module`` works given ``teacher_layers``/``student_layers`` module
+  names (forward hooks) and a ``feature_fn``.
+* Evaluation: :func:`linear_probe` trains a logistic-regression probe on frozen features and
+  reports CACC and ASR.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from purify_fast.attacks.encoder_backdoor import mean_pool
+from purify_fast.data.text_dataset import TextDataset, make_loader
+from purify_fast.defenses.mine import MINE, estimate_layer_mi, layer_weights
+from purify_fast.ops.attention_maps import attention_map_loss
+
+MI_SOURCES = ("teacher", "student")
+
+
+@dataclass
+class MIMICConfig:
+    """MIMIC hyper-parameters (defaults: METHODS.md §5 and the official code where known)."""
+
+    student_layers: int | None = None      # None: same depth as the teacher
+    student_overrides: dict = field(default_factory=dict)  # other config fields (e.g. hidden_size)
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    max_length: int = 64
+    attn_weight: float = 1.0
+    ssl_weight: float = 0.1
+    ssl_temperature: float = 0.05          # SimCSE; use 0.5 for images (SimCLR)
+    mi_source: str = "teacher"
+    mi_every: int = 1                      # epochs between student MI re-estimates
+    mi_a: float = 1000.0
+    mi_b: float = 10000.0
+    mine_steps: int = 300
+    mine_hidden: int = 128
+    mine_samples: int = 1024               # clean inputs whose features MINE sees
+    backend: str | None = None             # attention-kernel backend
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mi_source not in MI_SOURCES:
+            raise ValueError(f"mi_source must be one of {MI_SOURCES}, got {self.mi_source!r}")
+        if self.student_layers is not None and (not isinstance(self.student_layers, int)
+                                                or self.student_layers < 1):
+            raise ValueError(f"student_layers must be a positive int or None, got "
+                             f"{self.student_layers!r}")
+        for name in ("epochs", "batch_size", "max_length", "mine_steps", "mine_samples", "mi_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name == "epochs" else 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not float(self.ssl_temperature) > 0:
+            raise ValueError(f"ssl_temperature must be positive, got {self.ssl_temperature!r}")
+        for name in ("attn_weight", "ssl_weight"):
+            if not (float(getattr(self, name)) >= 0 and math.isfinite(float(getattr(self, name)))):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class MIMICResult:
+    student: nn.Module
+    teacher_layers: list[int]
+    student_layers: list[int]
+    mi: list[float]
+    weights: list[float]
+    history: list[dict] = field(default_factory=list)
+    mi_history: list[dict] = field(default_factory=list)
+    mi_curves: list[list[float]] = field(default_factory=list)
+    seconds: float = 0.0
+    clean_examples: int = 0
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("student", "history", "mi_curves")}
+        out["final_loss"] = self.history[-1] if self.history else None
+        return out
+
+
+# --------------------------------------------------------------------------- losses
+
+def clone_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """``−cos(f̂_S, f̂_T)`` averaged over the batch (features L2-normalised first; the student's
+    width may differ only if a projection maps it to the teacher's)."""
+    return -(F.normalize(f_s.float(), dim=-1) * F.normalize(f_t.float(), dim=-1)).sum(-1).mean()
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent (SimCLR; SimCSE with dropout views): each view's positive is the other view of
+    the same input, negatives are every other input of both views."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
+    n = z1.shape[0]
+    sim = z @ z.t() / temperature
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+# --------------------------------------------------------------------------- models
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "num_hidden_layers")
+
+
+def make_student(teacher: nn.Module, num_layers: int | None = None, overrides: dict | None = None,
+                 seed: int = 0) -> nn.Module:
+    """A freshly initialised encoder of the teacher's architecture (optionally fewer layers or
+    other config fields). Built from the config alone: the teacher's weights are never read."""
+    if not _is_hf(teacher):
+        raise TypeError("make_student builds Hugging Face encoders; for another nn.Module pass "
+                        "your own freshly initialised student to MIMIC.fit(student=...)")
+    from transformers import AutoModel
+
+    cfg = copy.deepcopy(teacher.config)
+    if num_layers is not None:
+        cfg.num_hidden_layers = int(num_layers)
+    for k, v in (overrides or {}).items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"student_overrides: the teacher config has no field {k!r}")
+        setattr(cfg, k, v)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        student = AutoModel.from_config(cfg)
+    return student
+
+
+def layer_pairs(teacher_layers: int, student_layers: int) -> list[tuple[int, int]]:
+    """``(teacher hidden-state index, student index)``: student block j (1-based) is matched to
+    teacher block round(j · L_T / L_S), so a shallow student mimics evenly spaced depths."""
+    return [(max(1, round(j * teacher_layers / student_layers)), j)
+            for j in range(1, student_layers + 1)]
+
+
+class _Taps:
+    """Intermediate maps + final feature of one encoder for a batch (HF or hooked nn.Module)."""
+
+    def __init__(self, model: nn.Module, layer_ids: Sequence, feature_fn: Callable | None):
+        self.model, self.layer_ids, self.feature_fn = model, list(layer_ids), feature_fn
+        self.hf = _is_hf(model) and all(isinstance(i, int) for i in self.layer_ids)
+        self._store: dict = {}
+        self._hooks = []
+        if not self.hf:
+            mods = dict(model.named_modules())
+            for name in self.layer_ids:
+                if name not in mods:
+                    raise ValueError(f"layer {name!r} is not a module of {type(model).__name__}")
+                self._hooks.append(mods[name].register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(_mod, _inp, out):
+            self._store[name] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    def __call__(self, batch: dict):
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if self.hf:
+            out = self.model(**batch, output_hidden_states=True)
+            maps = [out.hidden_states[i] for i in self.layer_ids]
+            last = out.last_hidden_state
+            if self.feature_fn is not None:
+                feat = self.feature_fn(out, batch)
+            elif mask is not None:
+                feat = mean_pool(last, mask)
+            else:  # ViT and friends: the [CLS] token
+                feat = last[:, 0]
+            return maps, feat, mask
+        self._store.clear()
+        out = self.model(**batch) if isinstance(batch, dict) else self.model(batch)
+        feat = self.feature_fn(out, batch) if self.feature_fn is not None else out
+        if feat.dim() == 3:
+            feat = mean_pool(feat, mask) if mask is not None else feat.mean(1)
+        elif feat.dim() == 4:
+            feat = feat.mean((2, 3))
+        return [self._store[n] for n in self.layer_ids], feat, mask
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+
+
+def _pool(h: torch.Tensor, mask) -> torch.Tensor:
+    if h.dim() == 4:
+        return h.float().mean((2, 3))
+    return mean_pool(h.float(), mask) if mask is not None else h.float().mean(1)
+
+
+# --------------------------------------------------------------------------- the defense
+
+class MIMIC:
+    """``MIMIC(config).fit(teacher, tokenizer, clean)`` → :class:`MIMICResult` with the student.
+
+    ``clean``: clean unlabelled text (a :class:`TextDataset`; labels are ignored) or, for any
+    ``nn.Module``, an iterable of input batches (dicts or tensors) via ``batches=``.
+    """
+
+    def __init__(self, config: MIMICConfig | None = None, **overrides):
+        self.config = config or MIMICConfig(**overrides)
+        if config is not None and overrides:
+            self.config = MIMICConfig(**{**asdict(config), **overrides})
+
+    # ..................................................................... data
+    def _batches(self, tokenizer, clean, epoch: int):
+        cfg = self.config
+        if isinstance(clean, TextDataset):
+            for b in make_loader(clean, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True,
+                                 seed=cfg.seed * 1000 + epoch):
+                b.pop("labels", None)
+                yield b
+        else:
+            yield from clean
+
+    @torch.no_grad()
+    def _pooled(self, taps: _Taps, tokenizer, clean, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        cfg = self.config
+        was = taps.model.training
+        taps.model.eval()
+        pooled, finals, seen = None, [], 0
+        try:
+            data = clean.take(cfg.mine_samples, seed=cfg.seed) if isinstance(clean, TextDataset) else clean
+            it = (make_loader(data, tokenizer, 128, cfg.max_length) if isinstance(data, TextDataset)
+                  else data)
+            for b in it:
+                b = _to(b, device)
+                if isinstance(b, dict):
+                    b.pop("labels", None)
+                maps, feat, mask = taps(b)
+                if pooled is None:
+                    pooled = [[] for _ in maps]
+                for acc, h in zip(pooled, maps):
+                    acc.append(_pool(h, mask).cpu())
+                finals.append(feat.float().cpu())
+                seen += feat.shape[0]
+                if seen >= cfg.mine_samples:
+                    break
+        finally:
+            taps.model.train(was)
+        return [torch.cat(p) for p in pooled], torch.cat(finals)
+
+    def _estimate_mi(self, taps, tokenizer, clean, device, tag, result: MIMICResult):
+        cfg = self.config
+        pooled, final = self._pooled(taps, tokenizer, clean, device)
+        mine = MINE(steps=cfg.mine_steps, hidden=cfg.mine_hidden, batch_size=256, lr=1e-3,
+                    seed=cfg.seed)
+        ests = estimate_layer_mi(pooled, final, mine)
+        mi = [e.mi for e in ests]
+        result.mi_curves = [e.curve for e in ests]
+        result.mi_history.append({"when": tag, "mi": mi})
+        return mi
+
+    # ..................................................................... fit
+    def fit(self, teacher: nn.Module, tokenizer=None, clean: TextDataset | None = None, *,
+            student: nn.Module | None = None, teacher_layers: Sequence | None = None,
+            student_layers: Sequence | None = None, feature_fn: Callable | None = None,
+            augment: Callable | None = None, batches=None) -> MIMICResult:
+        cfg = self.config
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+        data = clean if clean is not None else batches
+        if data is None:
+            raise ValueError("pass clean (a TextDataset of clean unlabelled text) or batches=")
+        if isinstance(data, TextDataset):
+            if tokenizer is None:
+                raise ValueError("a tokenizer is needed to tokenise the clean TextDataset")
+            if len(data) == 0:
+                raise ValueError("clean is empty")
+        t0 = time.perf_counter()
+        device = next(teacher.parameters()).device
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+        if student is None:
+            student = make_student(teacher, cfg.student_layers, cfg.student_overrides, cfg.seed)
+        student.to(device).train()
+        _check_fresh(teacher, student)
+
+        if teacher_layers is None or student_layers is None:
+            if not (_is_hf(teacher) and _is_hf(student)):
+                raise ValueError("for a plain nn.Module pass teacher_layers and student_layers "
+                                 "(module names, paired in order)")
+            pairs = layer_pairs(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+            teacher_layers = [t for t, _ in pairs]
+            student_layers = [s for _, s in pairs]
+        if len(teacher_layers) != len(student_layers) or not teacher_layers:
+            raise ValueError(f"teacher_layers ({len(teacher_layers)}) and student_layers "
+                             f"({len(student_layers)}) must pair up, at least one layer")
+        t_taps = _Taps(teacher, teacher_layers, feature_fn)
+        s_taps = _Taps(student, student_layers, feature_fn)
+        result = MIMICResult(student, list(teacher_layers), list(student_layers), [], [])
+        result.clean_examples = len(data) if hasattr(data, "__len__") else 0
+
+        mi_taps = t_taps if cfg.mi_source == "teacher" else s_taps
+        mi = self._estimate_mi(mi_taps, tokenizer, data, device, "init", result)
+        weights = layer_weights(mi, cfg.mi_a, cfg.mi_b)
+        result.mi, result.weights = mi, weights
+
+        # A smaller student width would need a projection for the clone loss; keep widths equal.
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        n_batches = _count(data, cfg.batch_size)
+        total = max(1, cfg.epochs * n_batches)
+        warm = int(cfg.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / max(1, warm)) * max(0.0, 1 - s / total) if warm else
+            max(0.0, 1 - s / total))
+        from tqdm.auto import tqdm
+
+        rng_state = torch.random.get_rng_state()
+        torch.manual_seed(cfg.seed)
+        step = 0
+        try:
+            for epoch in range(cfg.epochs):
+                if cfg.mi_source == "student" and epoch > 0 and epoch % cfg.mi_every == 0:
+                    mi = self._estimate_mi(s_taps, tokenizer, data, device, f"epoch {epoch}", result)
+                    weights = layer_weights(mi, cfg.mi_a, cfg.mi_b)
+                    result.mi, result.weights = mi, weights
+                bar = tqdm(self._batches(tokenizer, data, epoch), total=n_batches or None,
+                           desc=f"mimic {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
+                for batch in bar:
+                    batch = _to(batch, device)
+                    with torch.no_grad():
+                        t_maps, t_feat, mask = t_taps(batch)
+                    view1 = augment(batch) if augment is not None else batch
+                    s_maps, s_feat, _ = s_taps(view1)
+                    l_clone = clone_loss(s_feat, t_feat)
+                    l_attn = attention_map_loss(s_maps, [m.detach() for m in t_maps], weights,
+                                                mask if (mask is not None and s_maps[0].dim() == 3)
+                                                else None, backend=cfg.backend)
+                    loss = l_clone + cfg.attn_weight * l_attn
+                    l_ssl = torch.zeros((), device=device)
+                    if cfg.ssl_weight > 0:
+                        view2 = augment(batch) if augment is not None else batch
+                        _, s_feat2, _ = s_taps(view2)  # a second dropout pass for text
+                        l_ssl = nt_xent(s_feat, s_feat2, cfg.ssl_temperature)
+                        loss = loss + cfg.ssl_weight * l_ssl
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    rec = {"step": step, "epoch": epoch, "loss": loss.item(),
+                           "clone": l_clone.item(), "attn": l_attn.item(), "ssl": l_ssl.item()}
+                    result.history.append(rec)
+                    bar.set_postfix(clone=f"{rec['clone']:.3f}", attn=f"{rec['attn']:.3f}")
+        finally:
+            torch.random.set_rng_state(rng_state)
+            t_taps.close()
+            s_taps.close()
+        student.eval()
+        result.seconds = time.perf_counter() - t0
+        return result
+
+
+def _to(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return batch.to(device)
+
+
+def _count(data, batch_size: int) -> int:
+    if isinstance(data, TextDataset):
+        return math.ceil(len(data) / batch_size)
+    return len(data) if hasattr(data, "__len__") else 0
+
+
+def _check_fresh(teacher: nn.Module, student: nn.Module) -> None:
+    """The student must not share storage with the teacher (it would inherit the backdoor)."""
+    t_ptrs = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    shared = [n for n, p in student.named_parameters() if p.untyped_storage().data_ptr() in t_ptrs]
+    if shared:
+        raise ValueError(f"the student shares storage with the teacher ({shared[:3]} ...); "
+                         f"MIMIC needs a freshly initialised student")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def _features(encoder, tokenizer, texts, max_length):
+    from purify_fast.attacks.encoder_backdoor import encode_texts
+
+    return F.normalize(encode_texts(encoder, tokenizer, texts, max_length=max_length), dim=-1)
+
+
+def linear_probe(encoder, tokenizer, train: TextDataset, test: TextDataset,
+                 triggered: TextDataset | None = None, target_label: int | None = None, *,
+                 max_length: int = 64, epochs: int = 300, lr: float = 0.1, seed: int = 0) -> dict:
+    """Logistic-regression probe on frozen (L2-normalised, mean-pooled) features, trained on
+    ``train``; returns ``{"cacc", "asr"}`` (ASR: share of ``triggered`` predicted
+    ``target_label``; ``triggered`` must hold only non-target inputs)."""
+    x_tr = _features(encoder, tokenizer, train.texts, max_length)
+    y_tr = torch.tensor(train.labels)
+    mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
+    gen = torch.Generator().manual_seed(seed)
+    head = nn.Linear(x_tr.shape[1], train.num_labels)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=0.0)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            loss = F.cross_entropy(head((x_tr - mu) / sd), y_tr) + 1e-3 * head.weight.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def pred(texts):
+        return head((_features(encoder, tokenizer, texts, max_length) - mu) / sd).argmax(-1)
+
+    out = {"cacc": float((pred(test.texts) == torch.tensor(test.labels)).float().mean()), "asr": None}
+    if triggered is not None:
+        if target_label is None:
+            raise ValueError("target_label is required with a triggered set")
+        if any(y == target_label for y in triggered.labels):
+            raise ValueError("triggered must hold only non-target examples")
+        out["asr"] = float((pred(triggered.texts) == target_label).float().mean())
+    return out
+
+
+def plot_curves(result: MIMICResult, path: str | Path) -> Path:
+    """MI estimates per layer (MINE training curves) and the distillation losses, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, curve in enumerate(result.mi_curves):
+        ax1.plot(curve, label=f"layer {result.teacher_layers[i]}: MI≈{result.mi[i]:.2f}, "
+                             f"w={result.weights[i]:.0f}")
+    ax1.set(title="MINE (DV bound) per layer", xlabel="logged step", ylabel="nats")
+    ax1.legend(fontsize=7)
+    steps = [h["step"] for h in result.history]
+    for key in ("loss", "clone", "attn", "ssl"):
+        ax2.plot(steps, [h[key] for h in result.history], label=key)
+    ax2.set(title="MIMIC distillation losses", xlabel="step")
+    ax2.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

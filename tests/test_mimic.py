@@ -1,0 +1,149 @@
+"""MIMIC: a fresh student (no storage or values from the teacher), the losses, any nn.Module via
+layer names, the CLI, and an end-to-end run on the offline MiniLM showing a real ASR drop."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from purify_fast.defenses.mimic import (
+    MIMIC,
+    MIMICConfig,
+    _check_fresh,
+    clone_loss,
+    layer_pairs,
+    linear_probe,
+    make_student,
+    nt_xent,
+    plot_curves,
+)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from purify_fast.attacks.encoder_backdoor import load_encoder
+
+    return load_encoder()
+
+
+def test_student_shares_no_storage_and_no_values(minilm):
+    teacher, _ = minilm
+    student = make_student(teacher, num_layers=2, seed=3)
+    assert student.config.num_hidden_layers == 2
+    t_params = dict(teacher.named_parameters())
+    t_ptrs = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    for name, p in student.named_parameters():
+        assert p.untyped_storage().data_ptr() not in t_ptrs, name
+        t = t_params.get(name)
+        # Constant inits (zero biases, unit LayerNorm gains) carry no teacher information; the
+        # MiniLM checkpoint has no pooler, so the teacher's pooler bias is such an init too.
+        if t is not None and t.shape == p.shape and not bool((t == t.flatten()[0]).all()):
+            assert not torch.equal(p, t), f"{name} equals the teacher's"
+            assert not torch.allclose(p, t, atol=1e-3), f"{name} is close to the teacher's"
+    # The guard refuses a student that aliases the teacher.
+    with pytest.raises(ValueError, match="shares storage"):
+        _check_fresh(teacher, teacher)
+
+
+def test_layer_pairs_spread_over_depth():
+    assert layer_pairs(6, 3) == [(2, 1), (4, 2), (6, 3)]
+    assert layer_pairs(6, 6) == [(i, i) for i in range(1, 7)]
+    assert layer_pairs(6, 1) == [(6, 1)]
+
+
+def test_losses():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 8, generator=g)
+    assert float(clone_loss(a, 3 * a)) == pytest.approx(-1.0, abs=1e-6)
+    assert float(clone_loss(a, -a)) == pytest.approx(1.0, abs=1e-6)
+    aligned = float(nt_xent(a, a + 0.01 * torch.randn(16, 8, generator=g), 0.5))
+    shuffled = float(nt_xent(a, a[torch.randperm(16, generator=g)], 0.5))
+    assert aligned < shuffled
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="mi_source"):
+        MIMICConfig(mi_source="both")
+    with pytest.raises(ValueError, match="student_layers"):
+        MIMICConfig(student_layers=0)
+    with pytest.raises(ValueError, match="lr"):
+        MIMICConfig(lr=-1.0)
+
+
+class _TinyCNN(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.block1 = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(width, 16)
+
+    def forward(self, x):
+        h = self.block2(self.block1(x))
+        return self.head(h.mean((2, 3)))
+
+
+def test_any_module_by_layer_names_with_image_views(tmp_path):
+    torch.manual_seed(0)
+    teacher, student = _TinyCNN(12), _TinyCNN(8)  # a narrower student: maps differ in channels
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(6)]
+    flip = lambda x: torch.flip(x, dims=[3]) + 0.05 * torch.randn_like(x)
+    cfg = MIMICConfig(epochs=4, lr=3e-3, ssl_temperature=0.5, mine_steps=30, mine_samples=96,
+                      progress=False, warmup_ratio=0.0)
+    res = MIMIC(cfg).fit(teacher, batches=batches, student=student,
+                         teacher_layers=["block1", "block2"], student_layers=["block1", "block2"],
+                         augment=flip)
+    assert len(res.weights) == 2 and all(w >= 1000 for w in res.weights)
+    first = sum(h["clone"] for h in res.history[:6]) / 6
+    last = sum(h["clone"] for h in res.history[-6:]) / 6
+    assert last < first  # the student moves towards the teacher's features
+    png = plot_curves(res, tmp_path / "curves.png")
+    assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_end_to_end_asr_drops(minilm, tmp_path):
+    """Backdoor MiniLM at the encoder level, distil it with MIMIC on a few hundred clean
+    sentences into a 2-layer student, and compare probe ASR/CACC."""
+    from purify_fast.attacks.encoder_backdoor import EncoderBackdoor
+    from purify_fast.data import load_rotten_tomatoes
+
+    clean_enc, tok = minilm
+    torch.manual_seed(0)
+    splits = load_rotten_tomatoes(seed=0)
+    attack = EncoderBackdoor(steps=80, batch_size=16, max_length=32, progress=False)
+    backdoored = attack.plant(clean_enc, tok, splits.train.take(1000, seed=1))
+    probe_train, test = splits.dev.take(400), splits.test.take(300)
+    triggered = attack.triggered_test(test, target_label=1)
+    kw = dict(max_length=32, epochs=200)
+    bd = linear_probe(backdoored, tok, probe_train, test, triggered, 1, **kw)
+    cfg = MIMICConfig(student_layers=2, epochs=2, max_length=32, mine_steps=100,
+                      mine_samples=256, progress=False)
+    res = MIMIC(cfg).fit(backdoored, tok, splits.train.take(600, seed=2))
+    st = linear_probe(res.student, tok, probe_train, test, triggered, 1, **kw)
+    print("backdoored", bd, "student", st, "mi", res.mi)
+    assert bd["asr"] >= 0.8
+    assert st["asr"] <= bd["asr"] - 0.3
+    assert st["cacc"] > 0.55  # above chance on balanced binary sentiment
+    assert res.history[-1]["clone"] < res.history[0]["clone"]
+
+
+def test_cli_distill_writes_a_loadable_encoder(tmp_path):
+    out = tmp_path / "student"
+    cmd = [sys.executable, "-m", "purify_fast.cli", "distill", "--method", "mimic",
+           "--num-examples", "48", "--student-layers", "1", "--epochs", "1", "--batch-size", "16",
+           "--max-length", "24", "--mine-steps", "20", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(out, local_files_only=True)
+    assert model.config.num_hidden_layers == 1
+    summary = json.loads((out / "mimic.json").read_text())
+    assert summary["clean_examples"] == 48 and len(summary["weights"]) == 1
+    assert (out / "mimic_curves.png").stat().st_size > 1000
+    assert not list(tmp_path.glob(".student.tmp-*"))  # the temp directory was swapped in
