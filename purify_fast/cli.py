@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `purify-fast --help` lists them.
-COMMANDS = ["env"]
+COMMANDS = ["demo", "attack", "purify", "evaluate", "train_clean", "distill", "stream", "env"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,8 +58,17 @@ def _check_pair(pre, ft, names=("pretrained", "finetuned")) -> None:
         raise ValueError(f"{names[1]} is on {ft.device} but {names[0]} is on {pre.device}")
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # The compiled scan reads the tensor once with no temporaries; eager isfinite().all() builds a
+    # bool tensor and costs more than the mixing itself on CPU.
+    kernel = "cuda" if t.device.type == "cuda" else "cpp"
+    if t.dtype in _backend.KERNEL_DTYPES and _backend.resolve("auto", t.device, t.dtype) == kernel:
+        return bool(_backend.module(kernel).all_finite(t.contiguous().view(-1)))
+    return bool(torch.isfinite(t).all())
+
+
 def _check_finite(t: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s); clean the checkpoint or pass "
                          f"check_finite=False to let them through (results are then undefined)")

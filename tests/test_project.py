@@ -1,0 +1,37 @@
+"""Project-level checks: the README's commands and CI agree, and the CLI starts."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readme_test_command():
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    test_cmds = [c for c in _readme_commands() if "pytest" in c]
+    assert test_cmds, "README.md shows no test command"
+    assert test_cmds[0] in ci_lines, f"{test_cmds[0]!r} is not a line of .ci/run"
+
+
+def test_readme_demo_command_names_a_real_subcommand():
+    from purify_fast.cli import COMMANDS
+
+    demo = [c for c in _readme_commands() if "purify-fast demo" in c]
+    assert demo, "README.md shows no demo command"
+    assert "demo" in COMMANDS
+
+
+def test_env_command_lists_every_backend():
+    out = subprocess.run([sys.executable, "-m", "purify_fast.cli", "env"], capture_output=True,
+                         text=True, check=True).stdout
+    for name in ("torch", "triton", "cpp", "cuda"):
+        assert re.search(rf"^\s+{name}\s+(yes|no)", out, flags=re.M), out
