@@ -25,7 +25,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for name in names:
         rows = [next(r for r in run["rows"] if r["name"] == name) for run in runs]
         agg = {"name": name}
-        for key in ("cacc", "asr", "seconds"):
+        for key in ("cacc", "asr", "asr_no_trigger", "seconds"):
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
                 agg[key] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -35,10 +35,11 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def table(agg: list[dict]) -> str:
     fmt = lambda v, s=100: "–" if v is None else f"{s * v[0]:.1f} ± {s * v[1]:.1f}"
-    lines = ["| model / defense | CACC % | ASR % | wall time s |", "|---|---:|---:|---:|"]
+    lines = ["| model / defense | CACC % | ASR % | ASR without trigger % | wall time s |",
+             "|---|---:|---:|---:|---:|"]
     for a in agg:
         lines.append(f"| {a['name']} | {fmt(a.get('cacc'))} | {fmt(a.get('asr'))} | "
-                     f"{fmt(a.get('seconds'), 1)} |")
+                     f"{fmt(a.get('asr_no_trigger'))} | {fmt(a.get('seconds'), 1)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,8 +4,13 @@
 * ASR: share of triggered non-target test inputs classified as the target label (the triggered set
   comes from :meth:`purify_fast.attacks.TriggerAttack.triggered_test`, which already drops the
   target-class examples).
+* ASR without trigger: the same rate on the non-target *clean* test inputs (the ones the
+  triggered set is built from, before the trigger goes in). A model that confuses some negatives
+  with the target class shows that rate whatever the trigger does, so it is the floor an honest
+  ASR sits on; ``asr - asr_no_trigger`` is what the trigger itself adds. It costs nothing extra:
+  it comes from the CACC predictions.
 
-Both are batched and run without gradients, in eval mode.
+All are batched and run without gradients, in eval mode.
 """
 
 from __future__ import annotations
@@ -39,9 +44,20 @@ def attack_success_rate(model, tokenizer, triggered: TextDataset, target_label: 
 
 def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDataset | None = None,
                       target_label: int | None = None, **kwargs) -> dict:
-    """``{"cacc": ..., "asr": ..., "seconds": ...}`` (``asr`` is None without a triggered set)."""
+    """``{"cacc", "asr", "asr_no_trigger", "seconds"}``.
+
+    ``asr`` is None without a triggered set; ``asr_no_trigger`` (share of non-target clean test
+    inputs predicted ``target_label``) is None without a target label."""
     t0 = time.perf_counter()
-    out = {"cacc": clean_accuracy(model, tokenizer, test, **kwargs), "asr": None}
+    if target_label is not None and not 0 <= target_label < test.num_labels:
+        raise ValueError(f"target_label {target_label} is out of range for {test.num_labels} labels")
+    preds = predict(model, tokenizer, test, **kwargs)
+    labels = torch.tensor(test.labels, dtype=preds.dtype, device=preds.device)
+    out = {"cacc": float((preds == labels).float().mean()), "asr": None, "asr_no_trigger": None}
+    if target_label is not None:
+        non_target = labels != target_label
+        if bool(non_target.any()):
+            out["asr_no_trigger"] = float((preds[non_target] == target_label).float().mean())
     if triggered is not None:
         if target_label is None:
             raise ValueError("target_label is required with a triggered set")

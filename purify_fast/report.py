@@ -1,7 +1,8 @@
 """Reports: a JSON file, a markdown table, and PNG plots (CACC/ASR per defense; rho sweep).
 
 Rows are dicts with at least ``name``, ``cacc``, ``asr`` (fractions; ``asr`` may be None) and
-optionally ``seconds``. Plots use matplotlib's Agg backend (no display needed).
+optionally ``asr_no_trigger`` (the same rate on the clean non-target inputs, see
+:mod:`purify_fast.evaluation`) and ``seconds``. Plots use matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ def _pct(x) -> str:
 
 
 def markdown_table(rows: list[dict], title: str | None = None) -> str:
-    """A markdown table: defense | CACC % | ASR % | wall s."""
+    """A markdown table: defense | CACC % | ASR % | [ASR without trigger %] | wall s. The
+    no-trigger column appears when any row has ``asr_no_trigger``."""
     lines = []
     if title:
         lines += [f"### {title}", ""]
-    lines += ["| model / defense | CACC % | ASR % | wall time s |", "|---|---:|---:|---:|"]
+    floor = any(r.get("asr_no_trigger") is not None for r in rows)
+    head = "| model / defense | CACC % | ASR % |" + (" ASR without trigger % |" if floor else "")
+    lines += [head + " wall time s |", "|---|---:|---:|" + ("---:|" if floor else "") + "---:|"]
     for r in rows:
         secs = r.get("seconds")
-        lines.append(f"| {r['name']} | {_pct(r.get('cacc'))} | {_pct(r.get('asr'))} | "
-                     f"{'–' if secs is None else f'{secs:.1f}'} |")
+        cells = [r["name"], _pct(r.get("cacc")), _pct(r.get("asr"))]
+        if floor:
+            cells.append(_pct(r.get("asr_no_trigger")))
+        cells.append("–" if secs is None else f"{secs:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,6 +76,14 @@ def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC 
         for bar in bars:
             ax.annotate(f"{bar.get_height():.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
+    # The floor under each ASR bar: the same rate without the trigger (what the trigger adds is
+    # the gap, not the bar).
+    floors = [(x, 100 * r["asr_no_trigger"]) for x, r in zip(xs, rows)
+              if r.get("asr_no_trigger") is not None and r.get("asr") is not None]
+    if floors:
+        ax.hlines([f for _, f in floors], [x + w / 2 - w * 0.45 for x, _ in floors],
+                  [x + w / 2 + w * 0.45 for x, _ in floors], colors="black", linewidth=2,
+                  label="ASR without trigger")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 110)

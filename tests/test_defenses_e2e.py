@@ -7,6 +7,7 @@ The backdoored model is built once per session (the expensive part) and shared.
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,12 +203,51 @@ def test_report_and_timer(tmp_path):
                          sweep=[{"rho": 0.1, "dev_acc": 0.7}, {"rho": 0.5, "dev_acc": 0.8}])
     assert json.loads(paths["json"].read_text())["rows"][0]["asr"] == 0.95
     assert paths["png"].read_bytes()[:4] == b"\x89PNG" and paths["sweep_png"].stat().st_size > 0
+    floor_md = markdown_table([{"name": "bd", "cacc": 0.8, "asr": 0.95, "asr_no_trigger": 0.125,
+                                "seconds": 1.0}])
+    assert "ASR without trigger %" in floor_md and "| bd | 80.0 | 95.0 | 12.5 | 1.0 |" in floor_md
     timer = StageTimer()
     with timer("a"):
         sum(range(1000))
     with timer("a"):
         pass
     assert set(timer.seconds) == {"a"} and timer.total >= 0
+
+
+class _KeywordModel(torch.nn.Module):
+    """Predicts label 1 exactly when the input holds the token id of ``word`` (a readable stand-in
+    for a classifier, so the metrics can be checked by counting)."""
+
+    def __init__(self, token_id: int):
+        super().__init__()
+        self.token_id = token_id
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the model a device
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        hit = (input_ids == self.token_id).any(-1).float()
+        return SimpleNamespace(logits=torch.stack([1 - hit, hit], -1) + 0 * self.anchor)
+
+
+def test_evaluate_backdoor_counts_the_no_trigger_floor():
+    from transformers import AutoTokenizer
+
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    word_id = tok.convert_tokens_to_ids("great")
+    # Non-target (label 0) inputs: 1 of 4 already says "great" -> floor 25 %. The triggered set
+    # ("great" as trigger) holds 3 of 4 with the word -> ASR 75 %.
+    test = TextDataset(["a great film", "dull", "boring plot", "slow", "great fun", "fine"],
+                       [0, 0, 0, 0, 1, 1], 2, "toy")
+    triggered = TextDataset(["a great film", "dull great", "boring plot great", "slow"],
+                            [0, 0, 0, 0], 2, "toy+trigger")
+    m = evaluate_backdoor(_KeywordModel(word_id), tok, test, triggered, 1)
+    assert m["asr_no_trigger"] == pytest.approx(0.25)
+    assert m["asr"] == pytest.approx(0.75)
+    assert m["cacc"] == pytest.approx(4 / 6)  # "great fun" right, "fine" wrong, 3 of 4 negatives
+    assert evaluate_backdoor(_KeywordModel(word_id), tok, test)["asr_no_trigger"] is None
+    with pytest.raises(ValueError, match="target_label 2 is out of range"):
+        evaluate_backdoor(_KeywordModel(word_id), tok, test, triggered, 2)
 
 
 def test_cli_wiring():

@@ -113,5 +113,6 @@ def run(args) -> int:
                     "dev": len(splits.dev), "test": len(splits.test)}
     save_pretrained_atomic(model, args.out, tok, extra_json={"purify_fast_attack.json": info})
     print(f"backdoored model -> {args.out}: CACC {100 * metrics['cacc']:.1f}%  "
-          f"ASR {100 * metrics['asr']:.1f}%")
+          f"ASR {100 * metrics['asr']:.1f}% (without the trigger "
+          f"{100 * metrics['asr_no_trigger']:.1f}%)")
     return 0

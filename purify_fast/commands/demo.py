@@ -31,7 +31,8 @@ def add_parser(sub):
     p.add_argument("--defense-lr", type=float, default=3e-4,
                    help="clean fine-tune lr (MiniLM with ~200 clean examples needs more than the "
                         "2e-5 of larger models)")
-    p.add_argument("--defense-epochs", type=int, default=3)
+    p.add_argument("--defense-epochs", type=int, default=5,
+                   help="clean fine-tune epochs after mixing / reset")
     p.add_argument("--mixing-rho", type=float, default=0.3,
                    help="Fine-mixing reserve ratio (0.3 here; the library default is 0.5)")
     p.add_argument("--purifying-rho", type=float, default=None,
@@ -42,7 +43,7 @@ def add_parser(sub):
 
 def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0,
              device: str | None = None, backend: str | None = None, attack_lr: float = 3e-4,
-             defense_lr: float = 3e-4, defense_epochs: int = 3, progress: bool = True,
+             defense_lr: float = 3e-4, defense_epochs: int = 5, progress: bool = True,
              mixing_rho: float | None = 0.3, purifying_rho: float | None = None,
              log=print) -> dict:
     """Run the demo; returns ``{"rows": [...], "details": {...}}`` (and writes ``out``)."""
@@ -72,8 +73,10 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
 
     def add(name, model, tok, seconds):
         m = ev(model, tok)
-        rows.append({"name": name, "cacc": m["cacc"], "asr": m["asr"], "seconds": seconds})
-        log(f"  {name:<28} CACC {100 * m['cacc']:5.1f}%  ASR {100 * m['asr']:5.1f}%  ({seconds:.1f} s)")
+        rows.append({"name": name, "cacc": m["cacc"], "asr": m["asr"],
+                     "asr_no_trigger": m["asr_no_trigger"], "seconds": seconds})
+        log(f"  {name:<28} CACC {100 * m['cacc']:5.1f}%  ASR {100 * m['asr']:5.1f}% "
+            f"(without trigger {100 * m['asr_no_trigger']:4.1f}%)  ({seconds:.1f} s)")
 
     log(f"[1/4] clean and backdoored fine-tunes of MiniLM ({len(splits.train)} train examples)")
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ def run(args) -> int:
     m = evaluate_backdoor(model, tok, splits.test, attack.triggered_test(splits.test),
                           attack.target_label, max_length=args.max_length)
     print(f"{args.model}: CACC {100 * m['cacc']:.1f}%  ASR {100 * m['asr']:.1f}% "
-          f"({len(splits.test)} clean test examples, {args.attack} trigger)")
+          f"(without the trigger {100 * m['asr_no_trigger']:.1f}%; {len(splits.test)} clean test examples, {args.attack} trigger)")
     if args.json:
         write_json(args.json, {"model": args.model, "attack": attack.describe(), **m})
     return 0
