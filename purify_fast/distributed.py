@@ -208,10 +208,16 @@ def prepare_stage(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *loa
     from accelerate import Accelerator
 
     if accelerator is None:
+        from accelerate.utils import DistributedDataParallelKwargs
+
         # Without a GPU, accelerate only forms a (gloo) process group when asked for the CPU
         # explicitly; otherwise each launched process would train alone on its data split.
         multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        accelerator = Accelerator(cpu=multi and not torch.cuda.is_available())
+        # Frozen-backbone stages (LoRA, a reset head) can leave trainable parameters without a
+        # gradient in some step; DDP must not wait for them.
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        accelerator = Accelerator(cpu=multi and not torch.cuda.is_available(),
+                                  kwargs_handlers=[ddp])
     prepared = accelerator.prepare(model, optimizer, *loaders,
                                    *([scheduler] if scheduler is not None else []))
     return (accelerator, *prepared)

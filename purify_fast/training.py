@@ -4,6 +4,13 @@ AdamW over the parameters that have ``requires_grad`` (so callers freeze by flip
 linear decay after an optional warmup, gradient-norm clipping, fp32 or bf16 autocast (CPU and
 GPU), seeded shuffling, a tqdm bar per epoch, clean dev accuracy after each epoch, and the weights
 of the epoch with the best dev accuracy restored at the end (``keep_best``).
+
+Launched with several processes (``accelerate launch`` or ``torchrun``: ``WORLD_SIZE`` > 1), the
+loop runs data-parallel through :func:`purify_fast.distributed.prepare_stage`: each rank takes its
+share of every epoch's batches, gradients are averaged (gloo on CPU, nccl on GPU), so the global
+batch is ``world_size × batch_size``; every rank scores the whole dev set on identical weights, so
+all ranks keep the same epoch. Models that need FSDP go through ``prepare_stage`` in a loop of
+their own (restoring the best epoch here copies full state dicts, which FSDP shards).
 """
 
 from __future__ import annotations
@@ -74,6 +81,13 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:  # pragma: no cover
         pass
+
+
+def distributed_launch() -> bool:
+    """True when this process is one of several started by ``accelerate launch`` / ``torchrun``."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def autocast(device: torch.device, precision: str):
@@ -155,33 +169,51 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     eval_kw = dict(batch_size=config.eval_batch_size, max_length=config.max_length,
                    precision=config.precision)
 
+    accelerator, net = None, model  # ``net`` is what the loop calls: the model, or its DDP wrapper
+    if distributed_launch():
+        from purify_fast.distributed import prepare_stage
+
+        # ``total`` counts the unsharded batches; accelerate's scheduler wrapper steps the
+        # schedule once per process for each optimizer step, so the decay still ends at ``total``.
+        accelerator, net, opt, loader, sched = prepare_stage(model, opt, loader, scheduler=sched)
+        device = accelerator.device
+
     result = TrainResult()
     start = time.perf_counter()
     best_state = None
     if dev_data is not None and config.keep_best:
         acc0 = accuracy(model, tokenizer, dev_data, **eval_kw)
         result.best_epoch, result.best_dev_acc = 0, acc0
-        result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "seconds": 0.0})
+        result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "steps": 0,
+                               "seconds": 0.0})
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.train()
     for epoch in range(1, config.epochs + 1):
         t0, loss_sum, n = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                   disable=not config.progress)
+                   disable=not config.progress or (accelerator is not None
+                                                   and not accelerator.is_main_process))
+        net.train()
         for batch in bar:
             batch = _to(batch, device)
             with autocast(device, config.precision):
-                loss = model(**batch).loss
-            loss.backward()
-            if config.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+                loss = net(**batch).loss
+            if accelerator is not None:
+                accelerator.backward(loss)
+                if config.clip_norm is not None:
+                    accelerator.clip_grad_norm_(params, config.clip_norm)
+            else:
+                loss.backward()
+                if config.clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             loss_sum += float(loss.detach()) * len(batch["labels"])
             n += len(batch["labels"])
             bar.set_postfix(loss=f"{loss_sum / n:.4f}")
-        row = {"epoch": epoch, "loss": loss_sum / max(n, 1), "dev_acc": None,
+        # ``steps``: batches this process ran (its shard of the epoch under a multi-process run).
+        row = {"epoch": epoch, "loss": loss_sum / max(n, 1), "dev_acc": None, "steps": len(loader),
                "seconds": time.perf_counter() - t0}
         if dev_data is not None:
             row["dev_acc"] = accuracy(model, tokenizer, dev_data, **eval_kw)
@@ -189,7 +221,6 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
                 result.best_epoch, result.best_dev_acc = epoch, row["dev_acc"]
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         result.history.append(row)
-        model.train()
     if best_state is not None and result.best_epoch != config.epochs:
         model.load_state_dict(best_state)
     if dev_data is not None and not config.keep_best:

@@ -185,3 +185,66 @@ def test_cli_under_torchrun_two_processes(model, tmp_path):
 
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     assert _digest(tmp_path / "two") == _digest(tmp_path / "one")
+
+
+_TRAIN = textwrap.dedent("""
+    import os, sys, torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from purify_fast.data import TextDataset
+    from purify_fast.models.loading import default_model_path
+    from purify_fast.training import train
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=2))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    texts = [("a good and lovely film " if i % 2 else "a bad and dull film ") + str(i)
+             for i in range(48)]
+    data = TextDataset(texts, [i % 2 for i in range(48)], 2, "toy")
+    res = train(model, tok, data, data.take(16), epochs=2, lr=1e-3, batch_size=4, progress=False,
+                keep_best=False)
+    torch.save({"world": int(os.environ.get("WORLD_SIZE", "1")), "state": model.state_dict(),
+                "init": init, "history": [(h["epoch"], h["dev_acc"]) for h in res.history],
+                "steps": [h["steps"] for h in res.history], "loss": [h["loss"] for h in res.history],
+                "best_epoch": res.best_epoch},
+               os.path.join(sys.argv[1], "rank%s.pt" % os.environ.get("RANK", "0")))
+""")
+
+
+def test_train_loop_runs_data_parallel_under_accelerate_launch(tmp_path):
+    """The fine-tune loop every defense uses joins the launched ranks (gloo, 2 CPU processes):
+    both ranks end on the same weights and the same kept epoch, and the weights did train."""
+    script = tmp_path / "train_stage.py"
+    script.write_text(_TRAIN)
+    argv = accelerate_launch_argv(script, [tmp_path], num_processes=2, cpu=True,
+                                  main_process_port=_free_port())
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["history"] == r1["history"] and r0["best_epoch"] == r1["best_epoch"]
+    # each rank ran its half of the 12 batches of 4 per epoch, on different examples
+    assert r0["steps"] == r1["steps"] == [6, 6]
+    assert r0["loss"][1:] != r1["loss"][1:]
+    for k, v in r0["state"].items():
+        torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0)
+    moved = [k for k, v in r0["state"].items() if not torch.equal(v, r0["init"][k])]
+    assert len(moved) > len(r0["state"]) // 2, moved
+
+
+def test_only_rank_zero_writes_checkpoints(tmp_path, monkeypatch):
+    from purify_fast.models.loading import save_pretrained_atomic
+
+    class Saver:
+        def save_pretrained(self, path, safe_serialization=True):
+            (path / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setenv("RANK", "1")
+    save_pretrained_atomic(Saver(), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("RANK", "0")
+    save_pretrained_atomic(Saver(), tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"weights"

@@ -160,7 +160,12 @@ def atomic_save_dir(out_dir: str | os.PathLike, write) -> Path:
 
 def save_pretrained_atomic(model, out_dir: str | os.PathLike, tokenizer=None,
                            extra_json: dict[str, dict] | None = None) -> Path:
-    """``model.save_pretrained`` (+ tokenizer, + extra JSON files) into ``out_dir`` atomically."""
+    """``model.save_pretrained`` (+ tokenizer, + extra JSON files) into ``out_dir`` atomically.
+
+    In a multi-process launch (``RANK`` set) only rank 0 writes: the ranks hold the same weights
+    after a data-parallel fine-tune, and two ranks swapping directories in at once would race."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return Path(out_dir)
 
     def write(tmp: Path):
         model.save_pretrained(tmp, safe_serialization=True)
