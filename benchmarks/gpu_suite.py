@@ -424,9 +424,19 @@ def _csv(choices: list[str], what: str):
     return parse
 
 
+def _register_all_ops():
+    _register_weight_space_ops()
+    # MuScleLoRA's fused forward; its benchmark module owns the eager formulations it is compared
+    # with, so the GPU suite and the pytest-benchmark file time the very same code.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import test_bench_multiscale_lora
+
+    test_bench_multiscale_lora.register_gpu_ops(register_op, OpSpec)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     if not OPS:
-        _register_weight_space_ops()
+        _register_all_ops()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=_csv(list(MODELS), "model"), default=list(MODELS),
