@@ -418,8 +418,9 @@ def linear_probe(encoder, tokenizer, train: TextDataset, test: TextDataset,
                  triggered: TextDataset | None = None, target_label: int | None = None, *,
                  max_length: int = 64, epochs: int = 300, lr: float = 0.1, seed: int = 0) -> dict:
     """Logistic-regression probe on frozen (L2-normalised, mean-pooled) features, trained on
-    ``train``; returns ``{"cacc", "asr"}`` (ASR: share of ``triggered`` predicted
-    ``target_label``; ``triggered`` must hold only non-target inputs)."""
+    ``train``; returns ``{"cacc", "asr", "asr_no_trigger"}`` (ASR: share of ``triggered``
+    predicted ``target_label``; ``triggered`` must hold only non-target inputs; ``asr_no_trigger``:
+    share of the clean non-target ``test`` inputs predicted ``target_label``)."""
     x_tr = _features(encoder, tokenizer, train.texts, max_length)
     y_tr = torch.tensor(train.labels)
     mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
@@ -439,7 +440,11 @@ def linear_probe(encoder, tokenizer, train: TextDataset, test: TextDataset,
     def pred(texts):
         return head((_features(encoder, tokenizer, texts, max_length) - mu) / sd).argmax(-1)
 
-    out = {"cacc": float((pred(test.texts) == torch.tensor(test.labels)).float().mean()), "asr": None}
+    test_pred, test_y = pred(test.texts), torch.tensor(test.labels)
+    out = {"cacc": float((test_pred == test_y).float().mean()), "asr": None, "asr_no_trigger": None}
+    if target_label is not None and bool((test_y != target_label).any()):
+        # The same rate on the clean non-target inputs: the floor under ASR (see evaluation.py).
+        out["asr_no_trigger"] = float((test_pred[test_y != target_label] == target_label).float().mean())
     if triggered is not None:
         if target_label is None:
             raise ValueError("target_label is required with a triggered set")
