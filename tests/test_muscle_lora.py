@@ -271,3 +271,66 @@ def test_cli_train_clean_writes_loadable_merged_model(tmp_path):
     assert not list(tmp_path.glob(".clean.tmp-*")), "temporary directory left behind"
     with pytest.raises(SystemExit):
         main(["train-clean", "--data", "rotten-tomatoes"])  # --out is required
+
+
+# --------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_end_to_end_muscle_lora_keeps_asr_below_vanilla():
+    """Plant a BadNets backdoor (15 % dirty-label, target "fresh") in 400 Rotten Tomatoes
+    training examples and train the offline MiniLM on it twice: vanilla full fine-tuning and
+    MuScleLoRA (MSLR + LoRA q/v + gradient alignment, classifier head frozen). MuScleLoRA must
+    keep the ASR well below vanilla while still being a working sentiment classifier.
+
+    Setting (benchmarks/results_muscle_lora.md, 2026-12-01): batch 16, max length 32, 4 epochs;
+    vanilla lr 2e-4; MuScleLoRA lr 2e-3, FFT scaling, default scales, MSLR alpha 1 (the default
+    alpha 6 saturates MiniLM's tanh pooler and the model barely learns). Measured over seeds 0-4:
+    vanilla ASR 0.926-1.000; MuScleLoRA ASR 0.378-0.651, CACC 0.650-0.725; smallest ASR gap
+    0.325. Both margins below hold for every measured seed. Seed 0 runs here, in one thread as
+    measured (vanilla CACC 0.730 / ASR 0.926, MuScleLoRA CACC 0.655 / ASR 0.511).
+    """
+    from purify_fast.attacks import BadNets
+    from purify_fast.data import load_rotten_tomatoes
+    from purify_fast.defenses.muscle_lora import train_clean
+    from purify_fast.evaluation import evaluate_backdoor
+    from purify_fast.models import load_classifier
+    from purify_fast.training import seed_everything, train
+
+    seed, maxlen = 0, 32
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as measured: the same reduction order, the same numbers
+    try:
+        splits = load_rotten_tomatoes(seed=seed, train_size=400, dev_size=200, test_size=200)
+        attack = BadNets(target_label=1, poison_rate=0.15, seed=seed)
+        poisoned = attack.poison(splits.train).dataset
+        triggered = attack.triggered_test(splits.test)
+        # A balanced test set: a one-class model scores about 0.5 CACC, so the CACC floor below
+        # means the MuScleLoRA model really separates the classes.
+        assert 0.4 <= sum(splits.test.labels) / len(splits.test) <= 0.6
+
+        seed_everything(seed)  # MiniLM's fresh classifier head is drawn at load time
+        vanilla, tok = load_classifier("minilm", 2)
+        train(vanilla, tok, poisoned, splits.dev, epochs=4, lr=2e-4, batch_size=16,
+              max_length=maxlen, seed=seed, progress=False)
+        van = evaluate_backdoor(vanilla, tok, splits.test, triggered, 1, max_length=maxlen)
+        del vanilla
+
+        seed_everything(seed)  # the same (frozen) random head as the vanilla run started from
+        model, tok = load_classifier("minilm", 2)
+        model, res = train_clean(model, tok, poisoned, splits.dev,
+                                 inject=MuscleLoRAConfig(alpha=1.0, mode="fft"),
+                                 config=MuscleLoRATrainConfig(epochs=4, lr=2e-3, batch_size=16,
+                                                              max_length=maxlen, seed=seed,
+                                                              progress=False),
+                                 return_result=True)
+        mus = evaluate_backdoor(model, tok, splits.test, triggered, 1, max_length=maxlen)
+    finally:
+        torch.set_num_threads(threads)
+    print("vanilla", van, "muscle-lora", mus, "history", res.history)
+    assert res.ga_steps > 0 and res.config["inject"]["mode"] == "fft"
+    # The plant worked (vanilla ASR >= 0.926 on every measured seed).
+    assert van["asr"] >= 0.85, van
+    # MuScleLoRA keeps the ASR well below vanilla (smallest measured gap 0.325).
+    assert mus["asr"] <= van["asr"] - 0.25, (van, mus)
+    # ... and is a working classifier, not a collapsed one (smallest measured CACC 0.650).
+    assert mus["cacc"] >= 0.6, mus

@@ -34,6 +34,9 @@ def add_parser(sub):
     p.add_argument("--scaling", choices=["radial", "fft"], default="radial")
     p.add_argument("--scales", default=None,
                    help="comma-separated MSLR scales (default: the architecture's)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="MSLR alpha (default: the architecture's, 6 for encoders; the offline "
+                        "MiniLM trains better with 1, see benchmarks/results_muscle_lora.md)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=32)
@@ -61,6 +64,7 @@ def run(args) -> int:
     from purify_fast.evaluation import evaluate_backdoor
     from purify_fast.models import load_classifier, save_pretrained_atomic
     from purify_fast.nn import MuscleLoRAConfig
+    from purify_fast.training import seed_everything
 
     test = None
     if args.data in CORPORA:
@@ -81,11 +85,15 @@ def run(args) -> int:
                              poison_rate=args.poison_rate, seed=args.seed)
         train = attack.poison(train).dataset
     scales = [float(s) for s in args.scales.split(",")] if args.scales else None
+    # The offline MiniLM has no classifier head: a fresh one is drawn (and MuScleLoRA keeps it
+    # frozen), so seed the draw for a reproducible run.
+    seed_everything(args.seed)
     model, tok = load_classifier(args.model, train.num_labels, device=args.device)
     t0 = time.perf_counter()
     model, result = train_clean(
         model, tok, train, dev, method=args.method, ablation=args.ablation,
-        inject=MuscleLoRAConfig(scales=scales, mode=args.scaling, backend=args.backend),
+        inject=MuscleLoRAConfig(scales=scales, alpha=args.alpha, mode=args.scaling,
+                                backend=args.backend),
         config=MuscleLoRATrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                      max_length=args.max_length, precision=args.precision,
                                      seed=args.seed, ref_pool_size=args.ref_pool_size,

@@ -300,21 +300,26 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
     ``ga+lora``, ``lora+mslr``. With ``return_result=True`` returns ``(model, result)``.
 
     ``model`` may be a model object or a local checkpoint path / ``"minilm"`` (then ``tokenizer``
-    may be None and is loaded with it).
+    may be None and is loaded with it, after seeding with ``config.seed`` so the fresh frozen
+    classifier head is reproducible). A model object keeps the head it was loaded with: seed
+    before :func:`purify_fast.models.load_classifier` for a reproducible run.
     """
     if method != "muscle-lora":
         raise ValueError(f"method must be 'muscle-lora', got {method!r}")
     use_mslr, ga = ablation_settings(ablation)
+    inject = dataclasses.replace(inject or MuscleLoRAConfig(), use_mslr=use_mslr)
+    config = dataclasses.replace(config or MuscleLoRATrainConfig(), gradient_alignment=ga,
+                                 **overrides)
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         from purify_fast.models import load_classifier
 
+        # A checkpoint without a head of this size (the offline MiniLM) gets a fresh random
+        # classifier that MuScleLoRA keeps frozen: seed it so a run is reproducible.
+        seed_everything(config.seed)
         model, tok = load_classifier(model, train_data.num_labels)
         tokenizer = tokenizer or tok
     if tokenizer is None:
         raise ValueError("tokenizer is required when model is a model object")
-    inject = dataclasses.replace(inject or MuscleLoRAConfig(), use_mslr=use_mslr)
-    config = dataclasses.replace(config or MuscleLoRATrainConfig(), gradient_alignment=ga,
-                                 **overrides)
     seed_everything(config.seed)  # the adapters' random init is part of the seeded run
     inject_muscle_lora(model, inject)
     result = train_muscle_lora(model, tokenizer, train_data, dev_data, config)

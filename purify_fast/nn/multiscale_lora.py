@@ -183,6 +183,10 @@ class MuscleLoRAConfig:
     (METHODS.md §4): scales BERT ``[1,4,...,28]``, RoBERTa ``[1,2,4,8,16]``, decoders
     ``[1,2,3,4]``; α 6 (encoders) / 4 (decoders); LoRA r=8 α=32 (encoders) / r=2 α=8 (decoders).
 
+    α scales the MSLR update against the frozen base layer: for the offline MiniLM, whose pooler
+    weights are tiny, α 6 saturates the pooler's ``tanh`` at init and training barely moves;
+    α 1 trains (measured in benchmarks/results_muscle_lora.md).
+
     ``use_mslr=False`` (the "LoRA only" ablation) keeps a low-rank adapter of the same rank on the
     dense layer but with the single scale 1 (a standard LoRA there); ``use_lora=False`` drops the
     attention LoRA.
