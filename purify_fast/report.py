@@ -86,10 +86,11 @@ def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC 
                   label="ASR without trigger")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 110)
+    ax.set_ylim(0, 125)  # headroom so the legend row never covers a 100 % bar
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("%")
     ax.set_title(title)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
