@@ -1,7 +1,6 @@
 """Offline corpora, user data files (every bad-input path), TextDataset and the loader."""
 
 import json
-
 import sys
 
 import pytest
