@@ -5,8 +5,8 @@ linear decay after an optional warmup, gradient-norm clipping, fp32 or bf16 auto
 GPU), seeded shuffling, a tqdm bar per epoch, clean dev accuracy after each epoch, and the weights
 of the epoch with the best dev accuracy restored at the end (``keep_best``).
 
-Launched with several processes (``accelerate launch`` or ``torchrun``: ``WORLD_SIZE`` > 1), the
-loop runs data-parallel through :func:`purify_fast.distributed.prepare_stage`: each rank takes its
+Launched with several processes by ``accelerate launch`` (``WORLD_SIZE`` > 1), the loop runs
+data-parallel through :func:`purify_fast.distributed.prepare_stage`: each rank takes its
 share of every epoch's batches, gradients are averaged (gloo on CPU, nccl on GPU), so the global
 batch is ``world_size × batch_size``; every rank scores the whole dev set on identical weights, so
 all ranks keep the same epoch. Models that need FSDP go through ``prepare_stage`` in a loop of
@@ -84,7 +84,7 @@ def seed_everything(seed: int) -> None:
 
 
 def distributed_launch() -> bool:
-    """True when this process is one of several started by ``accelerate launch`` / ``torchrun``."""
+    """True when this process is one of several (``accelerate launch`` sets ``WORLD_SIZE``)."""
     import os
 
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
