@@ -1,4 +1,4 @@
-"""One MuScleLoRA (or vanilla / ablation) run on a planted BadNets backdoor, as measured in
+"""One MuScleLoRA (or vanilla / ablation) run on a planted BadNets or AddSent backdoor, as measured in
 benchmarks/results_muscle_lora.md: one JSON line with CACC, ASR, the no-trigger rate and the
 per-epoch history, printed and appended to ``--jsonl``.
 
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--bs", type=int, default=32, help="batch size")
     ap.add_argument("--pr", type=float, default=0.1, help="poison rate")
+    ap.add_argument("--attack", default="badnets", help="badnets | addsent (dirty-label)")
     ap.add_argument("--scales", default=None, help="comma-separated MSLR scales")
     ap.add_argument("--alpha", type=float, default=None, help="MSLR alpha")
     ap.add_argument("--scaling", default="radial", help="radial | fft")
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     splits = load_rotten_tomatoes(seed=data_seed, train_size=a.train, dev_size=a.dev,
                                   test_size=a.test)
-    attack = make_attack("badnets", target_label=1, poison_rate=a.pr, seed=data_seed)
+    attack = make_attack(a.attack, target_label=1, poison_rate=a.pr, seed=data_seed)
     poisoned = attack.poison(splits.train).dataset
     triggered = attack.triggered_test(splits.test)
     seed_everything(a.seed)  # the offline MiniLM's fresh classifier head is drawn at load time

@@ -154,8 +154,9 @@ def accelerate_launch_argv(script: str | os.PathLike, script_args: Sequence[str]
                            num_processes: int = 1, num_machines: int = 1, machine_rank: int = 0,
                            main_process_ip: str | None = None, main_process_port: int = 29500,
                            cpu: bool = False, mixed_precision: str = "no",
-                           fsdp: bool = False) -> list[str]:
-    """The ``accelerate launch`` command line that runs a fine-tuning stage script.
+                           fsdp: bool = False, module: bool = False) -> list[str]:
+    """The ``accelerate launch`` command line that runs a fine-tuning stage script (or, with
+    ``module=True``, a module such as ``purify_fast.cli``, as ``python -m`` would).
 
     ``cpu=True`` runs ``num_processes`` CPU processes joined with gloo (how CI proves the
     multi-process path); otherwise one process per GPU, on ``num_machines`` nodes reaching rank 0
@@ -192,6 +193,8 @@ def accelerate_launch_argv(script: str | os.PathLike, script_args: Sequence[str]
         argv += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD",
                  "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
                  "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
+    if module:
+        argv.append("--module")
     return argv + [str(script), *map(str, script_args)]
 
 

@@ -3,6 +3,7 @@ writes the same bytes as one process, and a fine-tuning stage under `accelerate 
 the same weights as one process on the global batch."""
 
 import hashlib
+import json
 import socket
 import subprocess
 import textwrap
@@ -104,6 +105,8 @@ def test_launch_argv():
     assert argv[-3:] == ["train.py", "--x", "1"]
     assert "--multi_gpu" in argv and "--use_fsdp" in argv
     assert argv[argv.index("--num_processes") + 1] == "4"
+    argv = accelerate_launch_argv("purify_fast.cli", ["env"], num_processes=2, module=True)
+    assert argv[-3:] == ["--module", "purify_fast.cli", "env"]
     with pytest.raises(ValueError, match="main_process_ip"):
         accelerate_launch_argv("t.py", num_processes=8, num_machines=2)
     with pytest.raises(ValueError, match="FSDP needs GPUs"):
@@ -248,3 +251,145 @@ def test_only_rank_zero_writes_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     save_pretrained_atomic(Saver(), tmp_path / "out")
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"weights"
+
+
+_MUSCLE = textwrap.dedent("""
+    import os, sys, torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from purify_fast.data import TextDataset
+    from purify_fast.defenses.muscle_lora import train_muscle_lora
+    from purify_fast.models.loading import default_model_path
+    from purify_fast.nn import MuscleLoRAConfig, inject_muscle_lora
+
+    def run(batch_size):
+        tok = AutoTokenizer.from_pretrained(default_model_path())
+        torch.manual_seed(0)
+        # no dropout anywhere: the two-process run must be comparable with one process
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=64, num_labels=2, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0))
+        inject_muscle_lora(model, MuscleLoRAConfig(alpha=1.0))
+        texts = [("a good and lovely film " if i % 2 else "a bad and dull film ") + str(i)
+                 for i in range(80)]
+        data = TextDataset(texts, [i % 2 for i in range(80)], 2, "toy")
+        train, dev = data.take(48, seed=0), data.take(32, seed=1)
+        res = train_muscle_lora(model, tok, train, dev, epochs=2, lr=1e-3, batch_size=batch_size,
+                                ref_pool_size=16, progress=False, keep_best=False)
+        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return res, trained
+
+    if __name__ == "__main__":
+        res, trained = run(int(sys.argv[2]))
+        torch.save({"world": int(os.environ.get("WORLD_SIZE", "1")), "trained": trained,
+                    "steps": [h["steps"] for h in res.history], "ga": res.ga_steps,
+                    "blended": res.blended_steps, "loss": [h["loss"] for h in res.history],
+                    "ref_loss": [h.get("ref_loss") for h in res.history]},
+                   os.path.join(sys.argv[1], "rank%s.pt" % os.environ.get("RANK", "0")))
+""")
+
+
+def _load_script(path, name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_muscle_lora_gradient_alignment_runs_data_parallel(tmp_path):
+    """MuScleLoRA's GA trainer under `accelerate launch` (2 gloo processes, 4 examples each per
+    step) lands on the weights one process reaches with the global batch of 8: both the training
+    and the reference gradients (and the reference loss that picks the GA branch) are averaged
+    over the ranks."""
+    script = tmp_path / "muscle_stage.py"
+    script.write_text(_MUSCLE)
+    argv = accelerate_launch_argv(script, [tmp_path, 4], num_processes=2, cpu=True,
+                                  main_process_port=_free_port())
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    # 48 training examples in batches of 4: each rank ran 6 of the 12 per epoch
+    assert r0["steps"] == r1["steps"] == [6, 6]
+    assert r0["ga"] + r0["blended"] == 12 and (r0["ga"], r0["blended"]) == (r1["ga"], r1["blended"])
+    for k, v in r0["trained"].items():
+        torch.testing.assert_close(r1["trained"][k], v, rtol=0, atol=0)
+    one_res, one = _load_script(script, "muscle_stage").run(8)
+    assert [h["steps"] for h in one_res.history] == [6, 6]
+    assert (one_res.ga_steps, one_res.blended_steps) == (r0["ga"], r0["blended"])
+    torch.testing.assert_close(r0["ref_loss"], [h["ref_loss"] for h in one_res.history],
+                               rtol=1e-5, atol=1e-6)
+    for k, v in one.items():
+        torch.testing.assert_close(r0["trained"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+_MIMIC = textwrap.dedent("""
+    import os, sys, torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+    from purify_fast.data import TextDataset
+    from purify_fast.defenses.mimic import MIMIC, MIMICConfig, make_student
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64))
+    texts = ["a film about %s and %s, number %d" % (a, b, i) for i, (a, b) in
+             enumerate(zip(["love", "war", "cats", "rain"] * 10, ["time", "fear", "hope"] * 14))]
+    data = TextDataset(texts[:40], [0] * 40, 2, "toy")
+    cfg = MIMICConfig(student_layers=1, epochs=2, batch_size=4, lr=1e-3, max_length=16,
+                      mine_steps=20, mine_samples=32, progress=False)
+    init = make_student(teacher, 1, None, cfg.seed).state_dict()
+    res = MIMIC(cfg).fit(teacher, tok, data)
+    torch.save({"world": int(os.environ.get("WORLD_SIZE", "1")), "state": res.student.state_dict(),
+                "init": init, "steps": len(res.history), "weights": res.weights,
+                "loss": [h["loss"] for h in res.history]},
+               os.path.join(sys.argv[1], "rank%s.pt" % os.environ.get("RANK", "0")))
+""")
+
+
+def test_mimic_distillation_runs_data_parallel(tmp_path):
+    """MIMIC under `accelerate launch` (2 gloo processes): each rank distils its half of the 10
+    batches per epoch, on different inputs, and the two students end identical and trained."""
+    script = tmp_path / "mimic_stage.py"
+    script.write_text(_MIMIC)
+    argv = accelerate_launch_argv(script, [tmp_path], num_processes=2, cpu=True,
+                                  main_process_port=_free_port())
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["steps"] == r1["steps"] == 2 * 5
+    assert r0["weights"] == r1["weights"]
+    assert r0["loss"] != r1["loss"]
+    for k, v in r0["state"].items():
+        torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0)
+    moved = [k for k, v in r0["state"].items() if not torch.equal(v, r0["init"][k])]
+    assert len(moved) > len(r0["state"]) // 2, moved
+
+
+def test_train_clean_cli_under_accelerate_launch_writes_once(tmp_path):
+    """The README's `accelerate launch ... -m purify_fast.cli train-clean` command: two ranks
+    train, one loadable merged model is written, once, with nothing temporary left behind."""
+    args = ["train-clean", "--method", "muscle-lora", "--data", "rotten-tomatoes", "--model",
+            "minilm", "--out", tmp_path / "clean", "--train-size", 32, "--dev-size", 40,
+            "--test-size", 16, "--ref-pool-size", 16, "--epochs", 1, "--lr", "1e-3",
+            "--max-length", 16, "--batch-size", 8, "--attack", "badnets", "--no-progress"]
+    argv = accelerate_launch_argv("purify_fast.cli", args, num_processes=2, cpu=True,
+                                  main_process_port=_free_port(), module=True)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1, proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean"]
+    report = json.loads((tmp_path / "clean" / "report.json").read_text())
+    assert [h["steps"] for h in report["history"]] == [0, 2]  # 4 batches of 8, 2 per rank
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "clean")
+    assert not any("lora" in n for n, _ in model.named_parameters())

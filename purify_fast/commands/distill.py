@@ -37,7 +37,7 @@ def run(args) -> int:
     from purify_fast.attacks.encoder_backdoor import load_encoder
     from purify_fast.data import load_dataset
     from purify_fast.defenses.mimic import MIMIC, MIMICConfig, plot_curves
-    from purify_fast.models.loading import atomic_save_dir
+    from purify_fast.models.loading import atomic_save_dir, is_writer_rank
 
     if args.num_examples < 1:
         print("error: --num-examples must be >= 1", file=sys.stderr)
@@ -63,6 +63,8 @@ def run(args) -> int:
         (tmp / "mimic.json").write_text(json.dumps(summary, indent=2, default=str))
         plot_curves(result, tmp / "mimic_curves.png")
 
+    if not is_writer_rank():  # under `accelerate launch` every rank holds the same student
+        return 0
     out = atomic_save_dir(args.out, write)
     print(f"student written to {out} ({result.seconds:.0f}s; MI {[f'{m:.2f}' for m in result.mi]}; "
           f"weights {[f'{w:.0f}' for w in result.weights]})")

@@ -46,6 +46,7 @@ def run(args) -> int:
     from purify_fast.data import CORPORA, load_splits, load_text_file
     from purify_fast.defenses import purify
     from purify_fast.models import load_classifier, save_pretrained_atomic
+    from purify_fast.models.loading import is_writer_rank
 
     suspect, tok = load_classifier(args.suspect)
     if args.clean_data in CORPORA:
@@ -64,6 +65,8 @@ def run(args) -> int:
         precision=args.precision, seed=args.seed, backend=args.backend, progress=True)
     report["suspect"] = str(args.suspect)
     save_pretrained_atomic(model, args.out, tok, extra_json={"purify_fast_report.json": report})
+    if not is_writer_rank():  # the other ranks of an `accelerate launch` run hold the same model
+        return 0
     print(f"purified ({report['method']}) -> {args.out}; dev acc "
           f"{report.get('suspect_dev_acc', float('nan')):.3f} -> {report.get('dev_acc', float('nan')):.3f}; "
           f"{report['seconds']['total']:.1f} s")

@@ -63,6 +63,7 @@ def run(args) -> int:
     from purify_fast.defenses.muscle_lora import MuscleLoRATrainConfig, train_clean
     from purify_fast.evaluation import evaluate_backdoor
     from purify_fast.models import load_classifier, save_pretrained_atomic
+    from purify_fast.models.loading import is_writer_rank
     from purify_fast.nn import MuscleLoRAConfig
     from purify_fast.training import seed_everything
 
@@ -109,6 +110,8 @@ def run(args) -> int:
                                            args.target_label if attack else None,
                                            max_length=args.max_length)
     out = save_pretrained_atomic(model, args.out, tok, extra_json={"report.json": report})
+    if not is_writer_rank():  # the other ranks of an `accelerate launch` run hold the same model
+        return 0
     summary = {k: report[k] for k in ("best_epoch", "best_dev_acc")}
     summary.update(report.get("eval", {}))
     print(f"wrote {out}  {json.dumps(summary, default=str)}")

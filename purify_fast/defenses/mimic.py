@@ -21,6 +21,13 @@ distilling it into a freshly initialised student, guided by per-layer mutual inf
   names (forward hooks) and a ``feature_fn``.
 * Evaluation: :func:`linear_probe` trains a logistic-regression probe on frozen features and
   reports CACC and ASR.
+* Multi-process: under ``accelerate launch`` the student trains data-parallel
+  (:func:`purify_fast.distributed.prepare_stage`, DDP; FSDP where the student does not fit one
+  GPU): each rank distils its share of every epoch's batches against its own frozen copy of the
+  teacher and the student's gradients are averaged. MI weights are computed by rank 0 and
+  broadcast, so every rank weighs the layers alike. A ``TextDataset`` is split across ranks
+  for you; with ``batches=`` each rank must be handed its own shard, of the same length on every
+  rank.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from purify_fast.attacks.encoder_backdoor import mean_pool
 from purify_fast.data.text_dataset import TextDataset, make_loader
 from purify_fast.defenses.mine import MINE, estimate_layer_mi, layer_weights
 from purify_fast.ops.attention_maps import attention_map_loss
+from purify_fast.training import distributed_launch
 
 MI_SOURCES = ("teacher", "student")
 
@@ -216,6 +224,26 @@ def _pool(h: torch.Tensor, mask) -> torch.Tensor:
     return mean_pool(h.float(), mask) if mask is not None else h.float().mean(1)
 
 
+class _StudentStep(nn.Module):
+    """One step's student forwards (the view, and the second view for the self-supervised term)
+    as a single module call, so a DDP wrapper sees exactly one forward per backward."""
+
+    def __init__(self, student: nn.Module, taps: "_Taps", augment: Callable | None,
+                 second_view: bool):
+        super().__init__()
+        self.student = student          # registered, so DDP finds (and syncs) its parameters
+        self._taps, self._augment, self._second_view = taps, augment, second_view
+
+    def forward(self, batch):
+        view1 = self._augment(batch) if self._augment is not None else batch
+        maps, feat, _ = self._taps(view1)
+        feat2 = None
+        if self._second_view:
+            view2 = self._augment(batch) if self._augment is not None else batch
+            _, feat2, _ = self._taps(view2)  # a second dropout pass for text
+        return maps, feat, feat2
+
+
 # --------------------------------------------------------------------------- the defense
 
 class MIMIC:
@@ -232,14 +260,13 @@ class MIMIC:
 
     # ..................................................................... data
     def _batches(self, tokenizer, clean, epoch: int):
+        """One epoch's input batches: a seeded shuffled loader over a TextDataset (its ``labels``
+        are dropped in the loop: MIMIC uses no labels), or the caller's iterable as given."""
         cfg = self.config
         if isinstance(clean, TextDataset):
-            for b in make_loader(clean, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True,
-                                 seed=cfg.seed * 1000 + epoch):
-                b.pop("labels", None)
-                yield b
-        else:
-            yield from clean
+            return make_loader(clean, tokenizer, cfg.batch_size, cfg.max_length, shuffle=True,
+                               seed=cfg.seed * 1000 + epoch)
+        return clean
 
     @torch.no_grad()
     def _pooled(self, taps: _Taps, tokenizer, clean, device) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -337,6 +364,22 @@ class MIMIC:
             max(0.0, 1 - s / total))
         from tqdm.auto import tqdm
 
+        step_fn = _StudentStep(student, s_taps, augment, cfg.ssl_weight > 0)
+        accelerator = None
+        if distributed_launch():
+            from accelerate.utils import broadcast_object_list
+
+            from purify_fast.distributed import prepare_stage
+
+            # ``total`` counts the unsharded batches: accelerate steps the schedule once per
+            # process per optimizer step, so the decay still ends at ``total``.
+            accelerator, step_fn, opt, sched = prepare_stage(step_fn, opt, scheduler=sched)
+            device = accelerator.device
+            teacher.to(device)
+            # Rank 0's MI estimate decides every rank's layer weights.
+            mi, weights = broadcast_object_list([mi, weights], from_process=0)
+            result.mi, result.weights = mi, weights
+
         rng_state = torch.random.get_rng_state()
         torch.manual_seed(cfg.seed)
         step = 0
@@ -346,28 +389,40 @@ class MIMIC:
                     mi = self._estimate_mi(s_taps, tokenizer, data, device, f"epoch {epoch}", result)
                     weights = layer_weights(mi, cfg.mi_a, cfg.mi_b)
                     result.mi, result.weights = mi, weights
-                bar = tqdm(self._batches(tokenizer, data, epoch), total=n_batches or None,
-                           desc=f"mimic {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
+                    if accelerator is not None:
+                        mi, weights = broadcast_object_list([mi, weights], from_process=0)
+                        result.mi, result.weights = mi, weights
+                batches = self._batches(tokenizer, data, epoch)
+                if accelerator is not None and isinstance(data, TextDataset):
+                    batches = accelerator.prepare_data_loader(batches)  # this rank's share
+                main = accelerator is None or accelerator.is_main_process
+                bar = tqdm(batches, total=(len(batches) if hasattr(batches, "__len__")
+                                           else n_batches) or None,
+                           desc=f"mimic {epoch + 1}/{cfg.epochs}",
+                           disable=not cfg.progress or not main)
                 for batch in bar:
+                    if isinstance(batch, dict):
+                        batch.pop("labels", None)
                     batch = _to(batch, device)
                     with torch.no_grad():
                         t_maps, t_feat, mask = t_taps(batch)
-                    view1 = augment(batch) if augment is not None else batch
-                    s_maps, s_feat, _ = s_taps(view1)
+                    s_maps, s_feat, s_feat2 = step_fn(batch)
                     l_clone = clone_loss(s_feat, t_feat)
                     l_attn = attention_map_loss(s_maps, [m.detach() for m in t_maps], weights,
                                                 mask if (mask is not None and s_maps[0].dim() == 3)
                                                 else None, backend=cfg.backend)
                     loss = l_clone + cfg.attn_weight * l_attn
                     l_ssl = torch.zeros((), device=device)
-                    if cfg.ssl_weight > 0:
-                        view2 = augment(batch) if augment is not None else batch
-                        _, s_feat2, _ = s_taps(view2)  # a second dropout pass for text
+                    if s_feat2 is not None:
                         l_ssl = nt_xent(s_feat, s_feat2, cfg.ssl_temperature)
                         loss = loss + cfg.ssl_weight * l_ssl
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    if accelerator is not None:
+                        accelerator.backward(loss)  # averages the gradients over the ranks
+                        accelerator.clip_grad_norm_(step_fn.parameters(), 1.0)
+                    else:
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, 1.0)
                     opt.step()
                     sched.step()
                     step += 1

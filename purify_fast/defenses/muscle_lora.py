@@ -19,6 +19,14 @@ loss is low. One extra forward/backward per step (the reference batch).
 
 The reference pool (96 examples for encoders, 128 for decoders) is split off the clean dev set;
 the rest of the dev set picks the epoch kept (best clean dev accuracy).
+
+Under ``accelerate launch`` with several processes the trainer runs data-parallel
+(:func:`purify_fast.distributed.prepare_stage`, DDP over gloo or nccl): the training and the
+reference loaders are both split across ranks, each backward averages its gradient over the
+ranks (so ``g`` and ``g_c`` are the global-batch gradients), and the reference loss that picks
+between the pure and the blended update is averaged too, so every rank applies the same update
+and the replicas never drift apart. FSDP is refused: it shards each tensor over the ranks, and
+the per-tensor dot products above would then be taken over one shard only.
 """
 
 from __future__ import annotations
@@ -38,7 +46,13 @@ from purify_fast.nn.multiscale_lora import (
     merge_muscle_lora,
     model_family,
 )
-from purify_fast.training import accuracy, autocast, model_device, seed_everything
+from purify_fast.training import (
+    accuracy,
+    autocast,
+    distributed_launch,
+    model_device,
+    seed_everything,
+)
 
 ABLATIONS = ("muscle-lora", "lora", "ga+lora", "lora+mslr")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -210,6 +224,23 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
     eval_kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length,
                    "precision": precision}
 
+    accelerator, net = None, model  # ``net``: what the loop calls (the model or its DDP wrapper)
+    if distributed_launch():
+        from accelerate.utils import DistributedType
+
+        from purify_fast.distributed import prepare_stage
+
+        loaders = (loader, ref_loader) if ga else (loader,)
+        accelerator, net, opt, *loaders, sched = prepare_stage(model, opt, *loaders,
+                                                               scheduler=sched)
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("MuScleLoRA's gradient alignment needs whole gradient tensors; "
+                             "FSDP shards them. Launch with DDP (the adapters are small).")
+        loader = loaders[0]
+        if ga:
+            ref_iter = _cycle(loaders[1])
+        device = accelerator.device
+
     def to_dev(batch):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -217,8 +248,13 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
         for p in params:
             p.grad = None
         with autocast(device, precision):
-            loss = model(**to_dev(batch)).loss
-        loss.backward()
+            loss = net(**to_dev(batch)).loss
+        if accelerator is not None:
+            accelerator.backward(loss)  # gradients come back averaged over the ranks
+            # the same loss on every rank, so every rank takes the same GA branch
+            loss = accelerator.reduce(loss.detach(), reduction="mean")
+        else:
+            loss.backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         return float(loss.detach()), grads
 
@@ -232,13 +268,15 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
     if config.keep_best:
         acc0 = accuracy(model, tokenizer, select, **eval_kw)
         result.best_epoch, result.best_dev_acc, best = 0, acc0, snapshot()
-        result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "seconds": 0.0})
-    model.train()
+        result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "steps": 0,
+                               "seconds": 0.0})
+    net.train()
     for epoch in range(epochs):
         mu = raw_grad_ratio(epoch, epochs, config.max_raw_grad_ratio)
         t0, loss_sum, ref_sum, n, steps = time.perf_counter(), 0.0, 0.0, 0, 0
         bar = tqdm(loader, desc=f"muscle-lora {epoch + 1}/{epochs}", leave=False,
-                   disable=not config.progress)
+                   disable=not config.progress or (accelerator is not None
+                                                   and not accelerator.is_main_process))
         for batch in bar:
             loss, grads = loss_and_grads(batch)
             if ga:
@@ -261,14 +299,15 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
             b = len(batch["labels"])
             loss_sum, n, steps = loss_sum + loss * b, n + b, steps + 1
             bar.set_postfix(loss=f"{loss_sum / n:.4f}")
-        row = {"epoch": epoch + 1, "loss": loss_sum / max(n, 1),
+        # ``steps``: batches this process ran (its shard of the epoch under a multi-process run).
+        row = {"epoch": epoch + 1, "loss": loss_sum / max(n, 1), "steps": steps,
                "ref_loss": ref_sum / steps if ga and steps else None, "mu": mu,
                "dev_acc": accuracy(model, tokenizer, select, **eval_kw),
                "seconds": time.perf_counter() - t0}
         result.history.append(row)
         if config.keep_best and row["dev_acc"] > result.best_dev_acc:
             result.best_epoch, result.best_dev_acc, best = epoch + 1, row["dev_acc"], snapshot()
-        model.train()
+        net.train()
     if config.keep_best and best is not None and result.best_epoch != epochs:
         with torch.no_grad():
             for p, b in zip(params, best):

@@ -158,13 +158,19 @@ def atomic_save_dir(out_dir: str | os.PathLike, write) -> Path:
     return out
 
 
+def is_writer_rank() -> bool:
+    """True unless this is a non-zero rank of a multi-process launch (``RANK`` set by torchrun /
+    ``accelerate launch``): the ranks hold the same weights after a data-parallel stage, so one
+    writes, and two ranks swapping the same directory in at once would race."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def save_pretrained_atomic(model, out_dir: str | os.PathLike, tokenizer=None,
                            extra_json: dict[str, dict] | None = None) -> Path:
     """``model.save_pretrained`` (+ tokenizer, + extra JSON files) into ``out_dir`` atomically.
 
-    In a multi-process launch (``RANK`` set) only rank 0 writes: the ranks hold the same weights
-    after a data-parallel fine-tune, and two ranks swapping directories in at once would race."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    In a multi-process launch only rank 0 writes (:func:`is_writer_rank`)."""
+    if not is_writer_rank():
         return Path(out_dir)
 
     def write(tmp: Path):
