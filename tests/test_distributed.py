@@ -146,6 +146,16 @@ _STAGE = textwrap.dedent("""
 """)
 
 
+def _load_script(path, name):
+    """Import a stage script written by a test, to run its function in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,12 +173,7 @@ def test_stage_under_accelerate_launch_two_cpu_processes(tmp_path):
     two = torch.load(tmp_path / "two.pt")
     assert two["world"] == 2 and "MULTI_CPU" in two["type"]
     # one process on the global batch (2 x 4) reaches the same weights: gradients were averaged
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stage", script)
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
-    _, one = stage.train(8, prepare=False)
+    _, one = _load_script(script, "stage").train(8, prepare=False)
     for k, v in one.state_dict().items():
         torch.testing.assert_close(two["state"][k], v, rtol=1e-5, atol=1e-6)
 
@@ -216,26 +221,39 @@ _TRAIN = textwrap.dedent("""
 """)
 
 
-def test_train_loop_runs_data_parallel_under_accelerate_launch(tmp_path):
-    """The fine-tune loop every defense uses joins the launched ranks (gloo, 2 CPU processes):
-    both ranks end on the same weights and the same kept epoch, and the weights did train."""
-    script = tmp_path / "train_stage.py"
-    script.write_text(_TRAIN)
-    argv = accelerate_launch_argv(script, [tmp_path], num_processes=2, cpu=True,
+def _two_ranks(tmp_path, name: str, source: str, *args) -> tuple[dict, dict]:
+    """Write ``source`` as a stage script, run it on 2 gloo CPU processes under
+    ``accelerate launch`` (``sys.argv[1]`` = ``tmp_path``), and load what each rank saved there
+    as ``rank{R}.pt``."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(source)
+    argv = accelerate_launch_argv(script, [tmp_path, *args], num_processes=2, cpu=True,
                                   main_process_port=_free_port())
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
+    return r0, r1
+
+
+def _assert_same_trained_weights(r0: dict, r1: dict, key: str = "state") -> None:
+    """Both ranks hold bit-identical weights, and most tensors moved from their init."""
+    for k, v in r0[key].items():
+        torch.testing.assert_close(r1[key][k], v, rtol=0, atol=0)
+    moved = [k for k, v in r0[key].items() if not torch.equal(v, r0["init"][k])]
+    assert len(moved) > len(r0[key]) // 2, moved
+
+
+def test_train_loop_runs_data_parallel_under_accelerate_launch(tmp_path):
+    """The fine-tune loop every defense uses joins the launched ranks (gloo, 2 CPU processes):
+    both ranks end on the same weights and the same kept epoch, and the weights did train."""
+    r0, r1 = _two_ranks(tmp_path, "train_stage", _TRAIN)
     assert r0["history"] == r1["history"] and r0["best_epoch"] == r1["best_epoch"]
     # each rank ran its half of the 12 batches of 4 per epoch, on different examples
     assert r0["steps"] == r1["steps"] == [6, 6]
     assert r0["loss"][1:] != r1["loss"][1:]
-    for k, v in r0["state"].items():
-        torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0)
-    moved = [k for k, v in r0["state"].items() if not torch.equal(v, r0["init"][k])]
-    assert len(moved) > len(r0["state"]) // 2, moved
+    _assert_same_trained_weights(r0, r1)
 
 
 def test_only_rank_zero_writes_checkpoints(tmp_path, monkeypatch):
@@ -289,35 +307,18 @@ _MUSCLE = textwrap.dedent("""
 """)
 
 
-def _load_script(path, name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_muscle_lora_gradient_alignment_runs_data_parallel(tmp_path):
     """MuScleLoRA's GA trainer under `accelerate launch` (2 gloo processes, 4 examples each per
     step) lands on the weights one process reaches with the global batch of 8: both the training
     and the reference gradients (and the reference loss that picks the GA branch) are averaged
     over the ranks."""
-    script = tmp_path / "muscle_stage.py"
-    script.write_text(_MUSCLE)
-    argv = accelerate_launch_argv(script, [tmp_path, 4], num_processes=2, cpu=True,
-                                  main_process_port=_free_port())
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert r0["world"] == r1["world"] == 2
+    r0, r1 = _two_ranks(tmp_path, "muscle_stage", _MUSCLE, 4)
     # 48 training examples in batches of 4: each rank ran 6 of the 12 per epoch
     assert r0["steps"] == r1["steps"] == [6, 6]
     assert r0["ga"] + r0["blended"] == 12 and (r0["ga"], r0["blended"]) == (r1["ga"], r1["blended"])
     for k, v in r0["trained"].items():
         torch.testing.assert_close(r1["trained"][k], v, rtol=0, atol=0)
-    one_res, one = _load_script(script, "muscle_stage").run(8)
+    one_res, one = _load_script(tmp_path / "muscle_stage.py", "muscle_stage").run(8)
     assert [h["steps"] for h in one_res.history] == [6, 6]
     assert (one_res.ga_steps, one_res.blended_steps) == (r0["ga"], r0["blended"])
     torch.testing.assert_close(r0["ref_loss"], [h["ref_loss"] for h in one_res.history],
@@ -355,22 +356,11 @@ _MIMIC = textwrap.dedent("""
 def test_mimic_distillation_runs_data_parallel(tmp_path):
     """MIMIC under `accelerate launch` (2 gloo processes): each rank distils its half of the 10
     batches per epoch, on different inputs, and the two students end identical and trained."""
-    script = tmp_path / "mimic_stage.py"
-    script.write_text(_MIMIC)
-    argv = accelerate_launch_argv(script, [tmp_path], num_processes=2, cpu=True,
-                                  main_process_port=_free_port())
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert r0["world"] == r1["world"] == 2
+    r0, r1 = _two_ranks(tmp_path, "mimic_stage", _MIMIC)
     assert r0["steps"] == r1["steps"] == 2 * 5
     assert r0["weights"] == r1["weights"]
     assert r0["loss"] != r1["loss"]
-    for k, v in r0["state"].items():
-        torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0)
-    moved = [k for k, v in r0["state"].items() if not torch.equal(v, r0["init"][k])]
-    assert len(moved) > len(r0["state"]) // 2, moved
+    _assert_same_trained_weights(r0, r1)
 
 
 def test_train_clean_cli_under_accelerate_launch_writes_once(tmp_path):
