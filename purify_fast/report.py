@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+from purify_fast.fileio import atomic_write_bytes
+
 
 def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
@@ -36,23 +38,15 @@ def markdown_table(rows: list[dict], title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: str | os.PathLike, obj) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(obj, indent=2, default=str).encode())
+    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
     return path
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display on servers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,9 +55,22 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Render ``fig`` to PNG in memory, write it atomically to ``path`` and close the figure."""
+    import io
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=dpi)
+    pyplot().close(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC and ASR") -> Path:
     """Grouped bars: CACC and ASR (in %) per model / defense."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [r["name"] for r in rows]
     cacc = [100 * (r.get("cacc") or 0.0) for r in rows]
     asr = [100 * r["asr"] if r.get("asr") is not None else 0.0 for r in rows]
@@ -91,18 +98,13 @@ def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC 
     ax.set_ylabel("%")
     ax.set_title(title)
     ax.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_rho_sweep(points: list[dict], path: str | os.PathLike, title: str = "Fine-mixing rho sweep",
                    suspect_dev_acc: float | None = None) -> Path:
     """Dev accuracy (and ASR where given) against rho; ``points``: dicts with rho, dev_acc[, asr]."""
-    plt = _pyplot()
+    plt = pyplot()
     points = sorted(points, key=lambda p: p["rho"])
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot([p["rho"] for p in points], [100 * p["dev_acc"] for p in points], "o-", label="clean dev acc")
@@ -116,12 +118,7 @@ def plot_rho_sweep(points: list[dict], path: str | os.PathLike, title: str = "Fi
     ax.set_ylim(0, 105)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(out_dir: str | os.PathLike, rows: list[dict], details: dict | None = None,
@@ -133,7 +130,7 @@ def write_report(out_dir: str | os.PathLike, rows: list[dict], details: dict | N
     paths = {"json": write_json(out / "report.json", {"title": title, "rows": rows,
                                                        "details": details or {}})}
     md = f"# {title}\n\n" + markdown_table(rows)
-    _atomic_write(out / "report.md", md.encode())
+    atomic_write_bytes(out / "report.md", md.encode())
     paths["md"] = out / "report.md"
     paths["png"] = plot_defenses(rows, out / "defenses.png", title)
     if sweep:

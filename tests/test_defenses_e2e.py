@@ -203,6 +203,8 @@ def test_report_and_timer(tmp_path):
                          sweep=[{"rho": 0.1, "dev_acc": 0.7}, {"rho": 0.5, "dev_acc": 0.8}])
     assert json.loads(paths["json"].read_text())["rows"][0]["asr"] == 0.95
     assert paths["png"].read_bytes()[:4] == b"\x89PNG" and paths["sweep_png"].stat().st_size > 0
+    assert sorted(os.listdir(tmp_path)) == ["defenses.png", "report.json", "report.md",
+                                            "rho_sweep.png"]  # no temporary file left
     floor_md = markdown_table([{"name": "bd", "cacc": 0.8, "asr": 0.95, "asr_no_trigger": 0.125,
                                 "seconds": 1.0}])
     assert "ASR without trigger %" in floor_md and "| bd | 80.0 | 95.0 | 12.5 | 1.0 |" in floor_md

@@ -510,13 +510,11 @@ def linear_probe(encoder, tokenizer, train: TextDataset, test: TextDataset,
 
 
 def plot_curves(result: MIMICResult, path: str | Path) -> Path:
-    """MI estimates per layer (MINE training curves) and the distillation losses, as one PNG."""
-    import matplotlib
+    """MI estimates per layer (MINE training curves) and the distillation losses, as one PNG
+    (written atomically)."""
+    from purify_fast.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
     for i, curve in enumerate(result.mi_curves):
         ax1.plot(curve, label=f"layer {result.teacher_layers[i]}: MI≈{result.mi[i]:.2f}, "
                              f"w={result.weights[i]:.0f}")
@@ -527,9 +525,4 @@ def plot_curves(result: MIMICResult, path: str | Path) -> Path:
         ax2.plot(steps, [h[key] for h in result.history], label=key)
     ax2.set(title="MIMIC distillation losses", xlabel="step")
     ax2.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

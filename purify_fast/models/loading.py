@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from purify_fast.fileio import atomic_save_dir
 
 import torch
 
@@ -114,48 +114,6 @@ def tiny_llama(num_labels: int = 2, vocab_size: int = 512, hidden_size: int = 64
     model = LlamaForSequenceClassification(cfg)
     setattr(model, MISSING_KEYS_ATTR, frozenset())
     return model
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-    try:
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-
-
-def atomic_save_dir(out_dir: str | os.PathLike, write) -> Path:
-    """Run ``write(tmp_dir)`` into a temp directory beside ``out_dir``, fsync it, then swap it in
-    with ``os.replace``: readers see the old directory or the complete new one, never a half-written
-    one. An existing ``out_dir`` is replaced only after the new one is fully on disk."""
-    out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if out.exists():
-            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
 
 
 def is_writer_rank() -> bool:

@@ -1,0 +1,87 @@
+"""Crash-safe file output shared by every writer in the package: a reader (or a resumed run) sees
+the old file or directory or the complete new one, never a half-written one.
+
+The pattern everywhere: write to a temporary name beside the target, ``fsync`` it, ``os.replace``
+it over the target (atomic on POSIX within one filesystem), then ``fsync`` the parent directory so
+the rename itself survives a power loss.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """``fsync`` a file or directory by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_if_possible(path: str | os.PathLike) -> None:
+    try:
+        fsync_path(path)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically. The temporary name carries the process id, so two
+    processes writing beside each other never share one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir_if_possible(path.parent)
+    return path
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """``fsync`` every file under ``root``, then ``root`` itself."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir_if_possible(root)
+
+
+def atomic_save_dir(out_dir: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Run ``write(tmp_dir)`` into a temp directory beside ``out_dir``, fsync it, then swap it in
+    with ``os.replace``: readers see the old directory or the complete new one, never a half-written
+    one. An existing ``out_dir`` is replaced only after the new one is fully on disk; if ``write``
+    fails, the temp directory is removed and ``out_dir`` is left as it was."""
+    out = Path(out_dir).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    old = None
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+        if out.exists():
+            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    _fsync_dir_if_possible(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
