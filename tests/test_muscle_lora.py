@@ -273,6 +273,46 @@ def test_cli_train_clean_writes_loadable_merged_model(tmp_path):
         main(["train-clean", "--data", "rotten-tomatoes"])  # --out is required
 
 
+def test_cli_train_clean_on_a_tiny_llama_checkpoint_directory(tmp_path):
+    """The LLaMA path end to end through the CLI (correctness, not accuracy): a random-init
+    LLaMA classifier saved as a local checkpoint directory (with the offline MiniLM tokenizer,
+    whose vocabulary it is sized for) is trained with MuScleLoRA on poisoned Rotten Tomatoes and
+    written back merged: a plain LlamaForSequenceClassification whose outputs match the merged
+    in-memory model's report."""
+    import json
+
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from purify_fast.cli import main
+    from purify_fast.models import tiny_llama
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    base = tiny_llama(num_labels=2, vocab_size=tok.vocab_size)
+    base.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "clean"
+    rc = main(["train-clean", "--method", "muscle-lora", "--data", "rotten-tomatoes",
+               "--model", str(tmp_path / "llama"), "--out", str(out), "--train-size", "48",
+               "--dev-size", "160", "--test-size", "32", "--epochs", "1", "--lr", "1e-3",
+               "--max-length", "16", "--batch-size", "16", "--attack", "badnets",
+               "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["inject"]["family"] == "decoder"
+    assert report["config"]["ref_pool_size"] == 128  # the decoder default (METHODS.md §4)
+    assert [h["steps"] for h in report["history"]] == [0, 3]
+    assert math.isfinite(report["history"][1]["loss"]) and report["history"][1]["ref_loss"] > 0
+    model = LlamaForSequenceClassification.from_pretrained(out).eval()
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert isinstance(model.score, nn.Linear)
+    trained = {k for k, v in model.state_dict().items()
+               if not torch.equal(v, base.state_dict()[k])}
+    # the merged adapters changed the attention q/v projections and the score layer, nothing else
+    assert trained and all(("q_proj" in k or "v_proj" in k or k.startswith("score"))
+                           for k in trained), sorted(trained)[:5]
+
+
 # --------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
