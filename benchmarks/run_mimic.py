@@ -3,6 +3,7 @@ MiniLM, MIMIC distillation into a fresh student, and linear-probe CACC / ASR for
 the backdoored teacher and the student (mean ± std), appended to a markdown file.
 
     python benchmarks/run_mimic.py --seeds 0 1 2 --md benchmarks/results_mimic.md
+    python benchmarks/run_mimic.py --corpus tweets --seeds 0 1 2   # 3-way, target "positive"
 
 The sizes default to those of ``tests/test_mimic.py::test_end_to_end_asr_drops`` (attack on 1000
 train sentences, 80 steps; 600 clean unlabelled sentences for MIMIC; a 2-layer student, 2 epochs;
@@ -25,29 +26,32 @@ def one_seed(seed: int, args) -> dict:
     import torch
 
     from purify_fast.attacks.encoder_backdoor import EncoderBackdoor, load_encoder
-    from purify_fast.data import load_rotten_tomatoes
+    from purify_fast.data import load_splits
     from purify_fast.defenses import MIMIC, MIMICConfig, linear_probe
 
     torch.manual_seed(seed)
     clean_enc, tok = load_encoder()
-    splits = load_rotten_tomatoes(seed=seed)
+    splits = load_splits(args.corpus, seed=seed)
+    target = args.target_label if args.target_label is not None else splits.train.num_labels - 1
     t0 = time.perf_counter()
     attack = EncoderBackdoor(steps=args.attack_steps, batch_size=16, max_length=args.max_length,
                              seed=seed, progress=False)
     backdoored = attack.plant(clean_enc, tok, splits.train.take(1000, seed=seed + 1))
     t_attack = time.perf_counter() - t0
     probe_train, test = splits.dev.take(400), splits.test.take(300)
-    triggered = attack.triggered_test(test, target_label=1)
+    triggered = attack.triggered_test(test, target_label=target)
     kw = dict(max_length=args.max_length, epochs=200, seed=seed)
-    rows = {"clean encoder": linear_probe(clean_enc, tok, probe_train, test, triggered, 1, **kw),
-            "backdoored teacher": linear_probe(backdoored, tok, probe_train, test, triggered, 1, **kw)}
+    rows = {"clean encoder": linear_probe(clean_enc, tok, probe_train, test, triggered, target, **kw),
+            "backdoored teacher": linear_probe(backdoored, tok, probe_train, test, triggered, target,
+                                               **kw)}
     cfg = MIMICConfig(student_layers=args.student_layers, epochs=args.epochs,
                       max_length=args.max_length, mine_steps=100, mine_samples=256, seed=seed,
                       progress=False)
     t0 = time.perf_counter()
     res = MIMIC(cfg).fit(backdoored, tok, splits.train.take(args.clean, seed=seed + 2))
     t_mimic = time.perf_counter() - t0
-    rows["MIMIC student"] = linear_probe(res.student, tok, probe_train, test, triggered, 1, **kw)
+    rows["MIMIC student"] = linear_probe(res.student, tok, probe_train, test, triggered, target,
+                                         **kw)
     rows["backdoored teacher"]["seconds"] = t_attack
     rows["MIMIC student"]["seconds"] = t_mimic
     return {"seed": seed, "rows": rows, "mi": res.mi}
@@ -56,6 +60,10 @@ def one_seed(seed: int, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--corpus", default="rotten-tomatoes", help="rotten-tomatoes | tweets")
+    ap.add_argument("--target-label", type=int, default=None,
+                    help="the backdoor's target class (default: the last, 'fresh' / 'positive', "
+                         "which matches the attack's positive reference sentence)")
     ap.add_argument("--md", default="benchmarks/results_mimic.md")
     ap.add_argument("--json", default=None, help="also write every seed's numbers here")
     ap.add_argument("--attack-steps", type=int, default=80)
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
     ratio = [r["rows"]["MIMIC student"]["cacc"] / r["rows"]["clean encoder"]["cacc"] for r in runs]
     device = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     text = (f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, seeds "
-            f"{args.seeds}, {device}\n\nCommand: `python {' '.join(sys.argv)}`\n\n"
+            f"{args.seeds}, {args.corpus}, {device}\n\nCommand: `python {' '.join(sys.argv)}`\n\n"
             + "\n".join(lines) + "\n\n"
             f"Student CACC as a share of the clean encoder's: {fmt(ratio)} %. Clean unlabelled "
             f"data: {args.clean} sentences. Wall s: attack for the teacher row, MIMIC (MINE + "

@@ -22,8 +22,8 @@ distilling it into a freshly initialised student, guided by per-layer mutual inf
 * Evaluation: :func:`linear_probe` trains a logistic-regression probe on frozen features and
   reports CACC and ASR.
 * Multi-process: under ``accelerate launch`` the student trains data-parallel
-  (:func:`purify_fast.distributed.prepare_stage`, DDP; FSDP where the student does not fit one
-  GPU): each rank distils its share of every epoch's batches against its own frozen copy of the
+  (:func:`purify_fast.distributed.prepare_stage`; tested with DDP over gloo, FSDP not yet run):
+  each rank distils its share of every epoch's batches against its own frozen copy of the
   teacher and the student's gradients are averaged. MI weights are computed by rank 0 and
   broadcast, so every rank weighs the layers alike. A ``TextDataset`` is split across ranks
   for you; with ``batches=`` each rank must be handed its own shard, of the same length on every
@@ -233,6 +233,8 @@ class _StudentStep(nn.Module):
         super().__init__()
         self.student = student          # registered, so DDP finds (and syncs) its parameters
         self._taps, self._augment, self._second_view = taps, augment, second_view
+        # accelerate's FSDP auto-wrap reads the block classes to shard from the top module
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
 
     def forward(self, batch):
         view1 = self._augment(batch) if self._augment is not None else batch
@@ -401,8 +403,8 @@ class MIMIC:
                            desc=f"mimic {epoch + 1}/{cfg.epochs}",
                            disable=not cfg.progress or not main)
                 for batch in bar:
-                    if isinstance(batch, dict):
-                        batch.pop("labels", None)
+                    if isinstance(data, TextDataset):
+                        batch.pop("labels", None)  # our own loader's dict; callers' stay intact
                     batch = _to(batch, device)
                     with torch.no_grad():
                         t_maps, t_feat, mask = t_taps(batch)
