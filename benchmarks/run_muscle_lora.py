@@ -6,6 +6,9 @@ per-epoch history, printed and appended to ``--jsonl``.
     python benchmarks/run_muscle_lora.py --mode muscle --alpha 1 --lr 2e-3 --epochs 4 --bs 16 \
         --pr 0.15 --scaling fft --seed 0
 
+``python benchmarks/run_muscle_lora.py --summarize RUNS.jsonl`` prints mean ± std per attack and
+mode of the lines appended with ``--jsonl``.
+
 ``--mode``: ``vanilla`` (full fine-tuning), ``muscle`` (MSLR + LoRA q/v + gradient alignment), or
 an ablation of :func:`purify_fast.defenses.muscle_lora.train_clean` (``lora``, ``ga+lora``,
 ``lora+mslr``). One thread, as measured (the same reduction order gives the same numbers).
@@ -17,6 +20,27 @@ import sys
 import time
 
 import torch
+
+
+def summarize(jsonl: str) -> str:
+    """A markdown table of mean ± std (over seeds) per attack and mode from a ``--jsonl`` file."""
+    import statistics
+    from collections import defaultdict
+
+    groups = defaultdict(list)
+    for line in open(jsonl):
+        r = json.loads(line)
+        groups[(r.get("attack", "badnets"), r["mode"])].append(r)
+    pct = lambda vals: (f"{100 * statistics.mean(vals):.1f} ± "
+                        f"{100 * (statistics.stdev(vals) if len(vals) > 1 else 0.0):.1f}")
+    lines = ["| attack | run | seeds | CACC % | ASR % | ASR without trigger % | wall s |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for (attack, mode), rows in groups.items():
+        seeds = ",".join(str(r["seed"]) for r in rows)
+        lines.append(f"| {attack} | {mode} | {seeds} | {pct([r['cacc'] for r in rows])} | "
+                     f"{pct([r['asr'] for r in rows])} | {pct([r['fpr'] for r in rows])} | "
+                     f"{statistics.mean(r['wall'] for r in rows):.0f} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -40,7 +64,12 @@ def main(argv=None) -> int:
     ap.add_argument("--maxraw", type=float, default=0.1, help="max raw-gradient blend ratio")
     ap.add_argument("--nokeep", action="store_true", help="keep the last epoch, not the best")
     ap.add_argument("--jsonl", default=None, help="append the result line here")
+    ap.add_argument("--summarize", default=None, metavar="JSONL",
+                    help="only print the mean ± std table of a --jsonl file, run nothing")
     a = ap.parse_args(argv)
+    if a.summarize:
+        print(summarize(a.summarize))
+        return 0
     torch.set_num_threads(1)
 
     from purify_fast.attacks import make_attack
