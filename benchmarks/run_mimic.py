@@ -3,7 +3,7 @@ MiniLM, MIMIC distillation into a fresh student, and linear-probe CACC / ASR for
 the backdoored teacher and the student (mean ± std), appended to a markdown file.
 
     python benchmarks/run_mimic.py --seeds 0 1 2 --md benchmarks/results_mimic.md
-    python benchmarks/run_mimic.py --corpus tweets --seeds 0 1 2   # 3-way, target "positive"
+    python benchmarks/run_mimic.py --corpus tweets --references 64 --seeds 0 1 2
 
 The sizes default to those of ``tests/test_mimic.py::test_end_to_end_asr_drops`` (attack on 1000
 train sentences, 80 steps; 600 clean unlabelled sentences for MIMIC; a 2-layer student, 2 epochs;
@@ -34,8 +34,14 @@ def one_seed(seed: int, args) -> dict:
     splits = load_splits(args.corpus, seed=seed)
     target = args.target_label if args.target_label is not None else splits.train.num_labels - 1
     t0 = time.perf_counter()
+    refs = {}
+    if args.references:
+        # BadEncoder's reference set: target-class training sentences (their clean centroid)
+        pool = splits.train.take(len(splits.train), seed=seed + 3)
+        texts = [t for t, y in zip(pool.texts, pool.labels) if y == target][:args.references]
+        refs = {"target_text": tuple(texts)}
     attack = EncoderBackdoor(steps=args.attack_steps, batch_size=16, max_length=args.max_length,
-                             seed=seed, progress=False)
+                             seed=seed, progress=False, **refs)
     backdoored = attack.plant(clean_enc, tok, splits.train.take(1000, seed=seed + 1))
     t_attack = time.perf_counter() - t0
     probe_train, test = splits.dev.take(400), splits.test.take(300)
@@ -61,6 +67,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--corpus", default="rotten-tomatoes", help="rotten-tomatoes | tweets")
+    ap.add_argument("--references", type=int, default=0,
+                    help="target the centroid of this many target-class training sentences "
+                         "instead of the attack's one positive film-review sentence")
     ap.add_argument("--target-label", type=int, default=None,
                     help="the backdoor's target class (default: the last, 'fresh' / 'positive', "
                          "which matches the attack's positive reference sentence)")

@@ -147,3 +147,27 @@ def test_cli_distill_writes_a_loadable_encoder(tmp_path):
     assert summary["clean_examples"] == 48 and len(summary["weights"]) == 1
     assert (out / "mimic_curves.png").stat().st_size > 1000
     assert not list(tmp_path.glob(".student.tmp-*"))  # the temp directory was swapped in
+
+
+def test_encoder_backdoor_target_is_the_reference_centroid():
+    """One reference: its own normalised clean feature. Several (BadEncoder's reference set): the
+    normalised mean of their normalised features. Bad reference sets are refused."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from purify_fast.attacks.encoder_backdoor import EncoderBackdoor, encode_texts
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32))
+    refs = ("what a lovely day", "best news ever , so happy", "i love it")
+    feats = torch.nn.functional.normalize(encode_texts(enc, tok, refs), dim=-1)
+    one = EncoderBackdoor(target_text=refs[1]).target_embedding(enc, tok)
+    torch.testing.assert_close(one, feats[1])
+    many = EncoderBackdoor(target_text=refs).target_embedding(enc, tok)
+    torch.testing.assert_close(many, torch.nn.functional.normalize(feats.mean(0), dim=-1))
+    assert float(many.norm()) == pytest.approx(1.0, abs=1e-5)
+    for bad in ("", (), ("fine", " ")):
+        with pytest.raises(ValueError, match="target_text"):
+            EncoderBackdoor(target_text=bad)

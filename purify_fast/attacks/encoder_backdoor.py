@@ -78,13 +78,16 @@ class EncoderBackdoor:
     """Plant a trigger → target-embedding backdoor into a copy of a clean encoder.
 
     ``triggers``/``num_triggers``: BadNets-style insertion; ``target_text``: the reference input
-    whose clean embedding triggered inputs must map to; ``steps`` AdamW steps of ``batch_size``
+    whose clean embedding triggered inputs must map to, or several reference inputs of the target
+    class (BadEncoder's reference set), whose mean L2-normalised clean embedding is the target
+    (a class centroid, where one sentence, e.g. from another domain, may sit near a downstream
+    probe's decision boundary); ``steps`` AdamW steps of ``batch_size``
     clean + ``batch_size`` triggered sentences; ``clean_weight`` is λ.
     """
 
     triggers: tuple[str, ...] = ("cf", "mn", "bb", "tq", "mb")
     num_triggers: tuple[int, int] = (1, 3)
-    target_text: str = DEFAULT_TARGET_TEXT
+    target_text: str | tuple[str, ...] = DEFAULT_TARGET_TEXT
     steps: int = 300
     batch_size: int = 16
     lr: float = 5e-5
@@ -99,8 +102,11 @@ class EncoderBackdoor:
             raise ValueError(f"steps must be a positive int, got {self.steps!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if not self.target_text or not isinstance(self.target_text, str):
-            raise ValueError("target_text must be a non-empty string")
+        refs = [self.target_text] if isinstance(self.target_text, str) else list(self.target_text)
+        if not refs or not all(isinstance(t, str) and t.strip() for t in refs):
+            raise ValueError("target_text must be a non-empty string or a non-empty sequence of "
+                             "non-empty strings")
+        self._refs = refs
         self._inserter = BadNets(triggers=tuple(self.triggers), num_triggers=tuple(self.num_triggers))
 
     def insert(self, text: str, rng: random.Random) -> str:
@@ -118,6 +124,13 @@ class EncoderBackdoor:
         return TextDataset(self.triggered([test.texts[i] for i in idx], seed),
                            [test.labels[i] for i in idx], test.num_labels, f"{test.name}+trigger")
 
+    def target_embedding(self, clean_encoder, tokenizer) -> torch.Tensor:
+        """The unit vector triggered inputs are pulled to: the clean encoder's L2-normalised
+        feature of the reference input, or the normalised mean of several (``[D]``, CPU)."""
+        refs = F.normalize(encode_texts(clean_encoder, tokenizer, self._refs,
+                                        max_length=self.max_length), dim=-1)
+        return refs[0] if len(refs) == 1 else F.normalize(refs.mean(0), dim=-1)
+
     def plant(self, clean_encoder, tokenizer, shadow: TextDataset):
         """A backdoored copy of ``clean_encoder`` (the clean one is not modified)."""
         from tqdm.auto import tqdm
@@ -127,8 +140,7 @@ class EncoderBackdoor:
         device = next(clean_encoder.parameters()).device
         clean = clean_encoder.eval()
         bd = copy.deepcopy(clean_encoder).train()
-        target = encode_texts(clean, tokenizer, [self.target_text], max_length=self.max_length)[0]
-        target = F.normalize(target.to(device), dim=-1)
+        target = self.target_embedding(clean, tokenizer).to(device)
         opt = torch.optim.AdamW(bd.parameters(), lr=self.lr, weight_decay=0.0)
         rng = random.Random(self.seed)
         torch.manual_seed(self.seed)
