@@ -79,8 +79,8 @@ class EncoderBackdoor:
 
     ``triggers``/``num_triggers``: BadNets-style insertion; ``target_text``: the reference input
     whose clean embedding triggered inputs must map to, or several reference inputs of the target
-    class (BadEncoder's reference set), whose normalised mean L2-normalised clean embedding is
-    the target. The attack works only if the downstream probe puts that target in the target
+    class (BadEncoder's reference set), in which case the target is the normalised mean of
+    their L2-normalised clean embeddings. The attack works only if the downstream probe puts that target in the target
     class: on the 3-way tweets corpus a linear probe put the centroid of 64 positive tweets in
     another class (benchmarks/results_mimic.md); ``steps`` AdamW steps of ``batch_size``
     clean + ``batch_size`` triggered sentences; ``clean_weight`` is λ.
