@@ -237,12 +237,12 @@ def _two_ranks(tmp_path, name: str, source: str, *args) -> tuple[dict, dict]:
     return r0, r1
 
 
-def _assert_same_trained_weights(r0: dict, r1: dict, key: str = "state") -> None:
+def _assert_same_trained_weights(r0: dict, r1: dict) -> None:
     """Both ranks hold bit-identical weights, and most tensors moved from their init."""
-    for k, v in r0[key].items():
-        torch.testing.assert_close(r1[key][k], v, rtol=0, atol=0)
-    moved = [k for k, v in r0[key].items() if not torch.equal(v, r0["init"][k])]
-    assert len(moved) > len(r0[key]) // 2, moved
+    for k, v in r0["state"].items():
+        torch.testing.assert_close(r1["state"][k], v, rtol=0, atol=0)
+    moved = [k for k, v in r0["state"].items() if not torch.equal(v, r0["init"][k])]
+    assert len(moved) > len(r0["state"]) // 2, moved
 
 
 def test_train_loop_runs_data_parallel_under_accelerate_launch(tmp_path):

@@ -390,10 +390,9 @@ class MIMIC:
                 if cfg.mi_source == "student" and epoch > 0 and epoch % cfg.mi_every == 0:
                     mi = self._estimate_mi(s_taps, tokenizer, data, device, f"epoch {epoch}", result)
                     weights = layer_weights(mi, cfg.mi_a, cfg.mi_b)
-                    result.mi, result.weights = mi, weights
                     if accelerator is not None:
                         mi, weights = broadcast_object_list([mi, weights], from_process=0)
-                        result.mi, result.weights = mi, weights
+                    result.mi, result.weights = mi, weights
                 batches = self._batches(tokenizer, data, epoch)
                 if accelerator is not None and isinstance(data, TextDataset):
                     batches = accelerator.prepare_data_loader(batches)  # this rank's share
