@@ -19,10 +19,6 @@ PACKAGES = find_packages(include=["purify_fast", "purify_fast.*"]) + ["purify_fa
 PACKAGE_DIR = {"purify_fast": "purify_fast", "purify_fast.kernels": "kernels"}
 
 
-def _sources(*names):
-    return [os.path.join("csrc", n) for n in names]
-
-
 def _ext_modules():
     if os.environ.get("PURIFY_FAST_NO_EXT") == "1":
         return [], {}
@@ -40,8 +36,14 @@ def _ext_modules():
         os.path.join("csrc", f) for f in os.listdir(os.path.join(HERE, "csrc"))
         if f.endswith(".cpp") and not f.endswith("_cuda_binding.cpp")
     )
-    exts = [CppExtension("purify_fast._C", cpu_sources, extra_compile_args=cxx_flags,
-                         extra_link_args=openmp)]
+    # The shared headers (op signatures, registry, Philox) as dependencies: editing one rebuilds
+    # the extensions, and they travel in an sdist.
+    headers = sorted(
+        os.path.join("csrc", f) for f in os.listdir(os.path.join(HERE, "csrc"))
+        if f.endswith((".h", ".cuh"))
+    )
+    exts = [CppExtension("purify_fast._C", cpu_sources, depends=headers,
+                         extra_compile_args=cxx_flags, extra_link_args=openmp)]
 
     nvcc = shutil.which("nvcc") or (
         os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
@@ -52,7 +54,7 @@ def _ext_modules():
         )
         arch = os.environ.get("PURIFY_FAST_CUDA_ARCH", "-arch=sm_90")
         exts.append(CUDAExtension(
-            "purify_fast._C_cuda", cu_sources,
+            "purify_fast._C_cuda", cu_sources, depends=headers,
             extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                                 "nvcc": ["-O3", "-std=c++17", arch, "--expt-relaxed-constexpr"]},
         ))

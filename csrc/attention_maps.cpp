@@ -8,6 +8,7 @@
 // Shapes: fs [B,N,CS], ft [B,N,CT] contiguous (fp32/fp16/bf16, may differ), mask [B,N] fp32;
 // outputs loss_rows [B], gs [B,N], gt [B,N] fp32. gs/gt first hold the energies, then dL/ds.
 #include "registry.h"
+#include "attention_maps.h"
 
 #include <algorithm>
 #include <cmath>
@@ -133,13 +134,7 @@ void attention_map_backward(const at::Tensor& f, const at::Tensor& g, double sca
 }
 
 void register_ops(pybind11::module_& m) {
-  m.def("attention_map_forward", &attention_map_forward,
-        "MIMIC attention-map row losses and dL/ds of one layer (CPU)", pybind11::arg("fs"),
-        pybind11::arg("ft"), pybind11::arg("mask"), pybind11::arg("eps"),
-        pybind11::arg("loss_rows"), pybind11::arg("gs"), pybind11::arg("gt"));
-  m.def("attention_map_backward", &attention_map_backward,
-        "out = scale * g * 2f, the attention-map gradient of one layer's features (CPU)",
-        pybind11::arg("f"), pybind11::arg("g"), pybind11::arg("scale"), pybind11::arg("out"));
+  purify_fast::def_attention_map_ops(m, {&attention_map_forward, &attention_map_backward});
 }
 
 const purify_fast::RegisterOps kRegister(register_ops);

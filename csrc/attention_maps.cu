@@ -9,6 +9,8 @@
 //   backward: dF[b,n,c] = scale * dL/ds[b,n] * 2 F[b,n,c]
 // Shapes: fs [B,N,CS], ft [B,N,CT] contiguous (dtype code 0 fp32, 1 fp16, 2 bf16), mask [B,N]
 // fp32; loss_rows [B], gs [B,N], gt [B,N] fp32 (gs/gt first hold the energies, then dL/ds).
+#include "cuda_convert.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,16 +22,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using purify_fast::from_f32;
+using purify_fast::to_f32;
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);

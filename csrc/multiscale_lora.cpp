@@ -12,6 +12,7 @@
 // low-rank output, scale, add), y is written once by us and read+written once by the GEMM, and
 // no [M, N] temporary exists. The dense R·S·L is never formed.
 #include "registry.h"
+#include "multiscale_lora.h"
 
 #include <ATen/Parallel.h>
 
@@ -136,13 +137,7 @@ void mslora_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional
 }
 
 void register_ops(pybind11::module_& m) {
-  m.def("mslora_project", &mslora_project,
-        "MSLR projection v[M,Q] (fp32) = (x[M,K]·lᵀ)·sᵀ (CPU, OpenMP)", pybind11::arg("x"),
-        pybind11::arg("l"), pybind11::arg("s"), pybind11::arg("out"));
-  m.def("mslora_linear", &mslora_linear,
-        "MSLR linear y = x·wᵀ + b + v·rᵀ (CPU: fused rank-Q fill + at::addmm_ with beta=1)",
-        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b"), pybind11::arg("v"),
-        pybind11::arg("r"), pybind11::arg("out"));
+  purify_fast::def_multiscale_lora_ops(m, {&mslora_project, &mslora_linear});
 }
 
 const purify_fast::RegisterOps kRegister(register_ops);

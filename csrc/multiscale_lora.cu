@@ -7,6 +7,8 @@
 //   lowrank_fill: y[M,N] = b[N] + v·rtᵀᵀ = b[n] + Σ_t v[m,t]·rt[t,n],  rt [Q,N] fp32
 // The binding finishes y = x·wᵀ + y with cuBLAS (beta = 1), so the big GEMM stays on the vendor
 // kernel while the rank-Q update and the bias cost one extra write of y and no [M,N] temporary.
+#include "cuda_convert.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,16 +22,8 @@ constexpr int kTileK = 64;      // K chunk staged in shared memory
 constexpr int kQLanes = 16;     // threads per row; thread (row, lane) owns ranks lane, lane+16, ..
 constexpr int kMaxQChunks = 4;  // so Q <= 64 (the binding checks)
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using purify_fast::from_f32;
+using purify_fast::to_f32;
 
 // Block = kRows × kQLanes threads. Each K chunk of x (kRows rows) and of l (all Q rows) is staged
 // in shared memory, so l is read from L2 once per kRows rows instead of once per row.

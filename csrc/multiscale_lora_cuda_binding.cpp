@@ -1,6 +1,7 @@
 // Binding of the MSLR CUDA launchers (csrc/multiscale_lora.cu) into purify_fast._C_cuda, with the
 // contract of purify_fast/ops/multiscale_lora.py. Built only where torch has CUDA and nvcc exists.
 #include "registry.h"
+#include "multiscale_lora.h"
 
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_runtime.h>
@@ -74,11 +75,7 @@ void mslora_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional
 }
 
 void register_ops(pybind11::module_& m) {
-  m.def("mslora_project", &mslora_project, "MSLR projection v = (x·lᵀ)·sᵀ (CUDA)",
-        pybind11::arg("x"), pybind11::arg("l"), pybind11::arg("s"), pybind11::arg("out"));
-  m.def("mslora_linear", &mslora_linear, "MSLR linear y = x·wᵀ + b + v·rᵀ (CUDA + cuBLAS)",
-        pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("b"), pybind11::arg("v"),
-        pybind11::arg("r"), pybind11::arg("out"));
+  purify_fast::def_multiscale_lora_ops(m, {&mslora_project, &mslora_linear});
 }
 
 const purify_fast::RegisterOps kRegister(register_ops);

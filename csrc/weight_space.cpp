@@ -10,6 +10,7 @@
 // bodies instantiated for AVX-512, AVX2 and baseline x86-64 (chosen once at run time), an OpenMP
 // driver that hands each thread large contiguous chunks, and the torch-facing wrappers.
 #include "registry.h"
+#include "weight_space.h"
 #include "philox.h"
 
 #include <ATen/Parallel.h>
@@ -716,24 +717,9 @@ std::string cpu_isa() {
 }
 
 void register_ops(pybind11::module_& m) {
-  namespace py = pybind11;
-  m.def("mix_random", &mix_random, "Philox Bernoulli(rho) select: out = keep ? ft : pre",
-        py::arg("pre"), py::arg("ft"), py::arg("out"), py::arg("seed_word"), py::arg("key_word"),
-        py::arg("keep_threshold"));
-  m.def("fisher_accumulate_", &fisher_accumulate_, "acc += scale * grad^2 (fp32 acc, in place)",
-        py::arg("acc"), py::arg("grad"), py::arg("scale"));
-  m.def("score_histogram", &score_histogram,
-        "Accumulate the radix-select histogram of fp32 score bit patterns into hist",
-        py::arg("pre"), py::arg("ft"), py::arg("hessian"), py::arg("indicator"), py::arg("eps"),
-        py::arg("hist"), py::arg("prefix"));
-  m.def("select_by_score", &select_by_score,
-        "out = (score >= threshold) == selected_takes_finetuned ? ft : pre", py::arg("pre"),
-        py::arg("ft"), py::arg("hessian"), py::arg("indicator"), py::arg("eps"),
-        py::arg("threshold"), py::arg("selected_takes_finetuned"), py::arg("out"));
-  m.def("embedding_drift_scores", &embedding_drift_scores,
-        "E-PUR: ||ft[i]-pre[i]||_2 / log(max(freqs[i], c)) per row into out (fp32)",
-        py::arg("pre"), py::arg("ft"), py::arg("freqs"), py::arg("c"), py::arg("out"));
-  m.def("all_finite", &all_finite, "True when no element is NaN or +-Inf", py::arg("t"));
+  purify_fast::def_weight_space_ops(
+      m, {&mix_random, &fisher_accumulate_, &score_histogram, &select_by_score,
+          &embedding_drift_scores, &all_finite});
   m.def("cpu_isa", &cpu_isa, "Instruction set the CPU kernels dispatch to (base, avx2, avx512)");
 }
 
