@@ -2,7 +2,7 @@
 several seeds, written as mean ± std to a markdown table.
 
     python benchmarks/run_defenses.py --seeds 0 1 2 --out benchmarks/defenses_runs \
-        --md benchmarks/results_defenses.md [--quick]
+        --md benchmarks/results_defenses.md [--quick | --size large]
 
 Each seed's full report (JSON/MD/PNG) goes to ``--out/seed<N>``; the aggregate table is appended
 to ``--md`` under a header naming the command, the device and the date.
@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="benchmarks/defenses_runs")
     ap.add_argument("--md", default="benchmarks/results_defenses.md")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="same as --size quick")
+    ap.add_argument("--size", default=None, choices=["quick", "full", "large"],
+                    help="the demo's SIZES (default full)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
@@ -58,15 +60,16 @@ def main(argv=None) -> int:
 
     runs = []
     for seed in args.seeds:
-        res = run_demo(str(Path(args.out) / f"seed{seed}"), quick=args.quick, seed=seed,
-                       device=args.device, progress=False)
+        res = run_demo(str(Path(args.out) / f"seed{seed}"), quick=args.quick, size=args.size,
+                       seed=seed, device=args.device, progress=False)
         runs.append(res)
         (Path(args.out) / f"seed{seed}" / "rows.json").write_text(json.dumps(res["rows"], indent=2))
     agg = aggregate(runs)
+    size_name = runs[0]["details"]["size"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     header = (f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-              f"seeds {args.seeds}, {'quick' if args.quick else 'full'} sizes, {device}\n\n"
+              f"seeds {args.seeds}, {size_name} sizes, {device}\n\n"
               f"Command: `python {' '.join(sys.argv)}`\n\n")
     with open(args.md, "a") as fh:
         fh.write(header + table(agg))

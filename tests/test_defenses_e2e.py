@@ -262,6 +262,13 @@ def test_cli_wiring():
     args = parser.parse_args(["attack", "--out", "z", "--attack", "ep"])
     assert args.attack == "ep" and args.poison_rate == 0.1 and args.triggers == "cf,mn,bb,tq,mb"
     assert parser.parse_args(["demo", "--quick"]).quick
+    assert parser.parse_args(["demo", "--size", "large"]).size == "large"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--size", "huge"])
+    from purify_fast.commands.demo import run_demo
+
+    with pytest.raises(ValueError, match="size must be one of"):
+        run_demo(None, size="huge", log=lambda *_: None)
     assert parser.parse_args(["evaluate", "--model", "m"]).model == "m"
     with pytest.raises(SystemExit):
         parser.parse_args(["purify", "--suspect", "x", "--out", "y", "--method", "bogus"])

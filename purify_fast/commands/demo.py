@@ -16,6 +16,9 @@ from types import SimpleNamespace
 SIZES = {  # train, dev, test, clean set, attack epochs
     "full": dict(train_size=1500, dev_size=300, test_size=400, clean_size=240, epochs=2),
     "quick": dict(train_size=480, dev_size=160, test_size=160, clean_size=160, epochs=3),
+    # More accurate models (a clean fine-tune's own error on negatives is the floor under ASR) and
+    # a 1000-example test set; about 4x the full demo's time, for benchmarks/run_defenses.py.
+    "large": dict(train_size=6000, dev_size=800, test_size=1000, clean_size=480, epochs=2),
 }
 
 
@@ -23,7 +26,10 @@ def add_parser(sub):
     p = sub.add_parser("demo", help="backdoor MiniLM on Rotten Tomatoes, run every defense, "
                                     "print the table")
     p.add_argument("--out", default="purify_demo", help="directory for report.json/.md/.png")
-    p.add_argument("--quick", action="store_true", help="smaller sizes (CI)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (CI); same as --size quick")
+    p.add_argument("--size", choices=sorted(SIZES), default=None,
+                   help="data sizes: quick (CI), full (default, under 10 min on 2 CPU cores), "
+                        "large (6000 train / 1000 test, about 4x longer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--backend", default=None, help="kernel backend for the ops")
@@ -45,8 +51,9 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
              device: str | None = None, backend: str | None = None, attack_lr: float = 3e-4,
              defense_lr: float = 3e-4, defense_epochs: int = 5, progress: bool = True,
              mixing_rho: float | None = 0.3, purifying_rho: float | None = None,
-             log=print) -> dict:
-    """Run the demo; returns ``{"rows": [...], "details": {...}}`` (and writes ``out``)."""
+             log=print, size: str | None = None) -> dict:
+    """Run the demo; returns ``{"rows": [...], "details": {...}}`` (and writes ``out``).
+    ``size`` (a key of :data:`SIZES`) overrides ``quick``."""
     import torch
 
     from purify_fast.attacks import BadNets, embedding_poison
@@ -61,7 +68,10 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         torch.set_num_threads(min(torch.get_num_threads(), 2))
-    size = SIZES["quick" if quick else "full"]
+    size_name = size or ("quick" if quick else "full")
+    if size_name not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size_name!r}")
+    size = SIZES[size_name]
     t_all = time.perf_counter()
     splits = load_rotten_tomatoes(seed=seed, train_size=size["train_size"],
                                   dev_size=size["dev_size"], test_size=size["test_size"])
@@ -69,7 +79,7 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
     attack = BadNets(target_label=1, poison_rate=0.1, seed=seed)
     triggered = attack.triggered_test(splits.test)
     ev = lambda m, tok: evaluate_backdoor(m, tok, splits.test, triggered, attack.target_label)
-    rows, details = [], {"sizes": size, "seed": seed, "device": device}
+    rows, details = [], {"size": size_name, "sizes": size, "seed": seed, "device": device}
 
     def add(name, model, tok, seconds):
         m = ev(model, tok)
@@ -127,8 +137,8 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
 
 
 def run(args) -> int:
-    run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, backend=args.backend,
-             attack_lr=args.attack_lr, defense_lr=args.defense_lr,
+    run_demo(args.out, quick=args.quick, size=args.size, seed=args.seed, device=args.device,
+             backend=args.backend, attack_lr=args.attack_lr, defense_lr=args.defense_lr,
              defense_epochs=args.defense_epochs, progress=not args.no_progress,
              mixing_rho=args.mixing_rho, purifying_rho=args.purifying_rho)
     return 0
