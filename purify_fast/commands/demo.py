@@ -17,7 +17,7 @@ SIZES = {  # train, dev, test, clean set, attack epochs
     "full": dict(train_size=1500, dev_size=300, test_size=400, clean_size=240, epochs=2),
     "quick": dict(train_size=480, dev_size=160, test_size=160, clean_size=160, epochs=3),
     # More accurate models (a clean fine-tune's own error on negatives is the floor under ASR) and
-    # a 1000-example test set; about 4x the full demo's time, for benchmarks/run_defenses.py.
+    # a 1000-example test set; several times the full demo's time, for benchmarks/run_defenses.py.
     "large": dict(train_size=6000, dev_size=800, test_size=1000, clean_size=480, epochs=2),
 }
 
@@ -29,7 +29,7 @@ def add_parser(sub):
     p.add_argument("--quick", action="store_true", help="smaller sizes (CI); same as --size quick")
     p.add_argument("--size", choices=sorted(SIZES), default=None,
                    help="data sizes: quick (CI), full (default, under 10 min on 2 CPU cores), "
-                        "large (6000 train / 1000 test, about 4x longer)")
+                        "large (6000 train / 1000 test, several times longer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--backend", default=None, help="kernel backend for the ops")
