@@ -36,8 +36,8 @@ def _ext_modules():
         os.path.join("csrc", f) for f in os.listdir(os.path.join(HERE, "csrc"))
         if f.endswith(".cpp") and not f.endswith("_cuda_binding.cpp")
     )
-    # The shared headers (op signatures, registry, Philox) as dependencies: editing one rebuilds
-    # the extensions, and they travel in an sdist.
+    # The shared headers (op signatures, registry, Philox) as dependencies, so that editing one
+    # rebuilds the extensions.
     headers = sorted(
         os.path.join("csrc", f) for f in os.listdir(os.path.join(HERE, "csrc"))
         if f.endswith((".h", ".cuh"))

@@ -65,13 +65,13 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
     from purify_fast.report import markdown_table, write_report
     from purify_fast.training import TrainConfig, seed_everything, train
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
     size_name = size or ("quick" if quick else "full")
     if size_name not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size_name!r}")
     size = SIZES[size_name]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
     t_all = time.perf_counter()
     splits = load_rotten_tomatoes(seed=seed, train_size=size["train_size"],
                                   dev_size=size["dev_size"], test_size=size["test_size"])
