@@ -30,7 +30,10 @@ def summarize(jsonl: str) -> str:
     groups = defaultdict(list)
     for line in open(jsonl):
         r = json.loads(line)
-        groups[(r.get("attack", "badnets"), r["mode"])].append(r)
+        mode = r["mode"]
+        if mode in ("muscle", "lora+mslr"):  # runs with an MSLR layer: radial and FFT apart
+            mode += f" ({r.get('scaling', 'radial')})"
+        groups[(r.get("attack", "badnets"), mode)].append(r)
     pct = lambda vals: (f"{100 * statistics.mean(vals):.1f} ± "
                         f"{100 * (statistics.stdev(vals) if len(vals) > 1 else 0.0):.1f}")
     lines = ["| attack | run | seeds | CACC % | ASR % | ASR without trigger % | wall s |",

@@ -46,3 +46,27 @@ def test_gpu_suite_plans_every_op_family():
     for name in ("mix_weights", "fisher_accumulate_", "score+reset", "embedding_drift_scores",
                  "multiscale_lora_fwd"):
         assert name in ops, out
+
+
+def test_muscle_lora_summary_keeps_scalings_and_attacks_apart(tmp_path):
+    # benchmarks/run_muscle_lora.py --summarize writes the tables of results_muscle_lora.md: runs
+    # of the two MSLR scalings and of the two attacks must never be averaged together.
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("run_muscle_lora",
+                                                  ROOT / "benchmarks" / "run_muscle_lora.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = [("badnets", "muscle", "fft", 0, 0.70, 0.50), ("badnets", "muscle", "fft", 1, 0.60, 0.30),
+            ("badnets", "muscle", "radial", 0, 0.65, 0.90), ("addsent", "muscle", "fft", 0, 0.75, 0.20),
+            ("badnets", "vanilla", "radial", 0, 0.80, 1.00)]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(dict(attack=a, mode=m, scaling=sc, seed=s, cacc=c, asr=x,
+                                            fpr=0.1, wall=10.0)) + "\n"
+                            for a, m, sc, s, c, x in runs))
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line
+            for line in mod.summarize(str(path)).splitlines()[2:]}
+    assert set(rows) == {("badnets", "muscle (fft)", "0,1"), ("badnets", "muscle (radial)", "0"),
+                         ("addsent", "muscle (fft)", "0"), ("badnets", "vanilla", "0")}
+    assert "| 65.0 ± 7.1 | 40.0 ± 14.1 |" in rows[("badnets", "muscle (fft)", "0,1")]
