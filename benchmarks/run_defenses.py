@@ -44,19 +44,19 @@ def table(agg: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    from purify_fast.commands.demo import SIZES, run_demo
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="benchmarks/defenses_runs")
     ap.add_argument("--md", default="benchmarks/results_defenses.md")
     ap.add_argument("--quick", action="store_true", help="same as --size quick")
-    ap.add_argument("--size", default=None, choices=["quick", "full", "large"],
+    ap.add_argument("--size", default=None, choices=sorted(SIZES),
                     help="the demo's SIZES (default full)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
     import torch
-
-    from purify_fast.commands.demo import run_demo
 
     runs = []
     for seed in args.seeds:
