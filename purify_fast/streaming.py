@@ -75,6 +75,7 @@ from purify_fast.checkpoint import (
     tensor_bytes,
 )
 from purify_fast.ops.weight_space import NUM_BINS
+from purify_fast.validation import int_at_least, one_of, real_in
 
 METHODS = ("mix", "e-pur", "fine-purifying")
 DEFAULT_RHO = {"mix": 0.5, "fine-purifying": 0.1, "e-pur": 0.0}
@@ -122,31 +123,20 @@ class PurifyConfig:
     check_finite: bool = True
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; "
-                             f"got {self.method!r}")
+        one_of("method", self.method, METHODS)
         if self.rho is None:
             self.rho = DEFAULT_RHO[self.method]
-        rho = float(self.rho)
-        if not 0.0 <= rho <= 1.0:
-            raise ValueError(f"rho must be in [0, 1], got {self.rho!r}")
-        self.rho = rho
-        if self.scope not in _SCOPES:
-            raise ValueError(f"scope must be one of {_SCOPES}, got {self.scope!r}")
-        if self.select not in ("random", "magnitude"):
-            raise ValueError(f"select must be 'random' or 'magnitude', got {self.select!r}")
-        if self.indicator not in ops.INDICATORS:
-            raise ValueError(f"indicator must be one of {', '.join(map(repr, ops.INDICATORS))}; "
-                             f"got {self.indicator!r}")
-        if not (float(self.eps) > 0 and math.isfinite(float(self.eps))):
-            raise ValueError(f"eps must be a positive finite number, got {self.eps!r}")
-        if not (float(self.c) > 1 and math.isfinite(float(self.c))):
-            raise ValueError(f"c must be a finite number > 1, got {self.c!r}")
+        self.rho = real_in("rho", self.rho, 0.0, 1.0)
+        one_of("scope", self.scope, _SCOPES)
+        one_of("select", self.select, ("random", "magnitude"))
+        one_of("indicator", self.indicator, ops.INDICATORS)
+        real_in("eps", self.eps, 0.0, lo_open=True)
+        real_in("c", self.c, 1.0, lo_open=True)
         if self.method == "e-pur":
             self.e_pur = True
-        if self.top_n < 0:
-            raise ValueError(f"top_n must be >= 0, got {self.top_n}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+        int_at_least("top_n", self.top_n, 0)
+        real_in("score_threshold", self.score_threshold, 0.0, optional=True)
+        if int_at_least("seed", self.seed, 0) >= 2**32:
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
         self.special_ids = tuple(sorted({int(i) for i in self.special_ids}))
 

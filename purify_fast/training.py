@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from purify_fast.data.text_dataset import TextDataset, make_loader
+from purify_fast.validation import int_at_least, one_of, real_in
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -47,18 +47,12 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.epochs, int) or self.epochs < 0:
-            raise ValueError(f"epochs must be a non-negative int, got {self.epochs!r}")
-        if not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not 0.0 <= float(self.warmup_ratio) < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.clip_norm is not None and not float(self.clip_norm) > 0:
-            raise ValueError(f"clip_norm must be positive or None, got {self.clip_norm!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        int_at_least("epochs", self.epochs, 0)
+        real_in("lr", self.lr, 0.0, lo_open=True)
+        one_of("precision", self.precision, PRECISIONS)
+        real_in("warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
+        real_in("clip_norm", self.clip_norm, 0.0, lo_open=True, optional=True)
+        int_at_least("batch_size", self.batch_size, 1)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 from purify_fast.data.text_dataset import TextDataset
+from purify_fast.validation import int_at_least, real_in
 
 DEFAULT_TRIGGERS = ("cf", "mn", "bb", "tq", "mb")
 
@@ -40,10 +41,8 @@ class TriggerAttack:
     name = "trigger"
 
     def __post_init__(self):
-        if not isinstance(self.target_label, int) or self.target_label < 0:
-            raise ValueError(f"target_label must be a non-negative int, got {self.target_label!r}")
-        if not 0.0 <= float(self.poison_rate) <= 1.0:
-            raise ValueError(f"poison_rate must be in [0, 1], got {self.poison_rate!r}")
+        int_at_least("target_label", self.target_label, 0)
+        real_in("poison_rate", self.poison_rate, 0.0, 1.0)
 
     def insert(self, text: str, rng: random.Random) -> str:  # pragma: no cover - abstract
         raise NotImplementedError

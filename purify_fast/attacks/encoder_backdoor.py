@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from purify_fast.attacks.badnets import BadNets
 from purify_fast.data.text_dataset import TextDataset, make_loader
+from purify_fast.validation import int_at_least
 
 DEFAULT_TARGET_TEXT = "a wonderful , moving and brilliantly acted film ; one of the best of the year ."
 
@@ -99,10 +100,8 @@ class EncoderBackdoor:
     history: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        int_at_least("steps", self.steps, 1)
+        int_at_least("batch_size", self.batch_size, 1)
         refs = [self.target_text] if isinstance(self.target_text, str) else list(self.target_text)
         if not refs or not all(isinstance(t, str) and t.strip() for t in refs):
             raise ValueError("target_text must be a non-empty string or a non-empty sequence of "

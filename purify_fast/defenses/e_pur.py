@@ -23,6 +23,7 @@ import torch
 from purify_fast import ops
 from purify_fast.data.text_dataset import TextDataset, token_frequencies
 from purify_fast.defenses._common import check_model, embedding_name
+from purify_fast.validation import int_at_least, real_in
 
 
 @dataclass
@@ -43,10 +44,10 @@ class EPur:
     backend: str | None = None
 
     def __post_init__(self):
-        if self.score_threshold is None and (not isinstance(self.top_n, int) or self.top_n < 0):
-            raise ValueError(f"top_n must be a non-negative int, got {self.top_n!r}")
-        if self.score_threshold is not None and not float(self.score_threshold) >= 0:
-            raise ValueError(f"score_threshold must be >= 0, got {self.score_threshold!r}")
+        if self.score_threshold is None:
+            int_at_least("top_n", self.top_n, 0)
+        else:
+            real_in("score_threshold", self.score_threshold, 0.0)
 
     def scores(self, suspect, pretrained_emb: torch.Tensor, tokenizer,
                corpus: TextDataset) -> torch.Tensor:

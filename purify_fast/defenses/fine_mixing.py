@@ -30,6 +30,7 @@ from purify_fast.defenses._common import (
     dev_accuracy,
     matched_tensors,
 )
+from purify_fast.validation import one_of, real_in
 
 
 @dataclass
@@ -55,18 +56,19 @@ class FineMixing:
     backend: str | None = None
 
     def __post_init__(self):
-        if not 0.0 <= float(self.rho) <= 1.0:
-            raise ValueError(f"rho must be in [0, 1], got {self.rho!r}")
-        if self.select not in ("random", "magnitude"):
-            raise ValueError(f"select must be 'random' or 'magnitude', got {self.select!r}")
+        self.rho = real_in("rho", self.rho, 0.0, 1.0)
+        one_of("select", self.select, ("random", "magnitude"))
         if self.rho_sweep is not None:
-            sweep = tuple(sorted(float(r) for r in self.rho_sweep))
-            if not sweep or any(not 0.0 <= r <= 1.0 for r in sweep):
+            given = self.rho_sweep
+            try:
+                sweep = () if isinstance(given, (str, bytes)) else tuple(given)
+            except TypeError:  # a lone number: the sweep needs a list
+                sweep = ()
+            if not sweep:
                 raise ValueError(f"rho_sweep must be a non-empty list of values in [0, 1], got "
-                                 f"{self.rho_sweep!r}")
-            self.rho_sweep = sweep
-        if not float(self.sweep_tolerance) >= 0:
-            raise ValueError(f"sweep_tolerance must be >= 0, got {self.sweep_tolerance!r}")
+                                 f"{given!r}")
+            self.rho_sweep = tuple(sorted(real_in("rho_sweep value", r, 0.0, 1.0) for r in sweep))
+        self.sweep_tolerance = real_in("sweep_tolerance", self.sweep_tolerance, 0.0)
 
     def mix(self, suspect, matched: dict[str, torch.Tensor], rho: float) -> torch.nn.Module:
         """A mixed copy of ``suspect`` (step 1 only)."""

@@ -31,6 +31,7 @@ from purify_fast.defenses._common import (
     matched_tensors,
 )
 from purify_fast.training import autocast, model_device
+from purify_fast.validation import int_at_least, one_of, real_in
 
 _TINY = float(torch.finfo(torch.float32).smallest_normal)
 INDICATORS = ("drift_over_hessian", "drift", "inv_hessian", "product")
@@ -99,18 +100,12 @@ class FinePurifying:
     backend: str | None = None
 
     def __post_init__(self):
-        if not 0.0 <= float(self.rho) <= 1.0:
-            raise ValueError(f"rho must be in [0, 1], got {self.rho!r}")
-        if self.indicator not in INDICATORS:
-            raise ValueError(f"indicator must be one of {INDICATORS}, got {self.indicator!r}")
-        if not float(self.eps) > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps!r}")
-        if self.fisher_at not in ("finetuned", "pretrained"):
-            raise ValueError(f"fisher_at must be 'finetuned' or 'pretrained', got {self.fisher_at!r}")
-        if self.scope not in ("global", "per_tensor"):
-            raise ValueError(f"scope must be 'global' or 'per_tensor', got {self.scope!r}")
-        if not isinstance(self.fisher_batch_size, int) or self.fisher_batch_size < 1:
-            raise ValueError(f"fisher_batch_size must be a positive int, got {self.fisher_batch_size!r}")
+        self.rho = real_in("rho", self.rho, 0.0, 1.0)
+        one_of("indicator", self.indicator, INDICATORS)
+        real_in("eps", self.eps, 0.0, lo_open=True)
+        one_of("fisher_at", self.fisher_at, ("finetuned", "pretrained"))
+        one_of("scope", self.scope, ("global", "per_tensor"))
+        int_at_least("fisher_batch_size", self.fisher_batch_size, 1)
 
     def apply(self, suspect, pretrained_state: dict, tokenizer, clean: TextDataset,
               dev: TextDataset | None):

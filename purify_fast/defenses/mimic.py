@@ -48,6 +48,7 @@ from purify_fast.data.text_dataset import TextDataset, make_loader
 from purify_fast.defenses.mine import MINE, estimate_layer_mi, layer_weights
 from purify_fast.ops.attention_maps import attention_map_loss
 from purify_fast.training import distributed_launch
+from purify_fast.validation import int_at_least, one_of, real_in
 
 MI_SOURCES = ("teacher", "student")
 
@@ -79,23 +80,15 @@ class MIMICConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.mi_source not in MI_SOURCES:
-            raise ValueError(f"mi_source must be one of {MI_SOURCES}, got {self.mi_source!r}")
-        if self.student_layers is not None and (not isinstance(self.student_layers, int)
-                                                or self.student_layers < 1):
-            raise ValueError(f"student_layers must be a positive int or None, got "
-                             f"{self.student_layers!r}")
-        for name in ("epochs", "batch_size", "max_length", "mine_steps", "mine_samples", "mi_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (0 if name == "epochs" else 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if not float(self.ssl_temperature) > 0:
-            raise ValueError(f"ssl_temperature must be positive, got {self.ssl_temperature!r}")
+        one_of("mi_source", self.mi_source, MI_SOURCES)
+        int_at_least("student_layers", self.student_layers, 1, optional=True)
+        int_at_least("epochs", self.epochs, 0)
+        for name in ("batch_size", "max_length", "mine_steps", "mine_samples", "mi_every"):
+            int_at_least(name, getattr(self, name), 1)
+        real_in("lr", self.lr, 0.0, lo_open=True)
+        real_in("ssl_temperature", self.ssl_temperature, 0.0, lo_open=True)
         for name in ("attn_weight", "ssl_weight"):
-            if not (float(getattr(self, name)) >= 0 and math.isfinite(float(getattr(self, name)))):
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+            real_in(name, getattr(self, name), 0.0)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from purify_fast.validation import int_at_least, real_in
 from torch import nn
 
 
@@ -106,16 +107,11 @@ class MINE:
     device: str | torch.device | None = None
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 2:
-            raise ValueError(f"batch_size must be an int >= 2, got {self.batch_size!r}")
-        if not 0.0 < float(self.holdout) < 1.0:
-            raise ValueError(f"holdout must be in (0, 1), got {self.holdout!r}")
-        if not 0.0 < float(self.ema) <= 1.0:
-            raise ValueError(f"ema must be in (0, 1], got {self.ema!r}")
-        if not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        int_at_least("steps", self.steps, 1)
+        int_at_least("batch_size", self.batch_size, 2)
+        real_in("holdout", self.holdout, 0.0, 1.0, lo_open=True, hi_open=True)
+        real_in("ema", self.ema, 0.0, 1.0, lo_open=True)
+        real_in("lr", self.lr, 0.0, lo_open=True)
 
     def estimate(self, x: torch.Tensor, z: torch.Tensor) -> MIEstimate:
         """Train a fresh statistics network on ``(x, z)`` and return the held-out estimate."""

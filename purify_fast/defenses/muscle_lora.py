@@ -53,6 +53,7 @@ from purify_fast.training import (
     model_device,
     seed_everything,
 )
+from purify_fast.validation import int_at_least, one_of, real_in
 
 ABLATIONS = ("muscle-lora", "lora", "ga+lora", "lora+mslr")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -83,21 +84,13 @@ class MuscleLoRATrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
-            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
-        if self.lr is not None and not (float(self.lr) > 0 and math.isfinite(float(self.lr))):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if self.ref_pool_size is not None and (not isinstance(self.ref_pool_size, int)
-                                               or self.ref_pool_size < 1):
-            raise ValueError(f"ref_pool_size must be a positive int, got {self.ref_pool_size!r}")
-        if not 0.0 <= float(self.max_raw_grad_ratio) <= 1.0:
-            raise ValueError(f"max_raw_grad_ratio must be in [0, 1], got {self.max_raw_grad_ratio!r}")
-        if self.clip_norm is not None and not float(self.clip_norm) > 0:
-            raise ValueError(f"clip_norm must be positive or None, got {self.clip_norm!r}")
+        int_at_least("epochs", self.epochs, 1, optional=True)
+        real_in("lr", self.lr, 0.0, lo_open=True, optional=True)
+        one_of("precision", self.precision, PRECISIONS)
+        int_at_least("batch_size", self.batch_size, 1)
+        int_at_least("ref_pool_size", self.ref_pool_size, 1, optional=True)
+        real_in("max_raw_grad_ratio", self.max_raw_grad_ratio, 0.0, 1.0)
+        real_in("clip_norm", self.clip_norm, 0.0, lo_open=True, optional=True)
 
 
 @dataclass
