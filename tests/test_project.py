@@ -70,3 +70,14 @@ def test_muscle_lora_summary_keeps_scalings_and_attacks_apart(tmp_path):
     assert set(rows) == {("badnets", "muscle (fft)", "0,1"), ("badnets", "muscle (radial)", "0"),
                          ("addsent", "muscle (fft)", "0"), ("badnets", "vanilla", "0")}
     assert "| 65.0 ± 7.1 | 40.0 ± 14.1 |" in rows[("badnets", "muscle (fft)", "0,1")]
+
+
+def test_methods_doc_is_in_the_repo_and_current():
+    # The docstrings cite "METHODS.md §N"; a clone must carry the file (docs/METHODS.md). Where the
+    # project's shared notes sit beside the checkout (CI, development), the copy must match them.
+    ours = ROOT / "docs" / "METHODS.md"
+    assert ours.is_file(), "docs/METHODS.md is missing"
+    assert "MuScleLoRA" in ours.read_text() and "MIMIC" in ours.read_text()
+    shared = ROOT.parent / "shared" / "METHODS.md"
+    if shared.is_file():
+        assert ours.read_text() == shared.read_text(), "docs/METHODS.md differs from ../shared/METHODS.md"

@@ -32,14 +32,13 @@ def _as_tokens(feat: torch.Tensor, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(feat).__name__}")
     if not feat.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {feat.dtype}")
-    if feat.dim() == 4:
-        return feat.flatten(2).transpose(1, 2)
-    if feat.dim() != 3:
+    if feat.dim() not in (3, 4):
         raise ValueError(f"{name} must be [batch, positions, channels] or [batch, channels, H, W]; "
                          f"got shape {tuple(feat.shape)}")
+    # Before the 4-D reshape too: an empty CNN map would otherwise give a loss of 0, not an error.
     if feat.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(feat.shape)})")
-    return feat
+    return feat.flatten(2).transpose(1, 2) if feat.dim() == 4 else feat
 
 
 def _kernel_dtype(*dtypes: torch.dtype) -> torch.dtype:
