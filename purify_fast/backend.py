@@ -60,7 +60,27 @@ def _cpp() -> tuple[ModuleType | None, str]:
 def _cuda() -> tuple[ModuleType | None, str]:
     if not torch.cuda.is_available():
         return None, "torch sees no CUDA device"
-    return _import("purify_fast._C_cuda")
+    mod, err = _import("purify_fast._C_cuda")
+    if mod is not None:
+        err = _cuda_arch_mismatch(mod)
+    return (None, err) if err else (mod, "")
+
+
+def _cuda_arch_mismatch(mod: ModuleType) -> str:
+    """Why the extension's kernels cannot run on the current GPU ("" if they can). The build
+    targets one architecture (PURIFY_FAST_CUDA_ARCH, default sm_90); without this check an older
+    GPU would pass every test of availability and then fail inside the first op."""
+    check = getattr(mod, "kernel_image_error", None)
+    if check is None:  # an extension built before the check existed: nothing to ask
+        return ""
+    device = torch.cuda.current_device()
+    why = check(device)
+    if not why:
+        return ""
+    major, minor = torch.cuda.get_device_capability(device)
+    return (f"purify_fast._C_cuda was built for another GPU architecture than "
+            f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}): {why}; rebuild with "
+            f"PURIFY_FAST_CUDA_ARCH=-arch=sm_{major}{minor} pip install --no-build-isolation -e .")
 
 
 @lru_cache(maxsize=None)
@@ -77,7 +97,8 @@ def triton_interpreting() -> bool:
 
 _FIXES = {
     "cpp": "reinstall with a C++ compiler present: pip install --no-build-isolation -e .",
-    "cuda": "on a machine with a CUDA torch and nvcc: pip install --no-build-isolation -e .",
+    "cuda": "on a machine with a CUDA torch and nvcc: pip install --no-build-isolation -e . "
+            "(for a GPU other than Hopper, set PURIFY_FAST_CUDA_ARCH=-arch=sm_XY first)",
     "triton": "pip install triton (and use CUDA tensors, or set TRITON_INTERPRET=1 for CPU)",
 }
 

@@ -38,6 +38,39 @@ def test_cu_file_compiles_with_plain_nvcc(name, tmp_path):
     assert (tmp_path / (name + ".o")).stat().st_size > 0
 
 
+_PROBE_MAIN = r"""
+#include <cstdio>
+extern "C" int purify_fast_kernel_image_status(int device);
+extern "C" const char* purify_fast_cuda_error_string(int code);
+int main() {
+  const int code = purify_fast_kernel_image_status(0);
+  std::printf("%d|%s\n", code, code ? purify_fast_cuda_error_string(code) : "");
+  return 0;
+}
+"""
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+def test_device_check_answers_without_failing(tmp_path):
+    """csrc/device_check.cu linked into a host program: on a machine whose GPU can run sm_90 code
+    it says 0; anywhere else (no GPU, no driver, an older GPU) it returns the CUDA runtime's
+    reason instead of crashing, which is what the backend shows the user."""
+    main = tmp_path / "main.cpp"
+    main.write_text(_PROBE_MAIN)
+    exe = tmp_path / "probe"
+    build = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-O1", str(CSRC / "device_check.cu"),
+                            str(main), "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-4000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    code, _, reason = run.stdout.strip().partition("|")
+    hopper_or_newer = torch.cuda.is_available() and torch.cuda.get_device_capability(0) >= (9, 0)
+    if hopper_or_newer:
+        assert int(code) == 0 and reason == ""
+    else:
+        assert int(code) != 0 and reason
+
+
 _KAT_PROGRAM = r"""
 #include "philox.h"
 #include <cstdio>

@@ -655,6 +655,29 @@ def test_missing_extension_raises_the_import_error_with_a_fix(monkeypatch):
     assert bk.resolve("auto", p.device, p.dtype) == "torch"
 
 
+def test_cuda_build_for_another_gpu_is_reported_with_the_rebuild_command(monkeypatch):
+    """An extension built for sm_90 on an sm_80 GPU: the module's own probe says so, and the
+    backend turns that into "unavailable" with the arch to rebuild for (no GPU needed here)."""
+    class Built:
+        def __init__(self, answer):
+            self.answer, self.asked = answer, []
+
+        def kernel_image_error(self, device):
+            self.asked.append(device)
+            return self.answer
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100")
+    wrong = Built("no kernel image is available for execution on the device")
+    why = bk._cuda_arch_mismatch(wrong)
+    assert wrong.asked == [1]
+    assert "NVIDIA A100 (sm_80): no kernel image is available" in why
+    assert "PURIFY_FAST_CUDA_ARCH=-arch=sm_80 pip install" in why
+    assert bk._cuda_arch_mismatch(Built("")) == ""
+    assert bk._cuda_arch_mismatch(object()) == ""  # an older build without the probe
+
+
 # --------------------------------------------------------------------------- property
 
 @pytest.mark.parametrize("device,name", CASES)
