@@ -8,7 +8,8 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `purify-fast --help` lists them.
-COMMANDS = ["demo", "attack", "purify", "evaluate", "train_clean", "distill", "stream", "env"]
+COMMANDS = ["demo", "attack", "purify", "evaluate", "train_clean", "distill", "fisher", "stream",
+            "env"]
 
 
 def build_parser() -> argparse.ArgumentParser:

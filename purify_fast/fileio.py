@@ -24,7 +24,7 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_dir_if_possible(path: str | os.PathLike) -> None:
+def fsync_dir_if_possible(path: str | os.PathLike) -> None:
     try:
         fsync_path(path)
     except OSError:  # some filesystems refuse fsync on directories
@@ -45,7 +45,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir_if_possible(path.parent)
+    fsync_dir_if_possible(path.parent)
     return path
 
 
@@ -55,7 +55,7 @@ def fsync_tree(root: str | os.PathLike) -> None:
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir_if_possible(root)
+    fsync_dir_if_possible(root)
 
 
 def atomic_save_dir(out_dir: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -81,7 +81,7 @@ def atomic_save_dir(out_dir: str | os.PathLike, write: Callable[[Path], object])
         if old is not None and old.exists() and not out.exists():
             os.replace(old, out)
         raise
-    _fsync_dir_if_possible(out.parent)
+    fsync_dir_if_possible(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out

@@ -74,6 +74,7 @@ from purify_fast.checkpoint import (
     side_files,
     tensor_bytes,
 )
+from purify_fast.fileio import fsync_dir_if_possible
 from purify_fast.ops.weight_space import NUM_BINS
 from purify_fast.validation import int_at_least, one_of, real_in
 
@@ -818,6 +819,10 @@ class DiskFisher:
     :meth:`finish` at the end: it divides by the number of batches, flushes, fsyncs and returns the
     directory, a checkpoint ready for ``purify_checkpoint(..., hessian=...)``.
 
+    The files are filled in ``<out_dir>.partial`` and renamed to ``out_dir`` by :meth:`finish`, so
+    ``out_dir`` never holds a half-accumulated Fisher: a killed run leaves only the ``.partial``
+    directory, which a new DiskFisher refuses (with its name) until it is removed.
+
     ``names`` maps parameters to checkpoint keys (default: ``model.named_parameters()`` names,
     which match ``model.state_dict()`` and so ``save_pretrained`` output).
     """
@@ -831,7 +836,8 @@ class DiskFisher:
                        if p.requires_grad]
         if not self.params:
             raise ValueError("model has no parameter with requires_grad=True")
-        self.out = Path(out_dir)
+        self.final = Path(out_dir)
+        self.out = self.final.with_name(self.final.name + ".partial")
         self._create_files(max_shard_bytes)
         self.ckpt = Checkpoint.open(self.out)
         self._maps: list[torch.Tensor] = []
@@ -852,8 +858,12 @@ class DiskFisher:
         """Zero-filled safetensors files laid out like a sharded checkpoint. ``ftruncate`` past the
         header makes the zeros (sparse on most filesystems), so nothing model-sized is written or
         held in memory."""
+        if self.final.exists():
+            raise CheckpointError(f"{self.final} already exists; DiskFisher needs a new directory")
         if self.out.exists():
-            raise CheckpointError(f"{self.out} already exists; DiskFisher needs a new directory")
+            raise CheckpointError(f"{self.out} is left from an interrupted Fisher run (a Fisher "
+                                  f"cannot resume: its batches are not recorded); remove it and "
+                                  f"start again")
         groups: list[list[TensorInfo]] = [[]]
         size = 0
         for name, p in self.params:
@@ -912,7 +922,10 @@ class DiskFisher:
         self._maps.clear()  # unmaps: dirty pages stay in the page cache; fsync makes them durable
         for f in self.ckpt.files:
             fsync_path(f)
-        return self.out
+        fsync_dir_if_possible(self.out)
+        os.replace(self.out, self.final)
+        fsync_dir_if_possible(self.final.parent)
+        return self.final
 
 
 # --------------------------------------------------------------------------- synthetic checkpoints

@@ -348,6 +348,60 @@ def test_cli_errors_exit_2(model, tmp_path, capsys):
     assert "pre-trained checkpoint" in capsys.readouterr().err
 
 
+def test_cli_fisher_feeds_purify_checkpoint(tmp_path, capsys):
+    """`purify-fast fisher` on a small BERT classifier checkpoint: the Fisher directory holds the
+    suspect's checkpoint keys with the in-memory diagonal Fisher of the same clean batches, the
+    token counts are the clean texts' counts, and both are accepted by purify-checkpoint."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from purify_fast.data import load_splits
+    from purify_fast.data.text_dataset import token_frequencies
+    from purify_fast.defenses.fine_purifying import diagonal_fisher
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    net = BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=2))
+    for name, state in (("pre", None), ("suspect", 0.02)):
+        if state:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(state * torch.randn_like(p))
+        net.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    args = ["fisher", "--model", str(tmp_path / "suspect"), "--out", str(tmp_path / "fisher"),
+            "--clean-size", "40", "--batch-size", "8", "--max-length", "16",
+            "--token-counts", str(tmp_path / "counts.json"), "--no-progress"]
+    assert cli_main(args) == 0
+    assert not (tmp_path / "fisher.partial").exists()
+
+    clean = load_splits("rotten-tomatoes", seed=0).dev.take(40)
+    net.eval()
+    want = diagonal_fisher(net, tok, clean, [n for n, _ in net.named_parameters()], batch_size=8,
+                           max_length=16)
+    got = Checkpoint.open(tmp_path / "fisher")
+    assert sorted(got.keys()) == sorted(Checkpoint.open(tmp_path / "suspect").keys())
+    for name, h in want.items():
+        torch.testing.assert_close(got.load(name), h, rtol=1e-4, atol=1e-12)
+    counts = json.loads((tmp_path / "counts.json").read_text())
+    assert counts == [int(c) for c in token_frequencies(clean, tok, tok.vocab_size, 16).tolist()]
+    assert sum(counts) > 0
+
+    capsys.readouterr()
+    rc = cli_main(["purify-checkpoint", "--method", "fine-purifying", "--e-pur", "--rho", "0.2",
+                   "--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"),
+                   "--hessian", str(tmp_path / "fisher"), "--token-freqs",
+                   str(tmp_path / "counts.json"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["threshold"] is not None and summary["reset_rows"] == 200
+
+    with pytest.raises(FileExistsError, match="already exists"):
+        cli_main(args)  # never overwrites a Fisher
+
+
 # --------------------------------------------------------------------------- property tests
 
 @settings(max_examples=12, deadline=None,
@@ -412,7 +466,15 @@ def test_disk_fisher_matches_in_memory_and_feeds_fine_purifying(model, tmp_path)
             torch.nn.functional.cross_entropy(net(x), y).backward()
             assert all(p.grad is None for p in net.parameters())  # folded in and freed
             fisher.step()
+            # filled beside the target: the target appears only complete
+            assert not (tmp_path / "fisher").exists() and (tmp_path / "fisher.partial").is_dir()
     out = fisher.finish()
+    assert out == tmp_path / "fisher" and not (tmp_path / "fisher.partial").exists()
+    with pytest.raises(CheckpointError, match="already exists"):
+        DiskFisher(net, out)
+    (tmp_path / "g.partial").mkdir()  # what a killed run leaves
+    with pytest.raises(CheckpointError, match=r"g\.partial is left from an interrupted Fisher run"):
+        DiskFisher(net, tmp_path / "g")
     ckpt = Checkpoint.open(out)
     assert ckpt.sharded
     for n, w in want.items():

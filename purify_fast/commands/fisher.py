@@ -1,0 +1,101 @@
+"""``purify-fast fisher``: the inputs that ``purify-checkpoint`` takes from a clean set, written to
+disk: the diagonal Fisher of the suspect (``--hessian`` of Fine-purifying) and, optionally, the
+token counts of the clean texts (``--token-freqs`` of E-PUR).
+
+Example (then ``purify-checkpoint --method fine-purifying --hessian fisher-dir --token-freqs
+counts.json --e-pur ...``)::
+
+    purify-fast fisher --model llama-suspect --clean-data clean.jsonl --out fisher-dir \\
+        --token-counts counts.json --device cuda --dtype bf16
+
+The Fisher is accumulated straight into memory-mapped fp32 files (:class:`DiskFisher`), one
+gradient tensor at a time, so no full-model gradient or fp32 copy of the model is ever held; its
+keys are the suspect's parameter names, the keys of its safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "fisher",
+        help="diagonal Fisher of a suspect on clean data (and clean token counts) for "
+             "purify-checkpoint",
+        description="Accumulate the diagonal Fisher H = mean over clean batches of grad^2 of a "
+                    "suspect sequence classifier into a safetensors directory (the --hessian of "
+                    "purify-checkpoint), written as <out>.partial and renamed when complete; "
+                    "optionally also write the clean token counts (its --token-freqs).")
+    p.add_argument("--model", required=True, help="suspect checkpoint directory (or 'minilm')")
+    p.add_argument("--out", required=True, type=Path, help="new Fisher directory")
+    p.add_argument("--clean-data", default="rotten-tomatoes",
+                   help="rotten-tomatoes | tweets | CSV/TSV/JSONL file | save_to_disk dir")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--clean-size", type=int, default=300,
+                   help="clean examples to use (from the dev split of a named corpus; default 300)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per Fisher batch (16)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--token-counts", type=Path, default=None,
+                   help="also write the clean texts' count per vocabulary row to this .json")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="weights' dtype for the forward/backward (the Fisher is fp32)")
+    p.add_argument("--backend", default=None, help="auto|torch|triton|cpp|cuda")
+    p.add_argument("--seed", type=int, default=0, help="which clean examples are taken")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def _check_args(args) -> None:
+    for name in ("clean_size", "batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.out.exists():
+        raise FileExistsError(f"--out {args.out} already exists; the Fisher needs a new directory")
+    if args.token_counts is not None and args.token_counts.suffix != ".json":
+        raise ValueError(f"--token-counts {args.token_counts}: the counts are written as .json")
+
+
+def run(args) -> int:
+    _check_args(args)  # before loading anything: a typo costs no model load
+    import torch
+    from tqdm.auto import tqdm
+
+    from purify_fast.data import CORPORA, load_splits, load_text_file
+    from purify_fast.data.text_dataset import make_loader, token_frequencies
+    from purify_fast.fileio import atomic_write_bytes
+    from purify_fast.models import load_classifier
+    from purify_fast.streaming import DiskFisher
+
+    device = torch.device(args.device)
+    model, tok = load_classifier(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
+    if args.clean_data in CORPORA:
+        clean = load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)
+    else:
+        clean = load_text_file(args.clean_data, text_column=args.text_column,
+                               label_column=args.label_column,
+                               num_labels=model.config.num_labels).take(args.clean_size, seed=args.seed)
+    loader = make_loader(clean, tok, args.batch_size, args.max_length)
+    model.eval()  # no dropout: the Fisher of the model as it predicts
+    fisher = DiskFisher(model, args.out, backend=args.backend)
+    with fisher:
+        for batch in tqdm(loader, desc="fisher", unit="batch", disable=args.no_progress):
+            model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+            fisher.step()
+    out = fisher.finish()
+    print(f"diagonal Fisher of {args.model} over {len(clean)} clean examples "
+          f"({fisher.batches} batches) -> {out}", file=sys.stderr)
+    if args.token_counts is not None:
+        counts = token_frequencies(clean, tok, model.get_input_embeddings().weight.shape[0],
+                                   max_length=args.max_length)
+        args.token_counts.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(args.token_counts, json.dumps([int(c) for c in counts.tolist()]).encode())
+        print(f"token counts of the clean texts ({int(counts.sum())} tokens) -> {args.token_counts}",
+              file=sys.stderr)
+    return 0
