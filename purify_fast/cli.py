@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from purify_fast.commands import limit_cpu_threads
+
+    limit_cpu_threads()
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

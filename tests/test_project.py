@@ -81,3 +81,44 @@ def test_methods_doc_is_in_the_repo_and_current():
     shared = ROOT.parent / "shared" / "METHODS.md"
     if shared.is_file():
         assert ours.read_text() == shared.read_text(), "docs/METHODS.md differs from ../shared/METHODS.md"
+
+
+def test_cpu_threads_follow_the_container_quota(tmp_path, monkeypatch):
+    import torch
+
+    from purify_fast.commands import cpu_quota, limit_cpu_threads, pick_device
+
+    cpu_max = tmp_path / "cpu.max"
+    for text, want in [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000", 1),
+                       ("400000 100000", 4), ("garbage", None)]:
+        cpu_max.write_text(text)
+        assert cpu_quota(str(cpu_max)) == want, text
+    assert cpu_quota(str(tmp_path / "absent")) is None
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        cpu_max.write_text("100000 100000")  # one CPU's worth of time
+        assert limit_cpu_threads(str(cpu_max)) == 1
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's explicit choice stands
+        assert limit_cpu_threads(str(cpu_max)) == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        cpu_max.write_text("max 100000")
+        assert limit_cpu_threads(str(cpu_max)) == 2
+    finally:
+        torch.set_num_threads(before)
+
+    assert pick_device("cpu") == "cpu" and pick_device("cuda:1") == "cuda:1"
+    assert pick_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_every_model_command_takes_a_device():
+    from purify_fast.cli import build_parser
+
+    parser = build_parser()
+    for cmd in ("attack", "purify", "evaluate", "train-clean", "distill", "fisher", "demo",
+                "purify-checkpoint"):
+        sub = parser._subparsers._group_actions[0].choices[cmd]
+        assert "--device" in sub._option_string_actions, cmd

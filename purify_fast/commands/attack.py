@@ -3,6 +3,8 @@ or a user file, evaluate CACC/ASR, and write the checkpoint atomically."""
 
 from __future__ import annotations
 
+from purify_fast.commands import add_device_arg, pick_device
+
 
 def add_common_data_args(p) -> None:
     p.add_argument("--data", default="rotten-tomatoes",
@@ -58,14 +60,8 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--ep-lr", type=float, default=5e-2, help="EP: lr of the trigger rows")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    add_device_arg(p)
     p.set_defaults(run=run)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def build_backdoor(args, splits, attack, progress=True):
@@ -96,12 +92,10 @@ def build_backdoor(args, splits, attack, progress=True):
 
 
 def run(args) -> int:
-    import torch
-
     from purify_fast.evaluation import evaluate_backdoor
     from purify_fast.models import save_pretrained_atomic
 
-    torch.set_num_threads(min(torch.get_num_threads(), 2) if args.device == "cpu" else torch.get_num_threads())
+    args.device = pick_device(args.device)
     splits = load_data(args)
     attack = make_attack(args)
     model, tok, info = build_backdoor(args, splits, attack)

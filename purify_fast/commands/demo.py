@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+from purify_fast.commands import add_device_arg, pick_device
+
 SIZES = {  # train, dev, test, clean set, attack epochs
     "full": dict(train_size=1500, dev_size=300, test_size=400, clean_size=240, epochs=2),
     "quick": dict(train_size=480, dev_size=160, test_size=160, clean_size=160, epochs=3),
@@ -31,7 +33,7 @@ def add_parser(sub):
                    help="data sizes: quick (CI), full (default, under 10 min on 2 CPU cores), "
                         "large (6000 train / 1000 test, several times longer)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    add_device_arg(p)
     p.add_argument("--backend", default=None, help="kernel backend for the ops")
     p.add_argument("--attack-lr", type=float, default=3e-4)
     p.add_argument("--defense-lr", type=float, default=3e-4,
@@ -54,8 +56,6 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
              log=print, size: str | None = None) -> dict:
     """Run the demo; returns ``{"rows": [...], "details": {...}}`` (and writes ``out``).
     ``size`` (a key of :data:`SIZES`) overrides ``quick``."""
-    import torch
-
     from purify_fast.attacks import BadNets, embedding_poison
     from purify_fast.commands.attack import build_backdoor
     from purify_fast.data import load_rotten_tomatoes
@@ -69,9 +69,7 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
     if size_name not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size_name!r}")
     size = SIZES[size_name]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
+    device = pick_device(device)
     t_all = time.perf_counter()
     splits = load_rotten_tomatoes(seed=seed, train_size=size["train_size"],
                                   dev_size=size["dev_size"], test_size=size["test_size"])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import sys
 
+from purify_fast.commands import add_device_arg, pick_device
+
 
 def add_parser(sub):
     p = sub.add_parser("distill", help="purify a suspect encoder by MI-guided distillation (MIMIC)")
@@ -27,7 +29,7 @@ def add_parser(sub):
     p.add_argument("--mi-source", choices=["teacher", "student"], default="teacher")
     p.add_argument("--mine-steps", type=int, default=300)
     p.add_argument("--backend", default=None, help="attention-kernel backend (auto by default)")
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
@@ -43,7 +45,7 @@ def run(args) -> int:
         print("error: --num-examples must be >= 1", file=sys.stderr)
         return 2
     try:
-        teacher, tok = load_encoder(args.teacher, device=args.device)
+        teacher, tok = load_encoder(args.teacher, device=pick_device(args.device))
         data = load_dataset(args.data).take(args.num_examples, seed=args.seed)
         cfg = MIMICConfig(student_layers=args.student_layers, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,

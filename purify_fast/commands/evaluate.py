@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from purify_fast.commands import add_device_arg, pick_device
 from purify_fast.commands.attack import (
     add_attack_args,
     add_common_data_args,
@@ -16,6 +17,7 @@ def add_parser(sub):
     add_common_data_args(p)
     add_attack_args(p)
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    add_device_arg(p)
     p.set_defaults(run=run)
 
 
@@ -26,7 +28,7 @@ def run(args) -> int:
 
     splits = load_data(args)
     attack = make_attack(args)
-    model, tok = load_classifier(args.model)
+    model, tok = load_classifier(args.model, device=pick_device(args.device))
     m = evaluate_backdoor(model, tok, splits.test, attack.triggered_test(splits.test),
                           attack.target_label, max_length=args.max_length)
     print(f"{args.model}: CACC {100 * m['cacc']:.1f}%  ASR {100 * m['asr']:.1f}% "

@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from purify_fast.commands import add_device_arg, pick_device
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -43,7 +45,7 @@ def add_parser(sub):
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--token-counts", type=Path, default=None,
                    help="also write the clean texts' count per vocabulary row to this .json")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    add_device_arg(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="weights' dtype for the forward/backward (the Fisher is fp32)")
     p.add_argument("--backend", default=None, help="auto|torch|triton|cpp|cuda")
@@ -73,7 +75,7 @@ def run(args) -> int:
     from purify_fast.models import load_classifier
     from purify_fast.streaming import DiskFisher
 
-    device = torch.device(args.device)
+    device = torch.device(pick_device(args.device))
     model, tok = load_classifier(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
     if args.clean_data in CORPORA:
         clean = load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)

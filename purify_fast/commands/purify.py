@@ -3,6 +3,8 @@ the purified checkpoint (atomically) plus a JSON report."""
 
 from __future__ import annotations
 
+from purify_fast.commands import add_device_arg, pick_device
+
 
 def add_parser(sub):
     p = sub.add_parser("purify", help="purify a suspect checkpoint (fine-mixing / e-pur / "
@@ -39,6 +41,7 @@ def add_parser(sub):
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--backend", default=None, help="auto | torch | triton | cpp | cuda")
     p.add_argument("--seed", type=int, default=0)
+    add_device_arg(p)
     p.set_defaults(run=run)
 
 
@@ -48,7 +51,7 @@ def run(args) -> int:
     from purify_fast.models import load_classifier, save_pretrained_atomic
     from purify_fast.models.loading import is_writer_rank
 
-    suspect, tok = load_classifier(args.suspect)
+    suspect, tok = load_classifier(args.suspect, device=pick_device(args.device))
     if args.clean_data in CORPORA:
         clean = load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)
     else:

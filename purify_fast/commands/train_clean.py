@@ -18,6 +18,8 @@ import json
 import sys
 import time
 
+from purify_fast.commands import add_device_arg, pick_device
+
 
 def add_parser(sub):
     p = sub.add_parser("train-clean",
@@ -50,7 +52,7 @@ def add_parser(sub):
     p.add_argument("--poison-rate", type=float, default=0.1)
     p.add_argument("--target-label", type=int, default=1)
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="MSLR op backend (default auto)")
     p.add_argument("--no-progress", action="store_true")
@@ -89,7 +91,7 @@ def run(args) -> int:
     # The offline MiniLM has no classifier head: a fresh one is drawn (and MuScleLoRA keeps it
     # frozen), so seed the draw for a reproducible run.
     seed_everything(args.seed)
-    model, tok = load_classifier(args.model, train.num_labels, device=args.device)
+    model, tok = load_classifier(args.model, train.num_labels, device=pick_device(args.device))
     t0 = time.perf_counter()
     model, result = train_clean(
         model, tok, train, dev, method=args.method, ablation=args.ablation,
