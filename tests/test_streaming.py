@@ -341,6 +341,20 @@ def test_cli_epur_with_json_freqs(model, tmp_path, capsys):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_cli_takes_the_purify_command_spellings(model, tmp_path):
+    """`--method fine-mixing` / `--scope per_tensor` (as `purify-fast purify` says) are the same
+    runs as `mix` / `tensor`, byte for byte."""
+    base = ["purify-checkpoint", "--pretrained", str(model["pre"]), "--suspect", str(model["ft"]),
+            "--no-progress", "--rho", "0.4"]
+    for i, (a, b) in enumerate([(["--method", "mix"], ["--method", "fine-mixing"]),
+                                (["--method", "fine-purifying", "--scope", "tensor"],
+                                 ["--method", "fine-purifying", "--scope", "per_tensor"])]):
+        extra = [] if "mix" in a else ["--hessian", str(model["h"])]
+        assert cli_main(base + a + extra + ["--out", str(tmp_path / f"a{i}")]) == 0
+        assert cli_main(base + b + extra + ["--out", str(tmp_path / f"b{i}")]) == 0
+        assert _digest(tmp_path / f"a{i}") == _digest(tmp_path / f"b{i}")
+
+
 def test_cli_errors_exit_2(model, tmp_path, capsys):
     rc = cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(tmp_path / "nope"),
                    "--suspect", str(model["ft"]), "--out", str(tmp_path / "o"), "--no-progress"])

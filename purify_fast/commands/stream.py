@@ -17,6 +17,11 @@ import sys
 from pathlib import Path
 
 
+# `purify-fast purify`'s spellings of the same choices, accepted here so one vocabulary works
+# for both commands (the checkpoint manifest records the canonical name).
+SAME_AS_PURIFY = {"fine-mixing": "mix", "per_tensor": "tensor"}
+
+
 def add_parser(sub):
     p = sub.add_parser(
         "purify-checkpoint",
@@ -25,7 +30,8 @@ def add_parser(sub):
         description="Stream a pre-trained and a suspect safetensors checkpoint tensor by tensor, "
                     "purify, and write a new checkpoint atomically (the output directory appears "
                     "only when complete; --resume finishes a killed run with identical bytes).")
-    p.add_argument("--method", required=True, choices=["mix", "e-pur", "fine-purifying"])
+    p.add_argument("--method", required=True, choices=["mix", "e-pur", "fine-purifying", "fine-mixing"],
+                   help="fine-mixing is another name for mix (the name `purify-fast purify` uses)")
     p.add_argument("--pretrained", required=True, type=Path,
                    help="clean pre-trained checkpoint (dir with index or model.safetensors, "
                         "or a file)")
@@ -45,8 +51,9 @@ def add_parser(sub):
     p.add_argument("--indicator", default="drift_over_hessian",
                    choices=["drift_over_hessian", "drift", "inv_hessian", "product"])
     p.add_argument("--eps", type=float, default=1e-8)
-    p.add_argument("--scope", choices=["global", "tensor"], default="global",
-                   help="fine-purifying threshold over the whole model or per tensor")
+    p.add_argument("--scope", choices=["global", "tensor", "per_tensor"], default="global",
+                   help="fine-purifying threshold over the whole model or per tensor "
+                        "(per_tensor = tensor, as `purify-fast purify` spells it)")
     p.add_argument("--e-pur", action="store_true",
                    help="run E-PUR on the embedding first (implied by --method e-pur)")
     p.add_argument("--token-freqs", type=Path, default=None,
@@ -120,8 +127,9 @@ def run(args) -> int:
     comm = distributed.comm_from_env(args.device)
     device = distributed.local_device(args.device) if comm is not None else args.device
     try:
-        cfg = PurifyConfig(method=args.method, rho=args.rho, seed=args.seed, select=args.select,
-                           indicator=args.indicator, eps=args.eps, scope=args.scope,
+        cfg = PurifyConfig(method=SAME_AS_PURIFY.get(args.method, args.method), rho=args.rho,
+                           seed=args.seed, select=args.select, indicator=args.indicator,
+                           eps=args.eps, scope=SAME_AS_PURIFY.get(args.scope, args.scope),
                            e_pur=args.e_pur, embedding_key=args.embedding_key, top_n=args.top_n,
                            score_threshold=args.score_threshold, c=args.c, special_ids=special,
                            allow_new_keys=args.allow_new_keys, backend=args.backend,
