@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 # Subcommand modules, in the order `purify-fast --help` lists them.
@@ -23,16 +25,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that mean "the input or the environment is wrong", not "purify_fast is broken": shown as
+# one line and exit status 2, like argparse's own usage errors. OSError covers missing files, full
+# or read-only disks and permissions; the data, checkpoint and option checks raise ValueError
+# subclasses naming the file, line or option. Anything else keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+TRACEBACK_VAR = "PURIFY_FAST_TRACEBACK"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every atomic writer's cleanup runs (as for
+    Ctrl-C) instead of the process dying with its temporary directories on disk."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from purify_fast.commands import limit_cpu_threads
 
     limit_cpu_threads()
     try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread (main() called from a worker): leave SIGTERM alone
+        previous = None
+    try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except USER_ERRORS as exc:
+        if os.environ.get(TRACEBACK_VAR, "") not in ("", "0"):
+            raise
+        print(f"error: {exc}\n(set {TRACEBACK_VAR}=1 for the traceback)", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

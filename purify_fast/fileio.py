@@ -58,17 +58,48 @@ def fsync_tree(root: str | os.PathLike) -> None:
     fsync_dir_if_possible(root)
 
 
+# Files whose presence marks a directory as an earlier output (a model checkpoint or a report),
+# which replacing as a whole loses nothing the user did not ask to replace.
+OUTPUT_MARKERS = ("config.json", "report.json")
+
+
+def check_replaceable_dir(out_dir: str | os.PathLike) -> None:
+    """Raise FileExistsError unless ``out_dir`` is absent, empty, or an earlier output directory
+    (it holds one of :data:`OUTPUT_MARKERS`). Replacing is whole-directory, so a mistyped
+    ``--out`` naming a file or some unrelated directory must be refused, not swapped away."""
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another output path")
+    names = os.listdir(out)
+    if names and not any(m in names for m in OUTPUT_MARKERS):
+        raise FileExistsError(
+            f"{out} exists and is not an output directory (it has no {' or '.join(OUTPUT_MARKERS)}); "
+            f"it would be replaced as a whole, so choose a new output path or remove it first")
+
+
+def _default_dir_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
 def atomic_save_dir(out_dir: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Run ``write(tmp_dir)`` into a temp directory beside ``out_dir``, fsync it, then swap it in
     with ``os.replace``: readers see the old directory or the complete new one, never a half-written
-    one. An existing ``out_dir`` is replaced only after the new one is fully on disk; if ``write``
-    fails, the temp directory is removed and ``out_dir`` is left as it was."""
+    one. An existing ``out_dir`` is replaced only after the new one is fully on disk, and only if
+    :func:`check_replaceable_dir` allows it; if ``write`` fails, the temp directory is removed and
+    ``out_dir`` is left as it was."""
     out = Path(out_dir).absolute()
+    check_replaceable_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old = None
     try:
         write(tmp)
+        # mkdtemp makes the directory private (0700); the output gets a normal directory's mode.
+        os.chmod(tmp, _default_dir_mode())
         fsync_tree(tmp)
         if out.exists():
             # os.replace cannot overwrite a non-empty directory: move the old one aside first.

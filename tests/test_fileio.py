@@ -30,11 +30,19 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["a.json"]
 
 
+def _model(payload):
+    def write(d):
+        (d / "config.json").write_text("{}")
+        (d / payload).write_bytes(b"1")
+    return write
+
+
 def test_atomic_save_dir_swaps_in_complete_directory(tmp_path):
     out = tmp_path / "model"
-    fileio.atomic_save_dir(out, lambda d: (d / "w.bin").write_bytes(b"1"))
-    fileio.atomic_save_dir(out, lambda d: (d / "v.bin").write_bytes(b"2"))
-    assert sorted(os.listdir(out)) == ["v.bin"]  # the old directory was replaced, not merged
+    fileio.atomic_save_dir(out, _model("w.bin"))
+    fileio.atomic_save_dir(out, _model("v.bin"))
+    # the old directory was replaced, not merged
+    assert sorted(os.listdir(out)) == ["config.json", "v.bin"]
 
     def broken(d):
         (d / "half.bin").write_bytes(b"x")
@@ -42,4 +50,38 @@ def test_atomic_save_dir_swaps_in_complete_directory(tmp_path):
 
     with pytest.raises(RuntimeError, match="killed"):
         fileio.atomic_save_dir(out, broken)
-    assert sorted(os.listdir(out)) == ["v.bin"] and os.listdir(tmp_path) == ["model"]
+    assert sorted(os.listdir(out)) == ["config.json", "v.bin"]
+    assert os.listdir(tmp_path) == ["model"]
+
+
+def test_atomic_save_dir_never_swaps_away_what_is_not_an_output(tmp_path):
+    """A mistyped output path naming a file or an unrelated directory is refused before anything
+    is written; an empty directory or an earlier output (config.json / report.json) is replaced."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("precious")
+    with pytest.raises(FileExistsError, match="notes.txt exists and is not a directory"):
+        fileio.atomic_save_dir(a_file, _model("w.bin"))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="is not an output directory"):
+        fileio.atomic_save_dir(home, _model("w.bin"))
+    assert a_file.read_text() == "precious" and (home / "thesis.tex").read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == ["home", "notes.txt"]  # no temp directory left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fileio.atomic_save_dir(empty, _model("w.bin"))
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").write_text("{}")
+    fileio.atomic_save_dir(report, _model("w.bin"))
+    assert (empty / "w.bin").is_file() and (report / "w.bin").is_file()
+
+
+def test_atomic_save_dir_output_has_the_normal_directory_mode(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        out = fileio.atomic_save_dir(tmp_path / "m", _model("w.bin"))
+    finally:
+        os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o755  # not mkdtemp's private 0700

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -122,3 +124,97 @@ def test_every_model_command_takes_a_device():
                 "purify-checkpoint"):
         sub = parser._subparsers._group_actions[0].choices[cmd]
         assert "--device" in sub._option_string_actions, cmd
+
+
+def _fake_command(monkeypatch, run):
+    """Register a throwaway subcommand ``fake`` whose ``run`` is given (for main()'s handling)."""
+    import types
+
+    from purify_fast import cli
+
+    mod = types.ModuleType("purify_fast.commands.fake")
+
+    def add_parser(sub):
+        p = sub.add_parser("fake")
+        p.add_argument("--out", default=None)
+        p.set_defaults(run=run)
+
+    mod.add_parser = add_parser
+    monkeypatch.setitem(sys.modules, "purify_fast.commands.fake", mod)
+    if "fake" not in cli.COMMANDS:
+        monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + ["fake"])
+    return cli.main
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from purify_fast.fileio import atomic_save_dir
+
+    def run(args):
+        def write(tmp):
+            (tmp / "config.json").write_text("{}")
+            os.kill(os.getpid(), signal.SIGTERM)  # what `kill`, a scheduler or torchrun sends
+            (tmp / "never.bin").write_bytes(b"x")
+
+        atomic_save_dir(args.out, write)
+        return 0
+
+    main = _fake_command(monkeypatch, run)
+    assert main(["fake", "--out", str(tmp_path / "ckpt")]) == 128 + signal.SIGTERM
+    assert "terminated" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # no temporary directory, no half-written output
+    from purify_fast import cli
+
+    assert signal.getsignal(signal.SIGTERM) is not cli._raise_terminated  # handler restored
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys):
+    def run(args):
+        raise FileNotFoundError(f"{args.out}: no such file or directory")
+
+    main = _fake_command(monkeypatch, run)
+    assert main(["fake", "--out", "data.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.csv: no such file or directory\n")
+    assert "Traceback" not in err and "PURIFY_FAST_TRACEBACK=1" in err
+    monkeypatch.setenv("PURIFY_FAST_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["fake", "--out", "data.csv"])
+
+    def bug(args):
+        raise KeyError("a bug, not a user error")
+
+    main = _fake_command(monkeypatch, bug)
+    with pytest.raises(KeyError):
+        main(["fake"])
+
+
+def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
+    from purify_fast.cli import main
+
+    precious = tmp_path / "notes.txt"
+    precious.write_text("precious")
+    suspect = tmp_path / "suspect"
+    suspect.mkdir()
+    (suspect / "config.json").write_text("{}")
+    cases = [
+        (["attack", "--out", str(precious)], "notes.txt exists and is not a directory"),
+        (["purify", "--suspect", str(suspect), "--out", str(suspect)], "overlaps the input"),
+        (["purify", "--suspect", str(suspect), "--out", str(suspect / "purified")],
+         "overlaps the input"),
+        (["train-clean", "--data", "rotten-tomatoes", "--out", str(tmp_path)],
+         "is not an output directory"),
+        (["demo", "--out", str(precious)], "notes.txt exists and is not a directory"),
+        (["demo", "--mixing-rho", "1.5", "--out", str(tmp_path / "d")],
+         "mixing_rho must be in [0, 1] or None, got 1.5"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert precious.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "suspect"]
+    assert sorted(p.name for p in suspect.iterdir()) == ["config.json"]
+    with pytest.raises(SystemExit):  # sizes are checked by argparse itself
+        main(["attack", "--train-size", "0", "--out", str(tmp_path / "x")])

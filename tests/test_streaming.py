@@ -412,8 +412,9 @@ def test_cli_fisher_feeds_purify_checkpoint(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["threshold"] is not None and summary["reset_rows"] == 200
 
-    with pytest.raises(FileExistsError, match="already exists"):
-        cli_main(args)  # never overwrites a Fisher
+    capsys.readouterr()
+    assert cli_main(args) == 2  # never overwrites a Fisher
+    assert "already exists; the Fisher needs a new directory" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- property tests

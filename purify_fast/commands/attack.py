@@ -3,7 +3,7 @@ or a user file, evaluate CACC/ASR, and write the checkpoint atomically."""
 
 from __future__ import annotations
 
-from purify_fast.commands import add_device_arg, pick_device
+from purify_fast.commands import add_device_arg, check_output_dir, pick_device, positive_int
 
 
 def add_common_data_args(p) -> None:
@@ -11,11 +11,11 @@ def add_common_data_args(p) -> None:
                    help="rotten-tomatoes | tweets | a CSV/TSV/JSONL file | a save_to_disk dir")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--train-size", type=int, default=2000)
-    p.add_argument("--dev-size", type=int, default=300)
-    p.add_argument("--test-size", type=int, default=500)
+    p.add_argument("--train-size", type=positive_int, default=2000)
+    p.add_argument("--dev-size", type=positive_int, default=300)
+    p.add_argument("--test-size", type=positive_int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-length", type=positive_int, default=64)
 
 
 def add_attack_args(p) -> None:
@@ -57,7 +57,7 @@ def add_parser(sub):
     add_attack_args(p)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--ep-lr", type=float, default=5e-2, help="EP: lr of the trigger rows")
     add_device_arg(p)
@@ -95,6 +95,7 @@ def run(args) -> int:
     from purify_fast.evaluation import evaluate_backdoor
     from purify_fast.models import save_pretrained_atomic
 
+    check_output_dir(args.out, args.model, args.data)
     args.device = pick_device(args.device)
     splits = load_data(args)
     attack = make_attack(args)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from purify_fast.commands import add_device_arg, pick_device
+from purify_fast.commands import add_device_arg, check_output_dir, pick_device
+from purify_fast.validation import int_at_least, real_in
 
 SIZES = {  # train, dev, test, clean set, attack epochs
     "full": dict(train_size=1500, dev_size=300, test_size=400, clean_size=240, epochs=2),
@@ -69,6 +70,14 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
     if size_name not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size_name!r}")
     size = SIZES[size_name]
+    # Every option is checked before the first minute of training, not where it is first used.
+    for name, rho in (("mixing_rho", mixing_rho), ("purifying_rho", purifying_rho)):
+        real_in(name, rho, 0.0, 1.0, optional=True)
+    real_in("attack_lr", attack_lr, 0.0, lo_open=True)
+    real_in("defense_lr", defense_lr, 0.0, lo_open=True)
+    int_at_least("defense_epochs", defense_epochs, 0)
+    if out:
+        check_output_dir(out, replace=False)
     device = pick_device(device)
     t_all = time.perf_counter()
     splits = load_rotten_tomatoes(seed=seed, train_size=size["train_size"],

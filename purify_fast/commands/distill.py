@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from purify_fast.commands import add_device_arg, pick_device
+from purify_fast.commands import add_device_arg, check_output_dir, pick_device, positive_int
 
 
 def add_parser(sub):
@@ -17,17 +17,17 @@ def add_parser(sub):
                    help="suspect encoder: a local HF directory, or 'minilm' (offline default)")
     p.add_argument("--data", default="rotten-tomatoes",
                    help="clean unlabelled text: a corpus name (rotten-tomatoes, tweets) or a file")
-    p.add_argument("--num-examples", type=int, default=2000,
+    p.add_argument("--num-examples", type=positive_int, default=2000,
                    help="how many clean sentences to use (a seeded sample)")
     p.add_argument("--out", required=True, help="output directory for the student encoder")
     p.add_argument("--student-layers", type=int, default=None,
                    help="student depth (default: the teacher's)")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-length", type=positive_int, default=64)
     p.add_argument("--mi-source", choices=["teacher", "student"], default="teacher")
-    p.add_argument("--mine-steps", type=int, default=300)
+    p.add_argument("--mine-steps", type=positive_int, default=300)
     p.add_argument("--backend", default=None, help="attention-kernel backend (auto by default)")
     add_device_arg(p)
     p.add_argument("--seed", type=int, default=0)
@@ -41,9 +41,7 @@ def run(args) -> int:
     from purify_fast.defenses.mimic import MIMIC, MIMICConfig, plot_curves
     from purify_fast.models.loading import atomic_save_dir, is_writer_rank
 
-    if args.num_examples < 1:
-        print("error: --num-examples must be >= 1", file=sys.stderr)
-        return 2
+    check_output_dir(args.out, args.teacher, args.data)
     try:
         teacher, tok = load_encoder(args.teacher, device=pick_device(args.device))
         data = load_dataset(args.data).take(args.num_examples, seed=args.seed)

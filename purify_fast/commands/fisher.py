@@ -16,10 +16,11 @@ keys are the suspect's parameter names, the keys of its safetensors checkpoint.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
-from purify_fast.commands import add_device_arg, pick_device
+from purify_fast.commands import add_device_arg, check_output_dir, pick_device, positive_int
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -39,10 +40,10 @@ def add_parser(sub):
                    help="rotten-tomatoes | tweets | CSV/TSV/JSONL file | save_to_disk dir")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--clean-size", type=int, default=300,
+    p.add_argument("--clean-size", type=positive_int, default=300,
                    help="clean examples to use (from the dev split of a named corpus; default 300)")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per Fisher batch (16)")
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="examples per Fisher batch (16)")
+    p.add_argument("--max-length", type=positive_int, default=64)
     p.add_argument("--token-counts", type=Path, default=None,
                    help="also write the clean texts' count per vocabulary row to this .json")
     add_device_arg(p)
@@ -55,11 +56,9 @@ def add_parser(sub):
 
 
 def _check_args(args) -> None:
-    for name in ("clean_size", "batch_size", "max_length"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.out.exists():
         raise FileExistsError(f"--out {args.out} already exists; the Fisher needs a new directory")
+    check_output_dir(args.out, args.model, args.clean_data)
     if args.token_counts is not None and args.token_counts.suffix != ".json":
         raise ValueError(f"--token-counts {args.token_counts}: the counts are written as .json")
 
@@ -86,11 +85,17 @@ def run(args) -> int:
     loader = make_loader(clean, tok, args.batch_size, args.max_length)
     model.eval()  # no dropout: the Fisher of the model as it predicts
     fisher = DiskFisher(model, args.out, backend=args.backend)
-    with fisher:
-        for batch in tqdm(loader, desc="fisher", unit="batch", disable=args.no_progress):
-            model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
-            fisher.step()
-    out = fisher.finish()
+    try:
+        with fisher:
+            for batch in tqdm(loader, desc="fisher", unit="batch", disable=args.no_progress):
+                model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+                fisher.step()
+        out = fisher.finish()
+    except BaseException:
+        # A Fisher cannot resume (its batches are not recorded): a stopped run's files are
+        # worthless, and would only block the next run.
+        shutil.rmtree(fisher.out, ignore_errors=True)
+        raise
     print(f"diagonal Fisher of {args.model} over {len(clean)} clean examples "
           f"({fisher.batches} batches) -> {out}", file=sys.stderr)
     if args.token_counts is not None:

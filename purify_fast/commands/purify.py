@@ -3,7 +3,7 @@ the purified checkpoint (atomically) plus a JSON report."""
 
 from __future__ import annotations
 
-from purify_fast.commands import add_device_arg, pick_device
+from purify_fast.commands import add_device_arg, check_output_dir, pick_device, positive_int
 
 
 def add_parser(sub):
@@ -18,7 +18,7 @@ def add_parser(sub):
                    help="rotten-tomatoes | tweets | CSV/TSV/JSONL file | save_to_disk dir")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--clean-size", type=int, default=300,
+    p.add_argument("--clean-size", type=positive_int, default=300,
                    help="clean examples to use (taken from the dev split of a named corpus)")
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     p.add_argument("--rho", type=float, default=None,
@@ -36,8 +36,8 @@ def add_parser(sub):
     p.add_argument("--scope", choices=["global", "per_tensor"], default="global")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=positive_int, default=64)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--backend", default=None, help="auto | torch | triton | cpp | cuda")
     p.add_argument("--seed", type=int, default=0)
@@ -51,6 +51,7 @@ def run(args) -> int:
     from purify_fast.models import load_classifier, save_pretrained_atomic
     from purify_fast.models.loading import is_writer_rank
 
+    check_output_dir(args.out, args.suspect, args.pretrained, args.clean_data)
     suspect, tok = load_classifier(args.suspect, device=pick_device(args.device))
     if args.clean_data in CORPORA:
         clean = load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)

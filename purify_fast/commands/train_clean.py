@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from purify_fast.commands import add_device_arg, pick_device
+from purify_fast.commands import add_device_arg, check_output_dir, pick_device, positive_int
 
 
 def add_parser(sub):
@@ -41,12 +41,12 @@ def add_parser(sub):
                         "MiniLM trains better with 1, see benchmarks/results_muscle_lora.md)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--train-size", type=int, default=None, help="cap the corpus train split")
-    p.add_argument("--dev-size", type=int, default=None, help="cap the corpus dev split")
-    p.add_argument("--test-size", type=int, default=None, help="cap the corpus test split")
-    p.add_argument("--ref-pool-size", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, default=64)
+    p.add_argument("--train-size", type=positive_int, default=None, help="cap the corpus train split")
+    p.add_argument("--dev-size", type=positive_int, default=None, help="cap the corpus dev split")
+    p.add_argument("--test-size", type=positive_int, default=None, help="cap the corpus test split")
+    p.add_argument("--ref-pool-size", type=positive_int, default=None)
     p.add_argument("--attack", choices=["badnets", "addsent"], default=None,
                    help="plant this backdoor in the training split first (evaluation runs)")
     p.add_argument("--poison-rate", type=float, default=0.1)
@@ -69,6 +69,7 @@ def run(args) -> int:
     from purify_fast.nn import MuscleLoRAConfig
     from purify_fast.training import seed_everything
 
+    check_output_dir(args.out, args.model, args.data, args.dev)
     test = None
     if args.data in CORPORA:
         splits = load_splits(args.data, seed=args.seed, train_size=args.train_size,
