@@ -76,6 +76,13 @@ def test_csv_tsv_jsonl_roundtrip(tmp_path):
     assert d.num_labels == 3 and d.labels == [2, 0]
     d = load_text_file(tsv, text_column="sentence", label_column="y", label_map={"pos": 1, "neg": 0})
     assert d.labels == [1, 0]
+    floats = _write(tmp_path, "f.csv", "text,label\na,1.0\nb,0.0\n")  # as pandas writes them
+    assert load_text_file(floats).labels == [1, 0]
+    bare = _write(tmp_path, "bare.csv", "text\nfirst\nsecond\n")  # unlabelled text (MIMIC)
+    d = load_text_file(bare, label_column=None)
+    assert d.texts == ["first", "second"] and d.labels == [0, 0]
+    d = load_text_file(jl, label_column=None)
+    assert d.texts == ["x", "y"] and d.labels == [0, 0]
 
 
 @pytest.mark.parametrize("name,content,kwargs,match", [
@@ -86,7 +93,13 @@ def test_csv_tsv_jsonl_roundtrip(tmp_path):
     ("neg.csv", "text,label\na,-1\n", {}, r"neg\.csv, line 2, column 'label': label -1"),
     ("emptytext.csv", "text,label\n  ,1\n", {}, r"emptytext\.csv, line 2, column 'text': empty text"),
     ("fields.csv", "text,label\na,1,extra\n", {}, r"fields\.csv, line 2: 3 fields"),
-    ("mixed.csv", "text,label\na,1\nb,pos\n", {}, r"mixed\.csv, line 2, column 'label': mixes"),
+    ("mixed.csv", "text,label\na,1\nb,pos\n", {},
+     r"mixed\.csv, line 3, column 'label': label 'pos' mixes class names into class indices "
+     r"\(line 2 has 1\)"),
+    ("half.csv", "text,label\na,1\nb,0\nc,1.5\n", {},
+     r"half\.csv, line 4, column 'label': label '1.5' is not a whole number"),
+    ("half.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 2.5}\n', {},
+     r"half\.jsonl, line 2, column 'label': label 2.5 is not a whole number"),
     ("map.csv", "text,label\na,maybe\n", {"label_map": {"yes": 1, "no": 0}}, r"map\.csv, line 2, column 'label': label 'maybe' is not in label_map"),
     ("bad.jsonl", '{"text": "a", "label": 1}\n{"text": "b", \n', {}, r"bad\.jsonl, line 2: invalid JSON"),
     ("nokey.jsonl", '{"text": "a"}\n', {}, r"nokey\.jsonl, line 1, column 'label': missing column"),
@@ -128,6 +141,8 @@ def test_hf_save_to_disk_roundtrip(tmp_path):
     ds.save_to_disk(str(tmp_path / "hf"))
     d = load_text_file(tmp_path / "hf", text_column="sentence", label_column="y")
     assert d.texts == ["a", "b", "c"] and d.labels == [0, 1, 1]
+    d = load_text_file(tmp_path / "hf", text_column="sentence", label_column=None)
+    assert d.texts == ["a", "b", "c"] and d.labels == [0, 0, 0]
 
 
 def test_text_dataset_validation_and_split():

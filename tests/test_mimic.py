@@ -149,6 +149,22 @@ def test_cli_distill_writes_a_loadable_encoder(tmp_path):
     assert not list(tmp_path.glob(".student.tmp-*"))  # the temp directory was swapped in
 
 
+def test_cli_distill_takes_unlabelled_text(tmp_path):
+    """MIMIC needs no labels: a file with only a text column (named by --text-column) works."""
+    from purify_fast.cli import main
+    from purify_fast.data import load_splits
+
+    texts = load_splits("rotten-tomatoes", seed=0).train.texts[:32]
+    data = tmp_path / "sentences.jsonl"
+    data.write_text("".join(json.dumps({"sentence": t}) + "\n" for t in texts))
+    rc = main(["distill", "--data", str(data), "--text-column", "sentence", "--num-examples", "32",
+               "--student-layers", "1", "--epochs", "1", "--batch-size", "16", "--max-length", "16",
+               "--mine-steps", "10", "--no-progress", "--out", str(tmp_path / "student")])
+    assert rc == 0
+    summary = json.loads((tmp_path / "student" / "mimic.json").read_text())
+    assert summary["clean_examples"] == 32
+
+
 def test_encoder_backdoor_target_is_the_reference_centroid():
     """One reference: its own normalised clean feature. Several (BadEncoder's reference set): the
     normalised mean of their normalised features. Bad reference sets are refused."""

@@ -90,3 +90,49 @@ def check_output_dir(out, *inputs, replace: bool = True) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"--out {out}: cannot create it under {parent} (not writable here)")
+
+
+def model_label_map(config) -> dict | None:
+    """How a user file's labels are numbered for a given model: its ``id2label`` names (and the
+    indices themselves, as text) mapped to ids, so a file saying ``fresh``/``rotten`` is read
+    with the model's numbering, not in sorted order. None when the names are transformers'
+    placeholders (``LABEL_0``, ...), which say nothing about the classes."""
+    names = {int(i): str(n) for i, n in (getattr(config, "id2label", None) or {}).items()}
+    if not names or all(n == f"LABEL_{i}" for i, n in names.items()):
+        return None
+    mapping = {n: i for i, n in names.items()}
+    mapping.update({str(i): i for i in names})
+    return mapping
+
+
+def record_label_names(model, dataset) -> None:
+    """Keep the training data's class names in the model's config (``id2label``), so files with
+    text labels given to it later are read with the numbering it was trained with."""
+    names = getattr(dataset, "label_names", None)
+    if names and len(names) == model.config.num_labels:
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {n: i for i, n in enumerate(names)}
+
+
+def load_file_for_model(path, model, text_column: str = "text", label_column: str = "label"):
+    """A user data file whose labels must be the model's classes: out-of-range indices and class
+    names the model does not know are errors naming file, line and column."""
+    import sys
+
+    from purify_fast.data import load_text_file
+
+    label_map = model_label_map(model.config)
+    data = load_text_file(path, text_column=text_column, label_column=label_column,
+                          num_labels=model.config.num_labels, label_map=label_map)
+    if label_map is None and data.label_names:
+        numbering = ", ".join(f"{n}={i}" for i, n in enumerate(data.label_names))
+        print(f"note: {path}: class names numbered in sorted order ({numbering}); the model has "
+              f"no label names to check them against", file=sys.stderr)
+    return data
+
+
+def check_classes_match(data, model, source) -> None:
+    """A corpus with another number of classes than the model's head cannot score it."""
+    if data.num_labels != model.config.num_labels:
+        raise ValueError(f"{source} has {data.num_labels} classes but the model has "
+                         f"{model.config.num_labels}; use data with the model's classes")

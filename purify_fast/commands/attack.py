@@ -3,7 +3,13 @@ or a user file, evaluate CACC/ASR, and write the checkpoint atomically."""
 
 from __future__ import annotations
 
-from purify_fast.commands import add_device_arg, check_output_dir, pick_device, positive_int
+from purify_fast.commands import (
+    add_device_arg,
+    check_output_dir,
+    pick_device,
+    positive_int,
+    record_label_names,
+)
 
 
 def add_common_data_args(p) -> None:
@@ -106,6 +112,7 @@ def run(args) -> int:
     info["metrics"] = metrics
     info["data"] = {"source": args.data, "seed": args.seed, "train": len(splits.train),
                     "dev": len(splits.dev), "test": len(splits.test)}
+    record_label_names(model, splits.train)
     save_pretrained_atomic(model, args.out, tok, extra_json={"purify_fast_attack.json": info})
     print(f"backdoored model -> {args.out}: CACC {100 * metrics['cacc']:.1f}%  "
           f"ASR {100 * metrics['asr']:.1f}% (without the trigger "

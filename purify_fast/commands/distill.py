@@ -16,7 +16,9 @@ def add_parser(sub):
     p.add_argument("--teacher", default="minilm",
                    help="suspect encoder: a local HF directory, or 'minilm' (offline default)")
     p.add_argument("--data", default="rotten-tomatoes",
-                   help="clean unlabelled text: a corpus name (rotten-tomatoes, tweets) or a file")
+                   help="clean unlabelled text: a corpus name (rotten-tomatoes, tweets) or a "
+                        "CSV/TSV/JSONL file / save_to_disk dir (any label column is ignored)")
+    p.add_argument("--text-column", default="text", help="text column of a --data file")
     p.add_argument("--num-examples", type=positive_int, default=2000,
                    help="how many clean sentences to use (a seeded sample)")
     p.add_argument("--out", required=True, help="output directory for the student encoder")
@@ -37,14 +39,15 @@ def add_parser(sub):
 
 def run(args) -> int:
     from purify_fast.attacks.encoder_backdoor import load_encoder
-    from purify_fast.data import load_dataset
+    from purify_fast.data import CORPORA, load_dataset
     from purify_fast.defenses.mimic import MIMIC, MIMICConfig, plot_curves
     from purify_fast.models.loading import atomic_save_dir, is_writer_rank
 
     check_output_dir(args.out, args.teacher, args.data)
     try:
         teacher, tok = load_encoder(args.teacher, device=pick_device(args.device))
-        data = load_dataset(args.data).take(args.num_examples, seed=args.seed)
+        kw = {} if args.data in CORPORA else {"text_column": args.text_column, "label_column": None}
+        data = load_dataset(args.data, **kw).take(args.num_examples, seed=args.seed)
         cfg = MIMICConfig(student_layers=args.student_layers, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                           mi_source=args.mi_source, mine_steps=args.mine_steps,

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from purify_fast.commands import add_device_arg, pick_device
-from purify_fast.commands.attack import (
-    add_attack_args,
-    add_common_data_args,
-    load_data,
-    make_attack,
+from purify_fast.commands import (
+    add_device_arg,
+    check_classes_match,
+    load_file_for_model,
+    pick_device,
 )
+from purify_fast.commands.attack import add_attack_args, add_common_data_args, make_attack
 
 
 def add_parser(sub):
-    p = sub.add_parser("evaluate", help="clean accuracy (CACC) and attack success rate (ASR)")
+    p = sub.add_parser(
+        "evaluate", help="clean accuracy (CACC) and attack success rate (ASR)",
+        description="Score a checkpoint on the test split of a named corpus, or on the whole of a "
+                    "user file (at most --test-size examples, a seeded sample), clean and with "
+                    "the trigger inserted. A file's labels must be the model's classes: indices, "
+                    "or the class names it was trained with.")
     p.add_argument("--model", required=True, help="checkpoint directory")
     add_common_data_args(p)
     add_attack_args(p)
@@ -22,17 +27,24 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from purify_fast.data import CORPORA, load_splits
     from purify_fast.evaluation import evaluate_backdoor
     from purify_fast.models import load_classifier
     from purify_fast.report import write_json
 
-    splits = load_data(args)
     attack = make_attack(args)
     model, tok = load_classifier(args.model, device=pick_device(args.device))
-    m = evaluate_backdoor(model, tok, splits.test, attack.triggered_test(splits.test),
-                          attack.target_label, max_length=args.max_length)
+    if args.data in CORPORA:
+        test = load_splits(args.data, seed=args.seed, test_size=args.test_size).test
+        check_classes_match(test, model, args.data)
+    else:  # a user file is all test data: nothing of it is trained on here
+        test = load_file_for_model(args.data, model, args.text_column, args.label_column)
+        test = test.take(args.test_size, seed=args.seed) if args.test_size < len(test) else test
+    m = evaluate_backdoor(model, tok, test, attack.triggered_test(test), attack.target_label,
+                          max_length=args.max_length)
     print(f"{args.model}: CACC {100 * m['cacc']:.1f}%  ASR {100 * m['asr']:.1f}% "
-          f"(without the trigger {100 * m['asr_no_trigger']:.1f}%; {len(splits.test)} clean test examples, {args.attack} trigger)")
+          f"(without the trigger {100 * m['asr_no_trigger']:.1f}%; {len(test)} clean test "
+          f"examples, {args.attack} trigger)")
     if args.json:
         write_json(args.json, {"model": args.model, "attack": attack.describe(), **m})
     return 0

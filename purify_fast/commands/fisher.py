@@ -20,7 +20,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from purify_fast.commands import add_device_arg, check_output_dir, pick_device, positive_int
+from purify_fast.commands import (
+    add_device_arg,
+    check_classes_match,
+    check_output_dir,
+    load_file_for_model,
+    pick_device,
+    positive_int,
+)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -68,7 +75,7 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from purify_fast.data import CORPORA, load_splits, load_text_file
+    from purify_fast.data import CORPORA, load_splits
     from purify_fast.data.text_dataset import make_loader, token_frequencies
     from purify_fast.fileio import atomic_write_bytes
     from purify_fast.models import load_classifier
@@ -78,10 +85,10 @@ def run(args) -> int:
     model, tok = load_classifier(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
     if args.clean_data in CORPORA:
         clean = load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)
+        check_classes_match(clean, model, args.clean_data)
     else:
-        clean = load_text_file(args.clean_data, text_column=args.text_column,
-                               label_column=args.label_column,
-                               num_labels=model.config.num_labels).take(args.clean_size, seed=args.seed)
+        clean = load_file_for_model(args.clean_data, model, args.text_column,
+                                    args.label_column).take(args.clean_size, seed=args.seed)
     loader = make_loader(clean, tok, args.batch_size, args.max_length)
     model.eval()  # no dropout: the Fisher of the model as it predicts
     fisher = DiskFisher(model, args.out, backend=args.backend)

@@ -3,7 +3,14 @@ the purified checkpoint (atomically) plus a JSON report."""
 
 from __future__ import annotations
 
-from purify_fast.commands import add_device_arg, check_output_dir, pick_device, positive_int
+from purify_fast.commands import (
+    add_device_arg,
+    check_classes_match,
+    check_output_dir,
+    load_file_for_model,
+    pick_device,
+    positive_int,
+)
 
 
 def add_parser(sub):
@@ -46,7 +53,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from purify_fast.data import CORPORA, load_splits, load_text_file
+    from purify_fast.data import CORPORA, load_splits
     from purify_fast.defenses import purify
     from purify_fast.models import load_classifier, save_pretrained_atomic
     from purify_fast.models.loading import is_writer_rank
@@ -55,10 +62,10 @@ def run(args) -> int:
     suspect, tok = load_classifier(args.suspect, device=pick_device(args.device))
     if args.clean_data in CORPORA:
         clean = load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)
+        check_classes_match(clean, suspect, args.clean_data)
     else:
-        clean = load_text_file(args.clean_data, text_column=args.text_column,
-                               label_column=args.label_column,
-                               num_labels=suspect.config.num_labels).take(args.clean_size, seed=args.seed)
+        clean = load_file_for_model(args.clean_data, suspect, args.text_column,
+                                    args.label_column).take(args.clean_size, seed=args.seed)
     sweep = None if not args.rho_sweep else tuple(float(r) for r in args.rho_sweep.split(","))
     model, report = purify(
         suspect, args.pretrained, clean, args.method, tokenizer=tok, e_pur=args.e_pur,

@@ -18,7 +18,13 @@ import json
 import sys
 import time
 
-from purify_fast.commands import add_device_arg, check_output_dir, pick_device, positive_int
+from purify_fast.commands import (
+    add_device_arg,
+    check_output_dir,
+    pick_device,
+    positive_int,
+    record_label_names,
+)
 
 
 def add_parser(sub):
@@ -112,6 +118,7 @@ def run(args) -> int:
         report["eval"] = evaluate_backdoor(model, tok, test, trig,
                                            args.target_label if attack else None,
                                            max_length=args.max_length)
+    record_label_names(model, train)
     out = save_pretrained_atomic(model, args.out, tok, extra_json={"report.json": report})
     if not is_writer_rank():  # the other ranks of an `accelerate launch` run hold the same model
         return 0

@@ -42,8 +42,9 @@ def detect_format(path: str | Path) -> str:
         return "tsv"
     if suffix in (".jsonl", ".ndjson", ".json"):
         return "jsonl"
-    raise DataFileError(path, f"cannot tell the format from the suffix {suffix!r}; pass "
-                              f"format= one of {', '.join(FORMATS)}")
+    raise DataFileError(path, f"cannot tell the format from the suffix {suffix!r}: name the file "
+                              f".csv, .tsv or .jsonl (or, in Python, pass format= one of "
+                              f"{', '.join(FORMATS)})")
 
 
 def _label_value(raw, path, line, column, num_labels, label_map):
@@ -57,14 +58,19 @@ def _label_value(raw, path, line, column, num_labels, label_map):
                             line, column)
     if isinstance(raw, bool):
         raise DataFileError(path, f"label {raw!r} is a boolean, expected an integer", line, column)
-    if isinstance(raw, int):
-        value = raw
-    elif isinstance(raw, float) and raw.is_integer():
-        value = int(raw)
-    elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
-        value = int(raw.strip())
+    number = raw
+    if isinstance(raw, str):
+        try:  # "1" and "1.0" (what spreadsheets and pandas write) are class 1; "fresh" is a name
+            number = float(raw.strip())
+        except ValueError:
+            return raw.strip()  # a string label, numbered later
+    if isinstance(number, int):
+        value = number
+    elif isinstance(number, float) and number.is_integer():
+        value = int(number)
     else:
-        return raw  # a string label, numbered later
+        raise DataFileError(path, f"label {raw!r} is not a whole number (a class index) or a "
+                                  f"class name", line, column)
     if num_labels is not None and not 0 <= value < num_labels:
         raise DataFileError(path, f"label {value} is out of range [0, {num_labels})", line, column)
     if value < 0:
@@ -80,8 +86,11 @@ def _finish(path, rows, num_labels, name, text_column, label_column) -> TextData
     label_names = None
     if str in kinds:
         if int in kinds:
-            line = next(ln for ln, _, y in rows if isinstance(y, int))
-            raise DataFileError(path, "mixes integer and string labels", line, label_column)
+            first = type(rows[0][2])
+            line, _, odd = next(r for r in rows if not isinstance(r[2], first))
+            kind = {int: "class indices", str: "class names"}
+            raise DataFileError(path, f"label {odd!r} mixes {kind[type(odd)]} into {kind[first]} "
+                                      f"(line {rows[0][0]} has {rows[0][2]!r})", line, label_column)
         label_names = tuple(sorted({y for _, _, y in rows}))
         mapping = {n: i for i, n in enumerate(label_names)}
         rows = [(ln, t, mapping[y]) for ln, t, y in rows]
@@ -129,9 +138,10 @@ def _read_delimited(path: Path, delimiter: str, text_column, label_column, num_l
         raise DataFileError(path, "the file is empty") from None
     header = [h.strip() for h in header]
     for col in (text_column, label_column):
-        if col not in header:
+        if col is not None and col not in header:
             raise DataFileError(path, f"missing column {col!r} (the header has {header})", 1, col)
-    ti, li = header.index(text_column), header.index(label_column)
+    ti = header.index(text_column)
+    li = None if label_column is None else header.index(label_column)
     rows = []
     for row in reader:
         line = reader.line_num
@@ -140,6 +150,9 @@ def _read_delimited(path: Path, delimiter: str, text_column, label_column, num_l
         if len(row) != len(header):
             raise DataFileError(path, f"{len(row)} fields, the header has {len(header)}", line)
         t = _check_text(path, line, text_column, row[ti])
+        if li is None:
+            rows.append((line, t, 0))
+            continue
         y = row[li]
         if not y.strip():
             raise DataFileError(path, "empty label", line, label_column)
@@ -161,9 +174,12 @@ def _read_jsonl(path: Path, text_column, label_column, num_labels, label_map, en
         if not isinstance(obj, dict):
             raise DataFileError(path, f"expected a JSON object, got {type(obj).__name__}", line)
         for col in (text_column, label_column):
-            if col not in obj:
+            if col is not None and col not in obj:
                 raise DataFileError(path, f"missing column {col!r} (keys: {sorted(obj)})", line, col)
         t = _check_text(path, line, text_column, obj[text_column])
+        if label_column is None:
+            rows.append((line, t, 0))
+            continue
         y = obj[label_column]
         if y is None or isinstance(y, (list, dict)):
             raise DataFileError(path, f"label must be an integer or string, got {y!r}", line,
@@ -191,9 +207,13 @@ def _read_hf(path: Path, text_column, label_column, num_labels, label_map, name,
             raise DataFileError(path, f"has no split {split!r} (splits: {list(ds)})")
         ds = ds[split]
     for col in (text_column, label_column):
-        if col not in ds.column_names:
+        if col is not None and col not in ds.column_names:
             raise DataFileError(path, f"missing column {col!r} (columns: {ds.column_names})",
                                 None, col)
+    if label_column is None:
+        rows = [(i, _check_text(path, i, text_column, t), 0)
+                for i, t in enumerate(ds[text_column], start=1)]
+        return _finish(path, rows, 2, name, text_column, label_column)
     names = None
     feat = ds.features.get(label_column)
     if label_map is None and hasattr(feat, "names"):
@@ -218,6 +238,9 @@ def load_text_file(path: str | Path, *, text_column: str = "text", label_column:
 
     ``num_labels`` defaults to ``max(label) + 1`` (at least 2); when given, labels outside
     ``[0, num_labels)`` are errors. ``split`` picks the split of a saved ``DatasetDict``.
+    Labels are class indices (``1``, ``"1"``, ``1.0``) or class names, numbered in sorted order
+    unless ``label_map`` gives their numbers. ``label_column=None`` reads unlabelled text (for
+    MIMIC): every label is 0 and ``num_labels`` 2, placeholders nothing should score.
     """
     path = Path(path)
     if not path.exists():

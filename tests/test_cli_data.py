@@ -1,0 +1,83 @@
+"""How the CLI reads user data for a given model: labels as the model's classes (indices or its
+own class names, never a silent renumbering), the whole file as test data for `evaluate`, and a
+corpus with another number of classes refused."""
+
+import json
+
+import pytest
+import torch
+
+from purify_fast.cli import main
+from purify_fast.commands import model_label_map, record_label_names
+from purify_fast.data import load_splits
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small BERT sentiment classifier saved with the Rotten Tomatoes class names, plus the
+    same 30 test sentences written with index labels and with class-name labels."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from purify_fast.models.loading import default_model_path
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=2))
+    test = load_splits("rotten-tomatoes", seed=0).test.take(30)
+    record_label_names(model, test)  # rotten = 0, fresh = 1
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rows = list(zip(test.texts, test.labels))
+    (root / "ids.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
+                                            for t, y in rows))
+    (root / "names.jsonl").write_text("".join(
+        json.dumps({"text": t, "label": test.label_names[y]}) + "\n" for t, y in rows))
+    return root, test
+
+
+def _evaluate(root, data, *extra):
+    out = root / f"m-{data.name}-{len(extra)}.json"
+    rc = main(["evaluate", "--model", str(root / "model"), "--data", str(data), "--json",
+               str(out), "--max-length", "16", *extra])
+    return rc, (json.loads(out.read_text()) if rc == 0 else None)
+
+
+def test_label_map_comes_from_the_model_names():
+    from transformers import BertConfig
+
+    assert model_label_map(BertConfig(num_labels=2)) is None  # LABEL_0 / LABEL_1 say nothing
+    cfg = BertConfig(id2label={0: "rotten", 1: "fresh"})
+    assert model_label_map(cfg) == {"rotten": 0, "fresh": 1, "0": 0, "1": 1}
+
+
+def test_evaluate_scores_a_whole_file_with_the_model_numbering(tiny, capsys):
+    root, test = tiny
+    rc, by_id = _evaluate(root, root / "ids.jsonl")
+    assert rc == 0 and "30 clean test examples" in capsys.readouterr().out
+    # Sorted order would make fresh = 0, rotten = 1: the opposite of the model's classes. The
+    # model's own names decide instead, so the scores are the same as with indices.
+    rc, by_name = _evaluate(root, root / "names.jsonl")
+    scores = lambda m: {k: v for k, v in m.items() if k != "seconds"}  # noqa: E731
+    assert rc == 0 and scores(by_name) == scores(by_id)
+    assert by_id["cacc"] != 0.5  # a flipped numbering would show as 1 - CACC
+    assert test.label_names == ("rotten", "fresh")
+    rc, capped = _evaluate(root, root / "ids.jsonl", "--test-size", "10")
+    assert rc == 0 and "10 clean test examples" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_labels_the_model_does_not_have(tiny, capsys):
+    root, _ = tiny
+    bad = root / "three.jsonl"
+    bad.write_text('{"text": "fine", "label": 1}\n{"text": "meh", "label": 2}\n')
+    assert _evaluate(root, bad)[0] == 2
+    assert "three.jsonl, line 2, column 'label': label 2 is not in label_map" in capsys.readouterr().err
+    other = root / "other.jsonl"
+    other.write_text('{"text": "fine", "label": "positive"}\n')
+    assert _evaluate(root, other)[0] == 2
+    assert "label 'positive' is not in label_map" in capsys.readouterr().err
+    rc = main(["evaluate", "--model", str(root / "model"), "--data", "tweets", "--test-size", "8"])
+    assert rc == 2
+    assert "tweets has 3 classes but the model has 2" in capsys.readouterr().err
