@@ -303,6 +303,24 @@ def load_tensor(info: TensorInfo, *, pin_memory: bool = False,
     return out
 
 
+def _wrapper_prefix(suspect_only: list[str], pretrained_only: list[str]) -> str | None:
+    """``"bert."`` when most pre-trained-only keys reappear in the suspect under that one first
+    component (a task model wrapping its base model, as Hugging Face classifiers do)."""
+    if not suspect_only or not pretrained_only:
+        return None
+    counts: dict[str, int] = {}
+    for key in suspect_only:
+        head, dot, rest = key.partition(".")
+        if dot:
+            counts[head + "."] = counts.get(head + ".", 0) + 1
+    gone = set(pretrained_only)
+    for prefix in sorted(counts, key=counts.get, reverse=True)[:3]:
+        hits = sum(1 for k in suspect_only if k.startswith(prefix) and k[len(prefix):] in gone)
+        if hits >= 0.9 * len(gone):
+            return prefix
+    return None
+
+
 def compare(pretrained: Checkpoint, suspect: Checkpoint, *, allow_new_keys: bool = False
             ) -> tuple[list[str], list[str]]:
     """Check two checkpoints describe the same model; returns (shared keys, suspect-only keys).
@@ -324,6 +342,15 @@ def compare(pretrained: Checkpoint, suspect: Checkpoint, *, allow_new_keys: bool
                                   f"{other.dtype} in {other.file}")
         shared.append(key)
     gone = [k for k in pretrained.tensors if k not in suspect.tensors]
+    prefix = _wrapper_prefix(new, gone)
+    if prefix is not None and len(shared) < len(new):
+        raise CheckpointError(
+            f"the suspect's tensors are the pre-trained ones under the prefix {prefix!r} (e.g. "
+            f"{prefix + gone[0]!r} vs {gone[0]!r}): {pretrained.path} is a base model and "
+            f"{suspect.path} a task model built on it. Save the base model in the suspect's class "
+            f"first (e.g. AutoModelForSequenceClassification.from_pretrained(base)"
+            f".save_pretrained(dir), which adds the prefix and a fresh head) and pass that "
+            f"directory with --allow-new-keys")
     if not allow_new_keys and (new or gone):
         parts = []
         if new:

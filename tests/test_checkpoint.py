@@ -215,6 +215,14 @@ def test_compare_reports_shape_dtype_and_keys(tmp_path):
         ck.compare(a, d)
     shared, new = ck.compare(a, d, allow_new_keys=True)
     assert new == ["head.weight"] and set(shared) == set(_state())
+    # A classifier saved by transformers wraps its base model's tensors under a prefix: say so
+    # and how to pair them, instead of "share no tensor names".
+    wrapped = {"bert." + k: v for k, v in _state().items()}
+    wrapped["classifier.weight"] = torch.zeros(2, 16)
+    e = Checkpoint.open(write_checkpoint(wrapped, tmp_path / "e"))
+    for allow in (False, True):
+        with pytest.raises(CheckpointError, match=r"under the prefix 'bert\.'.*save_pretrained"):
+            ck.compare(a, e, allow_new_keys=allow)
 
 
 # --------------------------------------------------------------------------- output protocol

@@ -172,6 +172,30 @@ def test_purify_bad_inputs(planted):
         attack_success_rate(p["model"], p["tok"], p["clean"], 1)
 
 
+def test_pretrained_must_be_the_suspects_base_model():
+    """A head without a counterpart is kept from the suspect; a pre-trained model of another
+    depth or width is refused instead of purifying only the layers that happen to match."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from purify_fast.defenses._common import matched_tensors
+
+    def bert(layers=2, hidden=32, labels=2):
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=500, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+            intermediate_size=64, num_labels=labels))
+
+    suspect = bert()
+    base = {k: v for k, v in bert().state_dict().items() if not k.startswith("classifier.")}
+    matched = matched_tensors(suspect, base)
+    assert set(n for n, _ in suspect.named_parameters()) - set(matched) == {
+        "classifier.weight", "classifier.bias"}
+    with pytest.raises(ValueError, match=r"no pre-trained counterpart: `pretrained` is not the model"):
+        matched_tensors(suspect, bert(layers=1).state_dict())
+    with pytest.raises(ValueError, match=r"of another shape \(e.g. bert.embeddings"):
+        matched_tensors(suspect, bert(hidden=16).state_dict())
+
+
 def test_atomic_save_and_reload(planted, tmp_path):
     p = planted
     out = tmp_path / "ckpt"

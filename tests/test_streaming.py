@@ -360,6 +360,14 @@ def test_cli_errors_exit_2(model, tmp_path, capsys):
                    "--suspect", str(model["ft"]), "--out", str(tmp_path / "o"), "--no-progress"])
     assert rc == 2
     assert "pre-trained checkpoint" in capsys.readouterr().err
+    for name, text, message in [("f.txt", "3 4\n5 many\n", "f.txt, line 2: 'many' is not a count"),
+                                ("f.json", "[1, 2,", "f.json: not valid JSON"),
+                                ("g.json", '[1, "x"]', "g.json: expected a JSON list of counts")]:
+        (tmp_path / name).write_text(text)
+        rc = cli_main(["purify-checkpoint", "--method", "e-pur", "--pretrained", str(model["pre"]),
+                       "--suspect", str(model["ft"]), "--out", str(tmp_path / "o"),
+                       "--token-freqs", str(tmp_path / name), "--no-progress"])
+        assert rc == 2 and message in capsys.readouterr().err, name
 
 
 def test_cli_fisher_feeds_purify_checkpoint(tmp_path, capsys):

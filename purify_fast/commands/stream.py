@@ -83,15 +83,27 @@ def load_token_freqs(path: Path):
         raise FileNotFoundError(f"--token-freqs {path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--token-freqs {path}: not valid JSON ({exc})") from None
         if isinstance(data, dict):
             data = data.get("freqs", data.get("counts"))
-        if not isinstance(data, list):
+        if not isinstance(data, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
             raise ValueError(f"--token-freqs {path}: expected a JSON list of counts (or an object "
                              f"with a 'freqs' list)")
         return torch.tensor(data, dtype=torch.float64)
     if suffix == ".txt":
-        return torch.tensor([float(x) for x in path.read_text().split()], dtype=torch.float64)
+        counts = []
+        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+            for word in line.split():
+                try:
+                    counts.append(float(word))
+                except ValueError:
+                    raise ValueError(f"--token-freqs {path}, line {line_no}: {word!r} is not a "
+                                     f"count (expected numbers, one per vocabulary row)") from None
+        return torch.tensor(counts, dtype=torch.float64)
     if suffix == ".npy":
         import numpy as np
 

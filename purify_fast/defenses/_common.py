@@ -44,21 +44,47 @@ def check_model(model, name: str) -> torch.nn.Module:
     return model
 
 
+# The share of the suspect's weights that may lack a pre-trained counterpart: a new classifier
+# head (and a pooler the base checkpoint lacks) is well under 1 % of any real encoder or decoder;
+# more means `pretrained` is another model, and purifying only the part that matches would
+# silently leave the rest of the suspect (and any backdoor in it) untouched.
+MAX_UNMATCHED_SHARE = 0.05
+
+
 def matched_tensors(suspect: torch.nn.Module, pretrained_state: dict) -> dict[str, torch.Tensor]:
     """Pre-trained counterpart of every floating-point parameter of ``suspect`` that has one
     (same name and shape), cast to the suspect's dtype and device. Parameters without one (a new
-    classifier head) are absent and so stay as in the suspect."""
+    classifier head) are absent and so stay as in the suspect. A counterpart of another shape, or
+    more than :data:`MAX_UNMATCHED_SHARE` of the weights without one, is an error: ``pretrained``
+    is then not the model the suspect was fine-tuned from."""
     if not isinstance(pretrained_state, dict):
         raise TypeError(f"pretrained state must be a dict of tensors, got {type(pretrained_state).__name__}")
-    out = {}
+    out, missing, reshaped, total = {}, [], [], 0
     for name, p in suspect.named_parameters():
-        pre = pretrained_state.get(name)
-        if pre is None or not p.is_floating_point() or tuple(pre.shape) != tuple(p.shape):
+        if not p.is_floating_point():
             continue
-        out[name] = pre.detach().to(device=p.device, dtype=p.dtype)
+        total += p.numel()
+        pre = pretrained_state.get(name)
+        if pre is None:
+            missing.append((name, p.numel()))
+        elif tuple(pre.shape) != tuple(p.shape):
+            reshaped.append(f"{name} {tuple(p.shape)} vs pre-trained {tuple(pre.shape)}")
+        else:
+            out[name] = pre.detach().to(device=p.device, dtype=p.dtype)
     if not out:
         raise ValueError("no parameter of the suspect model has a pre-trained counterpart of the "
                          "same name and shape: is `pretrained` the model it was fine-tuned from?")
+    if reshaped:
+        raise ValueError(f"{len(reshaped)} suspect tensor(s) have a pre-trained counterpart of "
+                         f"another shape (e.g. {reshaped[0]}): `pretrained` is another model "
+                         f"configuration than the suspect's")
+    unmatched = sum(n for _, n in missing)
+    if unmatched > MAX_UNMATCHED_SHARE * total:
+        names = ", ".join(n for n, _ in missing[:3])
+        raise ValueError(f"{len(missing)} suspect tensors ({100 * unmatched / total:.0f} % of its "
+                         f"weights; e.g. {names}) have no pre-trained counterpart: `pretrained` "
+                         f"is not the model the suspect was fine-tuned from, and purifying only "
+                         f"the part that matches would leave the rest untouched")
     return out
 
 
