@@ -136,3 +136,26 @@ def check_classes_match(data, model, source) -> None:
     if data.num_labels != model.config.num_labels:
         raise ValueError(f"{source} has {data.num_labels} classes but the model has "
                          f"{model.config.num_labels}; use data with the model's classes")
+
+
+def add_clean_data_args(parser) -> None:
+    """The small clean labelled set of the defenses: where it comes from and how much of it."""
+    parser.add_argument("--clean-data", default="rotten-tomatoes",
+                        help="rotten-tomatoes | tweets | CSV/TSV/JSONL file | save_to_disk dir")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--clean-size", type=positive_int, default=300,
+                        help="clean examples to use (from the dev split of a named corpus, or a "
+                             "seeded sample of a file; default 300)")
+
+
+def load_clean_set(args, model):
+    """``--clean-data`` as the model's classes, at most ``--clean-size`` examples (by ``--seed``)."""
+    from purify_fast.data import CORPORA, load_splits
+
+    if args.clean_data in CORPORA:
+        clean = load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)
+        check_classes_match(clean, model, args.clean_data)
+        return clean
+    return load_file_for_model(args.clean_data, model, args.text_column,
+                               args.label_column).take(args.clean_size, seed=args.seed)

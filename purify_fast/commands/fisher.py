@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 from purify_fast.commands import (
+    add_clean_data_args,
     add_device_arg,
-    check_classes_match,
     check_output_dir,
-    load_file_for_model,
+    load_clean_set,
     pick_device,
     positive_int,
 )
@@ -43,12 +43,7 @@ def add_parser(sub):
                     "optionally also write the clean token counts (its --token-freqs).")
     p.add_argument("--model", required=True, help="suspect checkpoint directory (or 'minilm')")
     p.add_argument("--out", required=True, type=Path, help="new Fisher directory")
-    p.add_argument("--clean-data", default="rotten-tomatoes",
-                   help="rotten-tomatoes | tweets | CSV/TSV/JSONL file | save_to_disk dir")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--clean-size", type=positive_int, default=300,
-                   help="clean examples to use (from the dev split of a named corpus; default 300)")
+    add_clean_data_args(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per Fisher batch (16)")
     p.add_argument("--max-length", type=positive_int, default=64)
     p.add_argument("--token-counts", type=Path, default=None,
@@ -75,7 +70,6 @@ def run(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from purify_fast.data import CORPORA, load_splits
     from purify_fast.data.text_dataset import make_loader, token_frequencies
     from purify_fast.fileio import atomic_write_bytes
     from purify_fast.models import load_classifier
@@ -83,12 +77,7 @@ def run(args) -> int:
 
     device = torch.device(pick_device(args.device))
     model, tok = load_classifier(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-    if args.clean_data in CORPORA:
-        clean = load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)
-        check_classes_match(clean, model, args.clean_data)
-    else:
-        clean = load_file_for_model(args.clean_data, model, args.text_column,
-                                    args.label_column).take(args.clean_size, seed=args.seed)
+    clean = load_clean_set(args, model)
     loader = make_loader(clean, tok, args.batch_size, args.max_length)
     model.eval()  # no dropout: the Fisher of the model as it predicts
     fisher = DiskFisher(model, args.out, backend=args.backend)

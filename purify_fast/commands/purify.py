@@ -4,10 +4,10 @@ the purified checkpoint (atomically) plus a JSON report."""
 from __future__ import annotations
 
 from purify_fast.commands import (
+    add_clean_data_args,
     add_device_arg,
-    check_classes_match,
     check_output_dir,
-    load_file_for_model,
+    load_clean_set,
     pick_device,
     positive_int,
 )
@@ -21,12 +21,7 @@ def add_parser(sub):
     p.add_argument("--method", default="fine-mixing",
                    choices=["fine-mixing", "e-pur", "fine-purifying", "fine-tune"])
     p.add_argument("--e-pur", action="store_true", help="run E-PUR first (composes with any method)")
-    p.add_argument("--clean-data", default="rotten-tomatoes",
-                   help="rotten-tomatoes | tweets | CSV/TSV/JSONL file | save_to_disk dir")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--clean-size", type=positive_int, default=300,
-                   help="clean examples to use (taken from the dev split of a named corpus)")
+    add_clean_data_args(p)
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     p.add_argument("--rho", type=float, default=None,
                    help="fine-mixing reserve ratio (0.5) / fine-purifying reset share (0.3)")
@@ -53,19 +48,13 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from purify_fast.data import CORPORA, load_splits
     from purify_fast.defenses import purify
     from purify_fast.models import load_classifier, save_pretrained_atomic
     from purify_fast.models.loading import is_writer_rank
 
     check_output_dir(args.out, args.suspect, args.pretrained, args.clean_data)
     suspect, tok = load_classifier(args.suspect, device=pick_device(args.device))
-    if args.clean_data in CORPORA:
-        clean = load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)
-        check_classes_match(clean, suspect, args.clean_data)
-    else:
-        clean = load_file_for_model(args.clean_data, suspect, args.text_column,
-                                    args.label_column).take(args.clean_size, seed=args.seed)
+    clean = load_clean_set(args, suspect)
     sweep = None if not args.rho_sweep else tuple(float(r) for r in args.rho_sweep.split(","))
     model, report = purify(
         suspect, args.pretrained, clean, args.method, tokenizer=tok, e_pur=args.e_pur,
