@@ -22,6 +22,18 @@ _MAX_BLOCK_ROW = 1024
 
 
 @triton.jit
+def _energy(row_ptr, offs_n, n_ok, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``Σ_c F[n, c]²`` in fp32 for the positions ``offs_n`` of one ``[N, C]`` map at ``row_ptr``."""
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        x = tl.load(row_ptr + offs_n[:, None] * C + offs_c[None, :],
+                    mask=n_ok[:, None] & (offs_c[None, :] < C), other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, axis=1)
+    return acc
+
+
+@triton.jit
 def _sq_sum_kernel(fs_ptr, ft_ptr, m_ptr, ss_ptr, st_ptr, N, CS, CT,
                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """``ss[b, n] = m[b, n] · Σ_c F_S[b, n, c]²`` and the same for the teacher into ``st``.
@@ -31,20 +43,8 @@ def _sq_sum_kernel(fs_ptr, ft_ptr, m_ptr, ss_ptr, st_ptr, N, CS, CT,
     b = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    acc_s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    base_s = fs_ptr + b * N * CS
-    for c0 in range(0, CS, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(base_s + offs_n[:, None] * CS + offs_c[None, :],
-                    mask=n_ok[:, None] & (offs_c[None, :] < CS), other=0.0).to(tl.float32)
-        acc_s += tl.sum(x * x, axis=1)
-    acc_t = tl.zeros([BLOCK_N], dtype=tl.float32)
-    base_t = ft_ptr + b * N * CT
-    for c0 in range(0, CT, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        x = tl.load(base_t + offs_n[:, None] * CT + offs_c[None, :],
-                    mask=n_ok[:, None] & (offs_c[None, :] < CT), other=0.0).to(tl.float32)
-        acc_t += tl.sum(x * x, axis=1)
+    acc_s = _energy(fs_ptr + b * N * CS, offs_n, n_ok, CS, BLOCK_N, BLOCK_C)
+    acc_t = _energy(ft_ptr + b * N * CT, offs_n, n_ok, CT, BLOCK_N, BLOCK_C)
     m = tl.load(m_ptr + b * N + offs_n, mask=n_ok, other=0.0)
     tl.store(ss_ptr + b * N + offs_n, acc_s * m, mask=n_ok)
     tl.store(st_ptr + b * N + offs_n, acc_t * m, mask=n_ok)
