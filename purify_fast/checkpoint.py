@@ -350,7 +350,7 @@ def compare(pretrained: Checkpoint, suspect: Checkpoint, *, allow_new_keys: bool
             f"{suspect.path} a task model built on it. Save the base model in the suspect's class "
             f"first (e.g. AutoModelForSequenceClassification.from_pretrained(base)"
             f".save_pretrained(dir), which adds the prefix and a fresh head) and pass that "
-            f"directory with --allow-new-keys")
+            f"directory as the pre-trained checkpoint")
     if not allow_new_keys and (new or gone):
         parts = []
         if new:
@@ -579,9 +579,11 @@ def side_files(ckpt: Checkpoint) -> list[Path]:
     """Small files next to a checkpoint's weights (config, tokenizer) to carry into the output."""
     if not ckpt.path.is_dir():
         return []
-    skip = {INDEX_NAME, MANIFEST_NAME}
+    # Our own reports describe the suspect (its attack, its ASR), not the purified output.
+    skip = {INDEX_NAME, MANIFEST_NAME, "report.json"}
     return sorted(p for p in ckpt.path.iterdir()
                   if p.is_file() and p.name not in skip and not p.name.startswith(".")
+                  and not p.name.startswith("purify_fast_")
                   and p.suffix in _SIDE_FILE_SUFFIXES and p.stat().st_size < (64 << 20))
 
 

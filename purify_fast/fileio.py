@@ -8,9 +8,12 @@ the rename itself survives a power loss.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,10 +82,37 @@ def check_replaceable_dir(out_dir: str | os.PathLike) -> None:
             f"it would be replaced as a whole, so choose a new output path or remove it first")
 
 
-def _default_dir_mode() -> int:
+def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o777 & ~mask
+    return mask
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends, then act on the first one as its handler
+    would have: for the few renames and deletions that must not be cut in half. The Python
+    handlers are swapped for a recorder (masking the signal would not do: the kernel hands a
+    process-directed signal to any thread that does not block it, and torch runs many). A no-op
+    outside the main thread, where handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, nothing to restore
+                signal.signal(s, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])
 
 
 def atomic_save_dir(out_dir: str | os.PathLike, write: Callable[[Path], object]) -> Path:
@@ -90,29 +120,42 @@ def atomic_save_dir(out_dir: str | os.PathLike, write: Callable[[Path], object])
     with ``os.replace``: readers see the old directory or the complete new one, never a half-written
     one. An existing ``out_dir`` is replaced only after the new one is fully on disk, and only if
     :func:`check_replaceable_dir` allows it; if ``write`` fails, the temp directory is removed and
-    ``out_dir`` is left as it was."""
+    ``out_dir`` is left as it was. The swap and the removal of the old directory run with signals
+    held, so Ctrl-C there cannot leave the old directory half-deleted beside the new one."""
     out = Path(out_dir).absolute()
     check_replaceable_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
     try:
         write(tmp)
-        # mkdtemp makes the directory private (0700); the output gets a normal directory's mode.
-        os.chmod(tmp, _default_dir_mode())
+        # mkdtemp makes the directory private (0700) and some writers make private files; the
+        # output gets the modes any new file or directory of this user gets (the umask's).
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for dirpath, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
         fsync_tree(tmp)
-        if out.exists():
-            # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            os.replace(old, out)
         raise
-    fsync_dir_if_possible(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with signals_deferred():
+        old = None
+        try:
+            if out.exists():
+                # os.replace cannot overwrite a non-empty directory: move the old one aside first.
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.rmdir(old)
+                os.replace(out, old)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and old.exists() and not out.exists():
+                os.replace(old, out)
+            raise
+        fsync_dir_if_possible(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out

@@ -460,7 +460,7 @@ class _Plan:
         elif cfg.method == "fine-purifying" and cfg.indicator in ("drift_over_hessian",
                                                                    "inv_hessian", "product"):
             raise ValueError(f"fine-purifying with indicator {cfg.indicator!r} needs a Hessian "
-                             f"checkpoint (--hessian FILE, e.g. written by DiskFisher)")
+                             f"checkpoint (--hessian DIR, written by `purify-fast fisher` or DiskFisher)")
         self.processed_set = set(self.processed)
         self.layouts = [ShardLayout.build(f.name, [ft[k] for k in ft.keys_in(f)],
                                           ft.metadata.get(f.name))

@@ -73,11 +73,54 @@ def test_evaluate_refuses_labels_the_model_does_not_have(tiny, capsys):
     bad = root / "three.jsonl"
     bad.write_text('{"text": "fine", "label": 1}\n{"text": "meh", "label": 2}\n')
     assert _evaluate(root, bad)[0] == 2
-    assert "three.jsonl, line 2, column 'label': label 2 is not in label_map" in capsys.readouterr().err
+    assert ("three.jsonl, line 2, column 'label': label 2 is not one of the classes "
+            "(rotten=0, fresh=1)") in capsys.readouterr().err
     other = root / "other.jsonl"
     other.write_text('{"text": "fine", "label": "positive"}\n')
     assert _evaluate(root, other)[0] == 2
-    assert "label 'positive' is not in label_map" in capsys.readouterr().err
+    assert "label 'positive' is not one of the classes (rotten=0, fresh=1)" in capsys.readouterr().err
     rc = main(["evaluate", "--model", str(root / "model"), "--data", "tweets", "--test-size", "8"])
     assert rc == 2
     assert "tweets has 3 classes but the model has 2" in capsys.readouterr().err
+
+
+def test_evaluate_json_never_overwrites_an_input(tiny, capsys):
+    root, _ = tiny
+    before = (root / "model" / "config.json").read_bytes()
+    for target in (root / "model" / "config.json", root / "ids.jsonl"):
+        rc = main(["evaluate", "--model", str(root / "model"), "--data", str(root / "ids.jsonl"),
+                   "--json", str(target)])
+        assert rc == 2 and "overlaps the input" in capsys.readouterr().err
+    assert (root / "model" / "config.json").read_bytes() == before
+
+
+def test_a_dev_file_of_names_is_numbered_like_the_training_data(tmp_path):
+    from purify_fast.commands import load_file_like
+    from purify_fast.data import TextDataset
+    from purify_fast.data.files import DataFileError
+
+    train = TextDataset(["a", "b"], [0, 1], 2, "train", ("rotten", "fresh"))
+    only_rotten = tmp_path / "dev.jsonl"
+    only_rotten.write_text('{"text": "x", "label": "rotten"}\n{"text": "y", "label": "rotten"}\n')
+    assert load_file_like(only_rotten, train).labels == [0, 0]  # not renumbered on its own
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text('{"text": "x", "label": "fresh"}\n{"text": "y", "label": 0}\n')
+    assert load_file_like(fresh, train).labels == [1, 0]
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"text": "x", "label": "meh"}\n')
+    with pytest.raises(DataFileError, match=r"'meh' is not one of the classes \(rotten=0, fresh=1\)"):
+        load_file_like(unknown, train)
+
+
+def test_the_installed_offline_model_counts_as_an_input(tmp_path):
+    from pathlib import Path
+
+    from purify_fast.commands import check_output_dir
+    from purify_fast.models.loading import default_model_path
+
+    minilm = Path(default_model_path())
+    for out in (minilm, minilm / "sub", minilm.parent):
+        with pytest.raises((ValueError, FileExistsError)):
+            check_output_dir(out, "minilm")
+    with pytest.raises(ValueError, match="overlaps the input minilm"):
+        check_output_dir(minilm / "new-sub", "minilm")

@@ -100,7 +100,7 @@ def test_csv_tsv_jsonl_roundtrip(tmp_path):
      r"half\.csv, line 4, column 'label': label '1.5' is not a whole number"),
     ("half.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 2.5}\n', {},
      r"half\.jsonl, line 2, column 'label': label 2.5 is not a whole number"),
-    ("map.csv", "text,label\na,maybe\n", {"label_map": {"yes": 1, "no": 0}}, r"map\.csv, line 2, column 'label': label 'maybe' is not in label_map"),
+    ("map.csv", "text,label\na,maybe\n", {"label_map": {"yes": 1, "no": 0}}, r"map\.csv, line 2, column 'label': label 'maybe' is not one of the classes \(yes=1, no=0\)"),
     ("bad.jsonl", '{"text": "a", "label": 1}\n{"text": "b", \n', {}, r"bad\.jsonl, line 2: invalid JSON"),
     ("nokey.jsonl", '{"text": "a"}\n', {}, r"nokey\.jsonl, line 1, column 'label': missing column"),
     ("list.jsonl", '[1, 2]\n', {}, r"list\.jsonl, line 1: expected a JSON object"),

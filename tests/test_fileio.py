@@ -85,3 +85,36 @@ def test_atomic_save_dir_output_has_the_normal_directory_mode(tmp_path):
     finally:
         os.umask(mask)
     assert (out.stat().st_mode & 0o777) == 0o755  # not mkdtemp's private 0700
+    for f in out.iterdir():
+        assert (f.stat().st_mode & 0o777) == 0o644, f
+
+
+def test_signals_are_held_through_the_swap(tmp_path):
+    """A signal that arrives while the old output is being swapped out and deleted runs its
+    handler only afterwards: the new output is complete and no old copy is left beside it."""
+    import signal
+
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(sorted(os.listdir(tmp_path)))
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        fileio.atomic_save_dir(tmp_path / "m", _model("w.bin"))
+        real_rmtree = fileio.shutil.rmtree
+
+        def rmtree_with_a_signal(path, *a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the clean-up
+            assert seen == []  # held
+            return real_rmtree(path, *a, **k)
+
+        fileio.shutil.rmtree = rmtree_with_a_signal
+        try:
+            fileio.atomic_save_dir(tmp_path / "m", _model("v.bin"))
+        finally:
+            fileio.shutil.rmtree = real_rmtree
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [["m"]]  # ran after the old copy was gone
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "v.bin"]

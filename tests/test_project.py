@@ -112,8 +112,17 @@ def test_cpu_threads_follow_the_container_quota(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(before)
 
-    assert pick_device("cpu") == "cpu" and pick_device("cuda:1") == "cuda:1"
+    assert pick_device("cpu") == "cpu"
     assert pick_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad, message in [("bogus", "is not a device"), ("mps", "runs on cpu or cuda"),
+                         ("cuda:99", "CUDA device")]:
+        with pytest.raises(ValueError, match=message):
+            pick_device(bad)
+    if torch.cuda.is_available():
+        assert pick_device("cuda:0") == "cuda:0"
+    else:
+        with pytest.raises(ValueError, match="torch sees no CUDA device here"):
+            pick_device("cuda")
 
 
 def test_every_model_command_takes_a_device():

@@ -370,6 +370,19 @@ def test_cli_errors_exit_2(model, tmp_path, capsys):
         assert rc == 2 and message in capsys.readouterr().err, name
 
 
+def _find_key(obj, key):
+    """The value under ``key`` anywhere in nested JSON."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        obj = list(obj.values())
+    for item in obj if isinstance(obj, list) else []:
+        found = _find_key(item, key)
+        if found is not None:
+            return found
+    return None
+
+
 def test_cli_fisher_feeds_purify_checkpoint(tmp_path, capsys):
     """`purify-fast fisher` on a small BERT classifier checkpoint: the Fisher directory holds the
     suspect's checkpoint keys with the in-memory diagonal Fisher of the same clean batches, the
@@ -407,9 +420,10 @@ def test_cli_fisher_feeds_purify_checkpoint(tmp_path, capsys):
     assert sorted(got.keys()) == sorted(Checkpoint.open(tmp_path / "suspect").keys())
     for name, h in want.items():
         torch.testing.assert_close(got.load(name), h, rtol=1e-4, atol=1e-12)
-    counts = json.loads((tmp_path / "counts.json").read_text())
+    written = json.loads((tmp_path / "counts.json").read_text())
+    counts = written["counts"]
     assert counts == [int(c) for c in token_frequencies(clean, tok, tok.vocab_size, 16).tolist()]
-    assert sum(counts) > 0
+    assert sum(counts) > 0 and written["special_ids"] == sorted(tok.all_special_ids)
 
     capsys.readouterr()
     rc = cli_main(["purify-checkpoint", "--method", "fine-purifying", "--e-pur", "--rho", "0.2",
@@ -419,6 +433,25 @@ def test_cli_fisher_feeds_purify_checkpoint(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["threshold"] is not None and summary["reset_rows"] == 200
+    manifest = json.loads((tmp_path / "out" / "purify_manifest.json").read_text())
+    reset = set(_find_key(manifest, "reset_rows"))
+    assert len(reset) == 200 and not reset & set(tok.all_special_ids)  # [CLS], [SEP] never reset
+
+    # refused before anything is written: E-PUR counts without E-PUR, an output inside an input,
+    # a device this machine does not have
+    base = ["purify-checkpoint", "--method", "fine-purifying", "--pretrained",
+            str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"), "--hessian",
+            str(tmp_path / "fisher"), "--no-progress"]
+    for extra, message in [
+            (["--token-freqs", str(tmp_path / "counts.json"), "--out", str(tmp_path / "o2")],
+             "--token-freqs is for E-PUR"),
+            (["--out", str(tmp_path / "suspect" / "purified")], "overlaps the input"),
+            (["--out", str(tmp_path / "fisher" / "x")], "overlaps the input"),
+            (["--device", "mps", "--out", str(tmp_path / "o3")], "runs on cpu or cuda")]:
+        assert cli_main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "counts.json", "fisher", "out", "pre", "suspect"]
 
     capsys.readouterr()
     assert cli_main(args) == 2  # never overwrites a Fisher

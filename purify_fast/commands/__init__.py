@@ -15,12 +15,26 @@ def add_device_arg(parser) -> None:
 
 
 def pick_device(requested: str | None) -> str:
-    """``--device`` as given, else ``cuda`` when torch sees a GPU, else ``cpu``."""
-    if requested:
-        return requested
+    """``--device`` as given (checked: a device torch can use here), else ``cuda`` when torch
+    sees a GPU, else ``cpu``."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not requested:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {requested!r} is not a device (use cpu, cuda or cuda:i)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: torch sees no CUDA device here (torch "
+                             f"{torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {requested}: only {torch.cuda.device_count()} CUDA "
+                             f"device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {requested}: purify_fast runs on cpu or cuda devices")
+    return requested
 
 
 def cpu_quota(path: str = CGROUP_CPU_MAX) -> int | None:
@@ -77,19 +91,56 @@ def check_output_dir(out, *inputs, replace: bool = True) -> None:
         check_replaceable_dir(out)
     elif out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; choose another output path")
+    _check_not_an_input("--out", out, inputs)
+    _check_creatable("--out", out)
+
+
+def check_output_file(option: str, path, *inputs) -> None:
+    """The same for a single output file (``--json``, ``--token-counts``): not a directory, not an
+    input or inside one, and creatable here; checked before any work."""
+    if path is None:
+        return
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a directory; name a file")
+    _check_not_an_input(option, path, inputs)
+    _check_creatable(option, path)
+
+
+def _input_path(given) -> Path | None:
+    """A local path of an input (``minilm`` is the installed offline model's directory)."""
+    if not given:
+        return None
+    if str(given) == "minilm":
+        try:
+            from purify_fast.models.loading import default_model_path
+
+            return Path(default_model_path()).resolve()
+        except FileNotFoundError:
+            return None
+    path = Path(given)
+    return path.resolve() if path.exists() else None
+
+
+def _check_not_an_input(option: str, out: Path, inputs) -> None:
     resolved = out.resolve()
     for given in inputs:
-        if not given or not Path(given).exists():
+        source = _input_path(given)
+        if source is None:
             continue
-        source = Path(given).resolve()
         if resolved == source or source in resolved.parents or resolved in source.parents:
-            raise ValueError(f"--out {out} overlaps the input {given}; inputs are never modified, "
-                             f"so choose another output path")
+            raise ValueError(f"{option} {out} overlaps the input {given}; inputs are never "
+                             f"modified, so choose another output path")
+
+
+def _check_creatable(option: str, out: Path) -> None:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{option} {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out}: cannot create it under {parent} (not writable here)")
+        raise PermissionError(f"{option} {out}: cannot create it under {parent} (not writable here)")
 
 
 def model_label_map(config) -> dict | None:
@@ -100,9 +151,25 @@ def model_label_map(config) -> dict | None:
     names = {int(i): str(n) for i, n in (getattr(config, "id2label", None) or {}).items()}
     if not names or all(n == f"LABEL_{i}" for i, n in names.items()):
         return None
-    mapping = {n: i for i, n in names.items()}
-    mapping.update({str(i): i for i in names})
+    return _label_map([names[i] for i in sorted(names)])
+
+
+def _label_map(names) -> dict:
+    """``{name: i}`` plus the indices themselves as text, for ``load_text_file(label_map=...)``."""
+    mapping = {str(n): i for i, n in enumerate(names)}
+    mapping.update({str(i): i for i in range(len(names))})
     return mapping
+
+
+def load_file_like(path, reference, text_column: str = "text", label_column: str = "label"):
+    """A user data file numbered like ``reference`` (the training data): its class names, when it
+    has them, decide the numbers, so a dev file of names is not renumbered on its own."""
+    from purify_fast.data import load_text_file
+
+    names = getattr(reference, "label_names", None)
+    return load_text_file(path, text_column=text_column, label_column=label_column,
+                          num_labels=reference.num_labels,
+                          label_map=_label_map(names) if names else None)
 
 
 def record_label_names(model, dataset) -> None:

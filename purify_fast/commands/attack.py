@@ -10,6 +10,7 @@ from purify_fast.commands import (
     positive_int,
     record_label_names,
 )
+from purify_fast.validation import int_at_least, real_in
 
 
 def add_common_data_args(p) -> None:
@@ -102,6 +103,9 @@ def run(args) -> int:
     from purify_fast.models import save_pretrained_atomic
 
     check_output_dir(args.out, args.model, args.data)
+    real_in("--lr", args.lr, 0.0, lo_open=True)
+    real_in("--ep-lr", args.ep_lr, 0.0, lo_open=True)
+    int_at_least("--epochs", args.epochs, 0)
     args.device = pick_device(args.device)
     splits = load_data(args)
     attack = make_attack(args)

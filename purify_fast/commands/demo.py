@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 from purify_fast.commands import add_device_arg, check_output_dir, pick_device
@@ -78,6 +79,10 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
     int_at_least("defense_epochs", defense_epochs, 0)
     if out:
         check_output_dir(out, replace=False)
+        if Path(out).is_dir() and any(Path(out).iterdir()) and not (Path(out) / "report.json").exists():
+            raise FileExistsError(f"--out {out} is a non-empty directory that holds no earlier "
+                                  f"report.json; the demo writes report.json / report.md / "
+                                  f"defenses.png there, so choose a new or empty directory")
     device = pick_device(device)
     t_all = time.perf_counter()
     splits = load_rotten_tomatoes(seed=seed, train_size=size["train_size"],

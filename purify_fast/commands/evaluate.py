@@ -5,6 +5,7 @@ from __future__ import annotations
 from purify_fast.commands import (
     add_device_arg,
     check_classes_match,
+    check_output_file,
     load_file_for_model,
     pick_device,
 )
@@ -32,8 +33,10 @@ def run(args) -> int:
     from purify_fast.models import load_classifier
     from purify_fast.report import write_json
 
+    check_output_file("--json", args.json, args.model, args.data)
+    device = pick_device(args.device)
     attack = make_attack(args)
-    model, tok = load_classifier(args.model, device=pick_device(args.device))
+    model, tok = load_classifier(args.model, device=device)
     if args.data in CORPORA:
         test = load_splits(args.data, seed=args.seed, test_size=args.test_size).test
         check_classes_match(test, model, args.data)

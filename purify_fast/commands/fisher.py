@@ -24,6 +24,7 @@ from purify_fast.commands import (
     add_clean_data_args,
     add_device_arg,
     check_output_dir,
+    check_output_file,
     load_clean_set,
     pick_device,
     positive_int,
@@ -47,7 +48,8 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per Fisher batch (16)")
     p.add_argument("--max-length", type=positive_int, default=64)
     p.add_argument("--token-counts", type=Path, default=None,
-                   help="also write the clean texts' count per vocabulary row to this .json")
+                   help="also write the clean texts' count per vocabulary row (and the tokenizer's "
+                        "special ids) to this .json, the --token-freqs of purify-checkpoint")
     add_device_arg(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="weights' dtype for the forward/backward (the Fisher is fp32)")
@@ -63,6 +65,8 @@ def _check_args(args) -> None:
     check_output_dir(args.out, args.model, args.clean_data)
     if args.token_counts is not None and args.token_counts.suffix != ".json":
         raise ValueError(f"--token-counts {args.token_counts}: the counts are written as .json")
+    check_output_file("--token-counts", args.token_counts, args.model, args.clean_data, args.out)
+    pick_device(args.device)
 
 
 def run(args) -> int:
@@ -80,6 +84,18 @@ def run(args) -> int:
     clean = load_clean_set(args, model)
     loader = make_loader(clean, tok, args.batch_size, args.max_length)
     model.eval()  # no dropout: the Fisher of the model as it predicts
+    if args.token_counts is not None:
+        # First (seconds, where the Fisher takes minutes): a finished Fisher is never left
+        # without the counts asked for beside it. The special tokens travel with the counts:
+        # they occur in every example, so E-PUR must never rank their rows.
+        counts = token_frequencies(clean, tok, model.get_input_embeddings().weight.shape[0],
+                                   max_length=args.max_length)
+        special = sorted(int(i) for i in getattr(tok, "all_special_ids", []) or [])
+        args.token_counts.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(args.token_counts, json.dumps(
+            {"counts": [int(c) for c in counts.tolist()], "special_ids": special}).encode())
+        print(f"token counts of the clean texts ({int(counts.sum())} tokens; special ids "
+              f"{special}) -> {args.token_counts}", file=sys.stderr)
     fisher = DiskFisher(model, args.out, backend=args.backend)
     try:
         with fisher:
@@ -94,11 +110,4 @@ def run(args) -> int:
         raise
     print(f"diagonal Fisher of {args.model} over {len(clean)} clean examples "
           f"({fisher.batches} batches) -> {out}", file=sys.stderr)
-    if args.token_counts is not None:
-        counts = token_frequencies(clean, tok, model.get_input_embeddings().weight.shape[0],
-                                   max_length=args.max_length)
-        args.token_counts.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(args.token_counts, json.dumps([int(c) for c in counts.tolist()]).encode())
-        print(f"token counts of the clean texts ({int(counts.sum())} tokens) -> {args.token_counts}",
-              file=sys.stderr)
     return 0

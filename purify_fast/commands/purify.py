@@ -11,6 +11,7 @@ from purify_fast.commands import (
     pick_device,
     positive_int,
 )
+from purify_fast.validation import int_at_least, real_in
 
 
 def add_parser(sub):
@@ -25,17 +26,28 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     p.add_argument("--rho", type=float, default=None,
                    help="fine-mixing reserve ratio (0.5) / fine-purifying reset share (0.3)")
-    p.add_argument("--select", choices=["random", "magnitude"], default="random")
+    p.add_argument("--select", choices=["random", "magnitude"], default="random",
+                   help="fine-mixing: keep coordinates at random (Bernoulli rho) or the rho share "
+                        "with the largest |drift| in each tensor")
     p.add_argument("--rho-sweep", default=None, help="comma-separated rhos, e.g. 0.1,0.3,0.5,0.7,0.9")
-    p.add_argument("--sweep-tolerance", type=float, default=0.01)
-    p.add_argument("--top-n", type=int, default=200)
-    p.add_argument("--score-threshold", type=float, default=None)
-    p.add_argument("--c", type=float, default=20.0)
+    p.add_argument("--sweep-tolerance", type=float, default=0.01,
+                   help="rho sweep: dev accuracy a rho may lose against the suspect (0.01)")
+    p.add_argument("--top-n", type=int, default=200, help="E-PUR: embedding rows reset (200)")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="E-PUR: reset every row scoring at least this instead of --top-n")
+    p.add_argument("--c", type=float, default=20.0,
+                   help="E-PUR: frequency floor c in drift / log(max(f, c)) (20)")
     p.add_argument("--indicator", default="drift_over_hessian",
-                   choices=["drift_over_hessian", "drift", "inv_hessian", "product"])
-    p.add_argument("--fisher-at", choices=["finetuned", "pretrained"], default="finetuned")
-    p.add_argument("--per-example", action="store_true")
-    p.add_argument("--scope", choices=["global", "per_tensor"], default="global")
+                   choices=["drift_over_hessian", "drift", "inv_hessian", "product"],
+                   help="fine-purifying score: drift^2 / Fisher (default), |drift|, 1 / Fisher, "
+                        "drift^2 * Fisher")
+    p.add_argument("--fisher-at", choices=["finetuned", "pretrained"], default="finetuned",
+                   help="fine-purifying: diagonal Fisher at the suspect's weights or the "
+                        "pre-trained ones")
+    p.add_argument("--per-example", action="store_true",
+                   help="fine-purifying: per-example gradients for the Fisher (slower)")
+    p.add_argument("--scope", choices=["global", "per_tensor"], default="global",
+                   help="fine-purifying: one threshold over the whole model, or rho in each tensor")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--batch-size", type=positive_int, default=16)
@@ -52,10 +64,22 @@ def run(args) -> int:
     from purify_fast.models import load_classifier, save_pretrained_atomic
     from purify_fast.models.loading import is_writer_rank
 
+    # Options first: a typo must not cost a model load (the defenses check them again).
     check_output_dir(args.out, args.suspect, args.pretrained, args.clean_data)
-    suspect, tok = load_classifier(args.suspect, device=pick_device(args.device))
+    device = pick_device(args.device)
+    real_in("--rho", args.rho, 0.0, 1.0, optional=True)
+    real_in("--lr", args.lr, 0.0, lo_open=True)
+    real_in("--sweep-tolerance", args.sweep_tolerance, 0.0)
+    real_in("--score-threshold", args.score_threshold, 0.0, optional=True)
+    real_in("--c", args.c, 1.0, lo_open=True)
+    int_at_least("--top-n", args.top_n, 0)
+    int_at_least("--epochs", args.epochs, 0)
+    sweep = None
+    if args.rho_sweep:
+        sweep = tuple(real_in("--rho-sweep value", r.strip(), 0.0, 1.0)
+                      for r in args.rho_sweep.split(","))
+    suspect, tok = load_classifier(args.suspect, device=device)
     clean = load_clean_set(args, suspect)
-    sweep = None if not args.rho_sweep else tuple(float(r) for r in args.rho_sweep.split(","))
     model, report = purify(
         suspect, args.pretrained, clean, args.method, tokenizer=tok, e_pur=args.e_pur,
         rho=args.rho, select=args.select, rho_sweep=sweep, sweep_tolerance=args.sweep_tolerance,

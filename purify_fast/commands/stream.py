@@ -45,7 +45,8 @@ def add_parser(sub):
                    help="finish an interrupted run found in <out>.partial")
     p.add_argument("--rho", type=float, default=None,
                    help="mix: share of fine-tuned coordinates kept (default 0.5); fine-purifying: "
-                        "share reset to pre-trained (default 0.1)")
+                        "share reset to pre-trained (default 0.1 here; `purify-fast purify` "
+                        "defaults to 0.3, the value measured on MiniLM)")
     p.add_argument("--seed", type=int, default=0, help="mix mask seed (default 0)")
     p.add_argument("--select", choices=["random", "magnitude"], default="random")
     p.add_argument("--indicator", default="drift_over_hessian",
@@ -57,15 +58,18 @@ def add_parser(sub):
     p.add_argument("--e-pur", action="store_true",
                    help="run E-PUR on the embedding first (implied by --method e-pur)")
     p.add_argument("--token-freqs", type=Path, default=None,
-                   help="clean-corpus count per vocabulary row: .json list, .txt (one per line), "
-                        ".pt/.npy tensor, or .safetensors with one tensor")
+                   help="E-PUR: clean-corpus count per vocabulary row: .json list (or the "
+                        "object `purify-fast fisher --token-counts` writes, whose special ids "
+                        "are then used), .txt (one per line), .pt/.npy tensor, or .safetensors "
+                        "with one tensor")
     p.add_argument("--embedding-key", default=None, help="embedding tensor name (auto-detected)")
     p.add_argument("--top-n", type=int, default=200, help="E-PUR rows to reset (default 200)")
     p.add_argument("--score-threshold", type=float, default=None,
                    help="E-PUR: reset every row scoring at least this instead of --top-n")
     p.add_argument("--c", type=float, default=20.0, help="E-PUR frequency floor (default 20)")
     p.add_argument("--special-ids", default="",
-                   help="comma-separated token ids E-PUR never resets (e.g. 0,1,2)")
+                   help="comma-separated token ids E-PUR never resets (e.g. 101,102; default: "
+                        "those in a --token-freqs file from `purify-fast fisher`, else none)")
     p.add_argument("--allow-new-keys", action="store_true",
                    help="keep suspect-only tensors (a new head) instead of failing")
     p.add_argument("--backend", default=None, help="auto|torch|triton|cpp|cuda")
@@ -125,34 +129,72 @@ def load_token_freqs(path: Path):
                      f".pt or .safetensors)")
 
 
+def _terminated() -> tuple:
+    from purify_fast.cli import Terminated
+
+    return (Terminated,)
+
+
+def special_ids_in(path: Path | None) -> list[int] | None:
+    """The ``special_ids`` a ``purify-fast fisher --token-counts`` file carries, if any."""
+    if path is None or path.suffix.lower() != ".json":
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # load_token_freqs reports it
+    ids = data.get("special_ids") if isinstance(data, dict) else None
+    return [int(i) for i in ids] if isinstance(ids, list) else None
+
+
 def run(args) -> int:
+    import torch
+
     from purify_fast import distributed
-    from purify_fast.checkpoint import CheckpointError
+    from purify_fast.commands import check_output_dir, pick_device
     from purify_fast.streaming import PurifyConfig, purify_checkpoint
 
+    # Everything that can be checked is checked before the output's .partial directory exists:
+    # a refused run leaves nothing that a rerun would take for an interrupted one.
     try:
         special = tuple(int(x) for x in args.special_ids.split(",") if x.strip())
     except ValueError:
-        print(f"error: --special-ids must be comma-separated integers, got {args.special_ids!r}",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"--special-ids must be comma-separated integers, got "
+                         f"{args.special_ids!r}") from None
+    pick_device(args.device)
+    if args.token_freqs is not None and not (args.e_pur or args.method == "e-pur"):
+        raise ValueError("--token-freqs is for E-PUR: add --e-pur (or use --method e-pur)")
+    if not args.resume:
+        check_output_dir(args.out, args.pretrained, args.suspect, args.hessian, args.token_freqs,
+                         replace=False)
+    cfg = PurifyConfig(method=SAME_AS_PURIFY.get(args.method, args.method), rho=args.rho,
+                       seed=args.seed, select=args.select, indicator=args.indicator,
+                       eps=args.eps, scope=SAME_AS_PURIFY.get(args.scope, args.scope),
+                       e_pur=args.e_pur, embedding_key=args.embedding_key, top_n=args.top_n,
+                       score_threshold=args.score_threshold, c=args.c, special_ids=special,
+                       allow_new_keys=args.allow_new_keys, backend=args.backend,
+                       check_finite=not args.no_check_finite)
+    freqs = None
+    if args.token_freqs is not None:
+        freqs = load_token_freqs(args.token_freqs)
+        if freqs.dim() != 1 or not bool(torch.isfinite(freqs).all()) or bool((freqs < 0).any()):
+            raise ValueError(f"--token-freqs {args.token_freqs}: expected one finite, "
+                             f"non-negative count per vocabulary row")
+        if not special:
+            carried = special_ids_in(args.token_freqs)
+            if carried:
+                cfg.special_ids = tuple(sorted(set(carried)))
     comm = distributed.comm_from_env(args.device)
     device = distributed.local_device(args.device) if comm is not None else args.device
     try:
-        cfg = PurifyConfig(method=SAME_AS_PURIFY.get(args.method, args.method), rho=args.rho,
-                           seed=args.seed, select=args.select, indicator=args.indicator,
-                           eps=args.eps, scope=SAME_AS_PURIFY.get(args.scope, args.scope),
-                           e_pur=args.e_pur, embedding_key=args.embedding_key, top_n=args.top_n,
-                           score_threshold=args.score_threshold, c=args.c, special_ids=special,
-                           allow_new_keys=args.allow_new_keys, backend=args.backend,
-                           check_finite=not args.no_check_finite)
-        freqs = load_token_freqs(args.token_freqs) if args.token_freqs else None
         result = purify_checkpoint(args.pretrained, args.suspect, args.out, cfg,
                                    hessian=args.hessian, token_freqs=freqs, device=device,
                                    resume=args.resume, progress=not args.no_progress, comm=comm)
-    except (CheckpointError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt,) + _terminated():
+        if Path(f"{args.out}.partial").is_dir():
+            print(f"stopped; the work so far is kept in {args.out}.partial: run the same command "
+                  f"with --resume to finish it", file=sys.stderr)
+        raise
     finally:
         if comm is not None:
             comm.close()

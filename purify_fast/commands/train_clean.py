@@ -21,6 +21,7 @@ import time
 from purify_fast.commands import (
     add_device_arg,
     check_output_dir,
+    load_file_like,
     pick_device,
     positive_int,
     record_label_names,
@@ -82,13 +83,14 @@ def run(args) -> int:
                              dev_size=args.dev_size, test_size=args.test_size)
         train, dev, test = splits.train, splits.dev, splits.test
         if args.dev:
-            dev = load_dataset(args.dev)
+            dev = load_file_like(args.dev, train)
     else:
         if not args.dev:
             print("error: --dev (a clean labelled file) is required when --data is a file",
                   file=sys.stderr)
             return 2
-        train, dev = load_dataset(args.data), load_dataset(args.dev)
+        train = load_dataset(args.data)
+        dev = load_file_like(args.dev, train)
     attack = None
     if args.attack:
         attack = make_attack(args.attack, target_label=args.target_label,

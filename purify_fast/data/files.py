@@ -54,7 +54,9 @@ def _label_value(raw, path, line, column, num_labels, label_map):
             return label_map[key]
         if str(key) in label_map:
             return label_map[str(key)]
-        raise DataFileError(path, f"label {raw!r} is not in label_map {sorted(map(str, label_map))}",
+        named = [f"{k}={v}" for k, v in label_map.items() if not str(k).lstrip("-").isdigit()]
+        classes = ", ".join(named) if named else ", ".join(sorted(map(str, label_map)))
+        raise DataFileError(path, f"label {raw!r} is not one of the classes ({classes})",
                             line, column)
     if isinstance(raw, bool):
         raise DataFileError(path, f"label {raw!r} is a boolean, expected an integer", line, column)
