@@ -218,6 +218,11 @@ def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
         (["demo", "--out", str(precious)], "notes.txt exists and is not a directory"),
         (["demo", "--mixing-rho", "1.5", "--out", str(tmp_path / "d")],
          "mixing_rho must be in [0, 1] or None, got 1.5"),
+        (["distill", "--num-examples", "4", "--out", str(tmp_path / "s")],
+         "--num-examples must be at least 8"),
+        (["purify", "--suspect", str(suspect), "--rho-sweep", "0.1,abc", "--out",
+          str(tmp_path / "p")], "--rho-sweep value must be in [0, 1], got 'abc'"),
+        (["evaluate", "--model", str(suspect), "--device", "bogus"], "is not a device"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

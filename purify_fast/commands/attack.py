@@ -3,6 +3,8 @@ or a user file, evaluate CACC/ASR, and write the checkpoint atomically."""
 
 from __future__ import annotations
 
+import sys
+
 from purify_fast.commands import (
     add_device_arg,
     check_output_dir,
@@ -108,6 +110,10 @@ def run(args) -> int:
     int_at_least("--epochs", args.epochs, 0)
     args.device = pick_device(args.device)
     splits = load_data(args)
+    names = splits.train.label_names
+    if names and 0 <= args.target_label < len(names):  # class names are numbered in sorted order
+        print(f"note: --target-label {args.target_label} is the class {names[args.target_label]!r} "
+              f"({', '.join(f'{n}={i}' for i, n in enumerate(names))})", file=sys.stderr)
     attack = make_attack(args)
     model, tok, info = build_backdoor(args, splits, attack)
     triggered = attack.triggered_test(splits.test)

@@ -44,6 +44,9 @@ def run(args) -> int:
     from purify_fast.models.loading import atomic_save_dir, is_writer_rank
 
     check_output_dir(args.out, args.teacher, args.data)
+    if args.num_examples < 8:  # MINE's statistics networks need a few paired samples to train
+        raise ValueError(f"--num-examples must be at least 8 (MINE estimates the layer weights "
+                         f"from them), got {args.num_examples}")
     try:
         teacher, tok = load_encoder(args.teacher, device=pick_device(args.device))
         kw = {} if args.data in CORPORA else {"text_column": args.text_column, "label_column": None}

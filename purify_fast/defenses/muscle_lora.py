@@ -149,7 +149,7 @@ def split_reference_pool(dev: TextDataset, size: int, seed: int = 0
     if len(dev) <= size:
         raise ValueError(f"the clean dev set has {len(dev)} examples; the reference pool needs "
                          f"{size} plus at least one left for model selection (pass a larger dev "
-                         f"set or a smaller ref_pool_size)")
+                         f"set or a smaller ref_pool_size, --ref-pool-size on the command line)")
     frac = size / len(dev)
     pool, rest = dev.split((frac, 1.0 - frac), seed=seed,
                            names=[f"{dev.name}/ref-pool", f"{dev.name}/select"])
