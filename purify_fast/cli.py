@@ -33,22 +33,13 @@ USER_ERRORS = (ValueError, OSError)
 TRACEBACK_VAR = "PURIFY_FAST_TRACEBACK"
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that every atomic writer's cleanup runs (as for
-    Ctrl-C) instead of the process dying with its temporary directories on disk."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from purify_fast.commands import limit_cpu_threads
+    from purify_fast.commands import Terminated, limit_cpu_threads, raise_terminated
 
     limit_cpu_threads()
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not the main thread (main() called from a worker): leave SIGTERM alone
         previous = None
     try:

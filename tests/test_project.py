@@ -174,9 +174,9 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, monkeypatch, capsys):
     assert main(["fake", "--out", str(tmp_path / "ckpt")]) == 128 + signal.SIGTERM
     assert "terminated" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []  # no temporary directory, no half-written output
-    from purify_fast import cli
+    from purify_fast.commands import raise_terminated
 
-    assert signal.getsignal(signal.SIGTERM) is not cli._raise_terminated  # handler restored
+    assert signal.getsignal(signal.SIGTERM) is not raise_terminated  # handler restored
 
 
 def test_user_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys):

@@ -9,6 +9,16 @@ from pathlib import Path
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread (``purify_fast.cli.main`` installs
+    :func:`raise_terminated`) so that every atomic writer's cleanup runs, as for Ctrl-C, instead
+    of the process dying with its temporary directories on disk."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def add_device_arg(parser) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu | cuda | cuda:i (default: cuda when torch sees a GPU, else cpu)")

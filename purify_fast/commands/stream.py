@@ -80,7 +80,8 @@ def add_parser(sub):
 
 
 def load_token_freqs(path: Path):
-    """Token counts from a file, as a 1-D tensor."""
+    """Token counts from a file, as a 1-D tensor, and the special token ids the file names (the
+    JSON object ``purify-fast fisher --token-counts`` writes carries them), else None."""
     import torch
 
     if not path.is_file():
@@ -91,13 +92,16 @@ def load_token_freqs(path: Path):
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"--token-freqs {path}: not valid JSON ({exc})") from None
+        special = None
         if isinstance(data, dict):
+            ids = data.get("special_ids")
+            special = [int(i) for i in ids] if isinstance(ids, list) else None
             data = data.get("freqs", data.get("counts"))
         if not isinstance(data, list) or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
             raise ValueError(f"--token-freqs {path}: expected a JSON list of counts (or an object "
                              f"with a 'freqs' list)")
-        return torch.tensor(data, dtype=torch.float64)
+        return torch.tensor(data, dtype=torch.float64), special
     if suffix == ".txt":
         counts = []
         for line_no, line in enumerate(path.read_text().splitlines(), start=1):
@@ -107,51 +111,33 @@ def load_token_freqs(path: Path):
                 except ValueError:
                     raise ValueError(f"--token-freqs {path}, line {line_no}: {word!r} is not a "
                                      f"count (expected numbers, one per vocabulary row)") from None
-        return torch.tensor(counts, dtype=torch.float64)
+        return torch.tensor(counts, dtype=torch.float64), None
     if suffix == ".npy":
         import numpy as np
 
-        return torch.from_numpy(np.load(path))
+        return torch.from_numpy(np.load(path)), None
     if suffix in (".pt", ".pth"):
         t = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"--token-freqs {path}: expected a saved tensor, got "
                              f"{type(t).__name__}")
-        return t
+        return t, None
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
         tensors = load_file(str(path))
         if len(tensors) != 1:
             raise ValueError(f"--token-freqs {path}: expected one tensor, found {len(tensors)}")
-        return next(iter(tensors.values()))
+        return next(iter(tensors.values())), None
     raise ValueError(f"--token-freqs {path}: unknown format {suffix!r} (use .json, .txt, .npy, "
                      f".pt or .safetensors)")
-
-
-def _terminated() -> tuple:
-    from purify_fast.cli import Terminated
-
-    return (Terminated,)
-
-
-def special_ids_in(path: Path | None) -> list[int] | None:
-    """The ``special_ids`` a ``purify-fast fisher --token-counts`` file carries, if any."""
-    if path is None or path.suffix.lower() != ".json":
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # load_token_freqs reports it
-    ids = data.get("special_ids") if isinstance(data, dict) else None
-    return [int(i) for i in ids] if isinstance(ids, list) else None
 
 
 def run(args) -> int:
     import torch
 
     from purify_fast import distributed
-    from purify_fast.commands import check_output_dir, pick_device
+    from purify_fast.commands import Terminated, check_output_dir, pick_device
     from purify_fast.streaming import PurifyConfig, purify_checkpoint
 
     # Everything that can be checked is checked before the output's .partial directory exists:
@@ -176,21 +162,19 @@ def run(args) -> int:
                        check_finite=not args.no_check_finite)
     freqs = None
     if args.token_freqs is not None:
-        freqs = load_token_freqs(args.token_freqs)
+        freqs, carried = load_token_freqs(args.token_freqs)
         if freqs.dim() != 1 or not bool(torch.isfinite(freqs).all()) or bool((freqs < 0).any()):
             raise ValueError(f"--token-freqs {args.token_freqs}: expected one finite, "
                              f"non-negative count per vocabulary row")
-        if not special:
-            carried = special_ids_in(args.token_freqs)
-            if carried:
-                cfg.special_ids = tuple(sorted(set(carried)))
+        if not special and carried:
+            cfg.special_ids = tuple(sorted(set(carried)))
     comm = distributed.comm_from_env(args.device)
     device = distributed.local_device(args.device) if comm is not None else args.device
     try:
         result = purify_checkpoint(args.pretrained, args.suspect, args.out, cfg,
                                    hessian=args.hessian, token_freqs=freqs, device=device,
                                    resume=args.resume, progress=not args.no_progress, comm=comm)
-    except (KeyboardInterrupt,) + _terminated():
+    except (KeyboardInterrupt, Terminated):
         if Path(f"{args.out}.partial").is_dir():
             print(f"stopped; the work so far is kept in {args.out}.partial: run the same command "
                   f"with --resume to finish it", file=sys.stderr)
