@@ -94,6 +94,40 @@ def test_evaluate_json_never_overwrites_an_input(tiny, capsys):
     assert (root / "model" / "config.json").read_bytes() == before
 
 
+def test_target_label_by_class_name_or_index(tiny, capsys):
+    root, _ = tiny
+    # "fresh" is class 1 of the model (its id2label), so the name and the index score the same.
+    rc, by_index = _evaluate(root, root / "ids.jsonl", "--target-label", "1")
+    rc2, by_name = _evaluate(root, root / "ids.jsonl", "--target-label", "fresh")
+    scores = lambda m: {k: v for k, v in m.items() if k not in ("seconds", "attack")}  # noqa: E731
+    assert rc == rc2 == 0 and scores(by_name) == scores(by_index)
+    _, rotten = _evaluate(root, root / "ids.jsonl", "--target-label", "rotten")
+    assert rotten["attack"]["target_label"] == 0
+    # An index the model does not have would score an ASR of 0 without a word: refused.
+    for value, msg in (("2", "--target-label 2 is not a class of"),
+                       ("positive", "--target-label 'positive' is not a class name of")):
+        assert _evaluate(root, root / "ids.jsonl", "--target-label", value)[0] == 2
+        assert msg in capsys.readouterr().err
+
+
+def test_resolve_target_label():
+    import argparse
+
+    from purify_fast.commands import resolve_target_label, target_label_arg
+
+    assert target_label_arg(" 2 ") == 2 and target_label_arg("fresh") == "fresh"
+    with pytest.raises(argparse.ArgumentTypeError):
+        target_label_arg(" ")
+    names = ("negative", "neutral", "positive")
+    assert resolve_target_label("neutral", names, 3, "tweets") == 1
+    assert resolve_target_label(2, names, 3, "tweets") == 2
+    assert resolve_target_label(1, None, 2, "data.csv") == 1
+    with pytest.raises(ValueError, match=r"not a class of tweets \(negative=0, neutral=1, positive=2\)"):
+        resolve_target_label(-1, names, 3, "tweets")
+    with pytest.raises(ValueError, match=r"not a class name of data.csv \(indices 0..1, no class names\)"):
+        resolve_target_label("fresh", None, 2, "data.csv")
+
+
 def test_a_dev_file_of_names_is_numbered_like_the_training_data(tmp_path):
     from purify_fast.commands import load_file_like
     from purify_fast.data import TextDataset

@@ -88,6 +88,36 @@ def positive_int(text: str) -> int:
     return value
 
 
+def target_label_arg(text: str) -> int | str:
+    """argparse ``type=`` of ``--target-label``: a class index, or a class name (``fresh``) that
+    :func:`resolve_target_label` looks up once the data's or the model's classes are known."""
+    import argparse
+
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("expected a class index or a class name, got ''")
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def resolve_target_label(value: int | str, names, num_labels: int, source: str) -> int:
+    """The class index ``--target-label`` names among ``num_labels`` classes called ``names``
+    (None when ``source`` has no class names). An index out of range would silently give an ASR of
+    0 (no prediction can be that class), so it is refused like an unknown name."""
+    names = tuple(names) if names else None
+    classes = (", ".join(f"{n}={i}" for i, n in enumerate(names)) if names
+               else f"indices 0..{num_labels - 1}, no class names")
+    if isinstance(value, int):
+        if 0 <= value < num_labels:
+            return value
+        raise ValueError(f"--target-label {value} is not a class of {source} ({classes})")
+    if names and value in names:
+        return names.index(value)
+    raise ValueError(f"--target-label {value!r} is not a class name of {source} ({classes})")
+
+
 def check_output_dir(out, *inputs, replace: bool = True) -> None:
     """Refuse, before any work, an ``--out`` that cannot or must not be written: one that names a
     file or an unrelated directory (``replace``: the output swaps in as a whole directory), one
@@ -153,15 +183,21 @@ def _check_creatable(option: str, out: Path) -> None:
         raise PermissionError(f"{option} {out}: cannot create it under {parent} (not writable here)")
 
 
-def model_label_map(config) -> dict | None:
-    """How a user file's labels are numbered for a given model: its ``id2label`` names (and the
-    indices themselves, as text) mapped to ids, so a file saying ``fresh``/``rotten`` is read
-    with the model's numbering, not in sorted order. None when the names are transformers'
-    placeholders (``LABEL_0``, ...), which say nothing about the classes."""
+def model_class_names(config) -> tuple[str, ...] | None:
+    """The model's class names in index order (its ``id2label``), or None when they are
+    transformers' placeholders (``LABEL_0``, ...), which say nothing about the classes."""
     names = {int(i): str(n) for i, n in (getattr(config, "id2label", None) or {}).items()}
     if not names or all(n == f"LABEL_{i}" for i, n in names.items()):
         return None
-    return _label_map([names[i] for i in sorted(names)])
+    return tuple(names[i] for i in sorted(names))
+
+
+def model_label_map(config) -> dict | None:
+    """How a user file's labels are numbered for a given model: its class names (and the
+    indices themselves, as text) mapped to ids, so a file saying ``fresh``/``rotten`` is read
+    with the model's numbering, not in sorted order. None when the model has no class names."""
+    names = model_class_names(config)
+    return None if names is None else _label_map(names)
 
 
 def _label_map(names) -> dict:

@@ -11,6 +11,8 @@ from purify_fast.commands import (
     pick_device,
     positive_int,
     record_label_names,
+    resolve_target_label,
+    target_label_arg,
 )
 from purify_fast.validation import int_at_least, real_in
 
@@ -29,7 +31,8 @@ def add_common_data_args(p) -> None:
 
 def add_attack_args(p) -> None:
     p.add_argument("--attack", choices=["badnets", "addsent", "ep"], default="badnets")
-    p.add_argument("--target-label", type=int, default=1)
+    p.add_argument("--target-label", type=target_label_arg, default=1,
+                   help="the class the trigger maps to: an index or a class name (default 1)")
     p.add_argument("--poison-rate", type=float, default=0.1)
     p.add_argument("--triggers", default="cf,mn,bb,tq,mb", help="comma-separated BadNets/EP words")
     p.add_argument("--sentence", default=None, help="AddSent trigger sentence")
@@ -111,8 +114,10 @@ def run(args) -> int:
     args.device = pick_device(args.device)
     splits = load_data(args)
     names = splits.train.label_names
-    if names and 0 <= args.target_label < len(names):  # class names are numbered in sorted order
-        print(f"note: --target-label {args.target_label} is the class {names[args.target_label]!r} "
+    given = args.target_label
+    args.target_label = resolve_target_label(given, names, splits.num_labels, args.data)
+    if names and isinstance(given, int):  # a file's class names are numbered in sorted order
+        print(f"note: --target-label {given} is the class {names[given]!r} "
               f"({', '.join(f'{n}={i}' for i, n in enumerate(names))})", file=sys.stderr)
     attack = make_attack(args)
     model, tok, info = build_backdoor(args, splits, attack)

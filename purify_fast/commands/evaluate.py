@@ -7,7 +7,9 @@ from purify_fast.commands import (
     check_classes_match,
     check_output_file,
     load_file_for_model,
+    model_class_names,
     pick_device,
+    resolve_target_label,
 )
 from purify_fast.commands.attack import add_attack_args, add_common_data_args, make_attack
 
@@ -35,8 +37,10 @@ def run(args) -> int:
 
     check_output_file("--json", args.json, args.model, args.data)
     device = pick_device(args.device)
-    attack = make_attack(args)
     model, tok = load_classifier(args.model, device=device)
+    args.target_label = resolve_target_label(args.target_label, model_class_names(model.config),
+                                             model.config.num_labels, args.model)
+    attack = make_attack(args)
     if args.data in CORPORA:
         test = load_splits(args.data, seed=args.seed, test_size=args.test_size).test
         check_classes_match(test, model, args.data)

@@ -25,6 +25,8 @@ from purify_fast.commands import (
     pick_device,
     positive_int,
     record_label_names,
+    resolve_target_label,
+    target_label_arg,
 )
 
 
@@ -57,7 +59,8 @@ def add_parser(sub):
     p.add_argument("--attack", choices=["badnets", "addsent"], default=None,
                    help="plant this backdoor in the training split first (evaluation runs)")
     p.add_argument("--poison-rate", type=float, default=0.1)
-    p.add_argument("--target-label", type=int, default=1)
+    p.add_argument("--target-label", type=target_label_arg, default=1,
+                   help="with --attack: the class the trigger maps to, an index or a class name")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     add_device_arg(p)
     p.add_argument("--seed", type=int, default=0)
@@ -93,6 +96,8 @@ def run(args) -> int:
         dev = load_file_like(args.dev, train)
     attack = None
     if args.attack:
+        args.target_label = resolve_target_label(args.target_label, train.label_names,
+                                                 train.num_labels, args.data)
         attack = make_attack(args.attack, target_label=args.target_label,
                              poison_rate=args.poison_rate, seed=args.seed)
         train = attack.poison(train).dataset
