@@ -33,7 +33,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -277,6 +277,12 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
+    def under_prefix(self, prefix: str) -> Checkpoint:
+        """The same tensors named as a task model wrapping this (base) model names them:
+        ``prefix + key`` (``bert.embeddings...``). The files are not touched; reads still use
+        each tensor's own name in its file."""
+        return replace(self, tensors={prefix + k: v for k, v in self.tensors.items()})
+
 
 def load_tensor(info: TensorInfo, *, pin_memory: bool = False,
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -321,12 +327,28 @@ def _wrapper_prefix(suspect_only: list[str], pretrained_only: list[str]) -> str 
     return None
 
 
-def compare(pretrained: Checkpoint, suspect: Checkpoint, *, allow_new_keys: bool = False
-            ) -> tuple[list[str], list[str]]:
+def base_model_prefix(pretrained: Checkpoint, suspect: Checkpoint) -> str | None:
+    """The prefix under which ``suspect`` (a task model: ``bert.`` + base keys + a head) holds
+    the tensors of ``pretrained`` (its base model, saved without the prefix, as the offline MiniLM
+    and many hub checkpoints are), or None when the two name their tensors alike."""
+    new = [k for k in suspect.tensors if k not in pretrained.tensors]
+    gone = [k for k in pretrained.tensors if k not in suspect.tensors]
+    prefix = _wrapper_prefix(new, gone)
+    if prefix is None or len(suspect.tensors) - len(new) >= len(new):
+        return None
+    return prefix
+
+
+def compare(pretrained: Checkpoint, suspect: Checkpoint, *, allow_new_keys: bool = False,
+            base_prefix: str | None = None) -> tuple[list[str], list[str]]:
     """Check two checkpoints describe the same model; returns (shared keys, suspect-only keys).
 
     Shape or dtype differences are always errors. Keys present on one side only are errors unless
     ``allow_new_keys`` (a fine-tuned model with a new head: those tensors are kept as they are).
+    ``base_prefix`` says ``pretrained`` is the suspect's base model, already renamed with
+    :meth:`Checkpoint.under_prefix` (see :func:`base_model_prefix`): the suspect's tensors outside
+    the prefix are its task head, kept as they are, and the base's non-float buffers that the
+    suspect does not save (``position_ids``) are ignored.
     """
     shared, new = [], []
     for key, info in suspect.tensors.items():
@@ -342,23 +364,27 @@ def compare(pretrained: Checkpoint, suspect: Checkpoint, *, allow_new_keys: bool
                                   f"{other.dtype} in {other.file}")
         shared.append(key)
     gone = [k for k in pretrained.tensors if k not in suspect.tensors]
-    prefix = _wrapper_prefix(new, gone)
-    if prefix is not None and len(shared) < len(new):
-        raise CheckpointError(
-            f"the suspect's tensors are the pre-trained ones under the prefix {prefix!r} (e.g. "
-            f"{prefix + gone[0]!r} vs {gone[0]!r}): {pretrained.path} is a base model and "
-            f"{suspect.path} a task model built on it. Save the base model in the suspect's class "
-            f"first (e.g. AutoModelForSequenceClassification.from_pretrained(base)"
-            f".save_pretrained(dir), which adds the prefix and a fresh head) and pass that "
-            f"directory as the pre-trained checkpoint")
-    if not allow_new_keys and (new or gone):
+    if base_prefix is None:
+        prefix = _wrapper_prefix(new, gone)
+        if prefix is not None and len(shared) < len(new):
+            raise CheckpointError(
+                f"the suspect's tensors are the pre-trained ones under the prefix {prefix!r} (e.g. "
+                f"{prefix + gone[0]!r} vs {gone[0]!r}): {pretrained.path} is a base model and "
+                f"{suspect.path} a task model built on it. purify_checkpoint pairs them by itself; "
+                f"to compare them, pass pretrained.under_prefix({prefix!r}) and "
+                f"base_prefix={prefix!r}")
+        unmatched, missing = new, gone
+    else:
+        unmatched = [k for k in new if k.startswith(base_prefix)]
+        missing = [k for k in gone if pretrained.tensors[k].is_float]
+    if not allow_new_keys and (unmatched or missing):
         parts = []
-        if new:
-            parts.append(f"{len(new)} key(s) only in the suspect checkpoint {suspect.path} "
-                         f"(e.g. {new[0]!r})")
-        if gone:
-            parts.append(f"{len(gone)} key(s) only in the pre-trained checkpoint "
-                         f"{pretrained.path} (e.g. {gone[0]!r})")
+        if unmatched:
+            parts.append(f"{len(unmatched)} key(s) only in the suspect checkpoint {suspect.path} "
+                         f"(e.g. {unmatched[0]!r})")
+        if missing:
+            parts.append(f"{len(missing)} key(s) only in the pre-trained checkpoint "
+                         f"{pretrained.path} (e.g. {missing[0]!r})")
         raise CheckpointError("the checkpoints do not match: " + "; ".join(parts) +
                               ". Pass allow_new_keys=True (--allow-new-keys) to keep suspect-only "
                               "tensors unchanged and ignore pre-trained-only ones.")

@@ -65,6 +65,7 @@ from purify_fast.checkpoint import (
     ShardLayout,
     TensorInfo,
     atomic_write_bytes,
+    base_model_prefix,
     check_free_space,
     compare,
     dumps_json,
@@ -165,6 +166,8 @@ class PurifyResult:
     threshold: float | None = None
     reset_rows: list[int] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    base_prefix: str | None = None  # the pre-trained base model's tensors were paired under it
+    kept: list[str] = field(default_factory=list)  # suspect tensors without a counterpart, as they were
 
 
 # --------------------------------------------------------------------------- communication
@@ -435,8 +438,9 @@ class _Plan:
     """Everything decided before any output byte: keys, actions, layouts, owners."""
 
     def __init__(self, cfg: PurifyConfig, pre: Checkpoint, ft: Checkpoint,
-                 hessian: Checkpoint | None, world_size: int):
-        shared, _ = compare(pre, ft, allow_new_keys=cfg.allow_new_keys)
+                 hessian: Checkpoint | None, world_size: int, base_prefix: str | None = None):
+        shared, self.new = compare(pre, ft, allow_new_keys=cfg.allow_new_keys,
+                                   base_prefix=base_prefix)
         shared_set = set(shared)
         if hessian is not None and cfg.method != "fine-purifying":
             raise ValueError(f"a Hessian is only used by fine-purifying, not {cfg.method!r}; "
@@ -516,7 +520,11 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
     pre = opened(pretrained, "pre-trained")
     ft = opened(suspect, "suspect")
     hes = opened(hessian, "hessian")
-    plan = _Plan(cfg, pre, ft, hes, comm.world_size)
+    # A base model saved on its own (no "bert." prefix) pairs with the task model built on it.
+    base_prefix = base_model_prefix(pre, ft)
+    if base_prefix is not None:
+        pre = pre.under_prefix(base_prefix)
+    plan = _Plan(cfg, pre, ft, hes, comm.world_size, base_prefix)
     freqs = None
     if cfg.e_pur:
         freqs = _load_freqs(token_freqs, ft[plan.emb_key].shape[0])
@@ -660,7 +668,7 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
         thr = ops.select_threshold(hist, cfg.rho)
         if not thr.exact:
             thr = ops.select_threshold(histogram_pass(thr.refine()), cfg.rho)
-        threshold = thr.value
+        threshold = thr.reset_value  # as ops.reset_by_score applies a Threshold: never 0
         if comm.rank == 0:
             od.state["threshold_bits"] = _float_bits(threshold)
             od.save_manifest()
@@ -753,7 +761,7 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
                         bytes_written=bytes_written, seconds=time.perf_counter() - t_start,
                         resumed=resumed, shards_total=len(plan.layouts), shards_skipped=skipped,
                         threshold=threshold, reset_rows=[int(r) for r in reset_rows],
-                        stage_seconds=stages)
+                        stage_seconds=stages, base_prefix=base_prefix, kept=list(plan.new))
 
 
 # --------------------------------------------------------------------------- in-memory twin

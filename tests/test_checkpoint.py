@@ -221,8 +221,17 @@ def test_compare_reports_shape_dtype_and_keys(tmp_path):
     wrapped["classifier.weight"] = torch.zeros(2, 16)
     e = Checkpoint.open(write_checkpoint(wrapped, tmp_path / "e"))
     for allow in (False, True):
-        with pytest.raises(CheckpointError, match=r"under the prefix 'bert\.'.*save_pretrained"):
+        with pytest.raises(CheckpointError, match=r"under the prefix 'bert\.'.*base_prefix='bert\.'"):
             ck.compare(a, e, allow_new_keys=allow)
+    # Paired under the prefix, the head outside it is new (kept) and needs no allow_new_keys.
+    assert ck.base_model_prefix(a, e) == "bert." and ck.base_model_prefix(a, a) is None
+    shared, new = ck.compare(a.under_prefix("bert."), e, base_prefix="bert.")
+    assert new == ["classifier.weight"] and set(shared) == {"bert." + k for k in _state()}
+    # ... but a base tensor the task model lacks is still a mismatch.
+    del wrapped["bert.layer.0.b"]
+    f = Checkpoint.open(write_checkpoint(wrapped, tmp_path / "f"))
+    with pytest.raises(CheckpointError, match=r"only in the pre-trained checkpoint.*'bert\.layer\.0\.b'"):
+        ck.compare(a.under_prefix("bert."), f, base_prefix="bert.")
 
 
 # --------------------------------------------------------------------------- output protocol

@@ -146,6 +146,77 @@ def test_single_file_inputs_and_new_head(model, tmp_path):
     assert not (out / ck.INDEX_NAME).exists()  # single file in, single file out
 
 
+def test_a_base_model_pairs_with_its_task_model_under_the_prefix(model, tmp_path):
+    """A base model saved without the task model's prefix (the offline MiniLM, most hub base
+    checkpoints) against a classifier saved as ``model.`` + base keys + ``score.weight``: paired
+    under the prefix, the head kept, the same bytes as with a prefixed pre-trained checkpoint."""
+    P, F = model["P"], model["F"]
+    wrapped = {"model." + k: v for k, v in F.items()}
+    wrapped["score.weight"] = torch.randn(2, 32)
+    base = dict(P)
+    base["rotary.inv_freq"] = torch.arange(4)  # a buffer the task model does not save: ignored
+    pre = write_checkpoint(base, tmp_path / "pre")
+    ft = write_checkpoint(wrapped, tmp_path / "ft")
+    res = purify_checkpoint(pre, ft, tmp_path / "o", method="fine-purifying", rho=0.1,
+                            indicator="drift")
+    assert res.base_prefix == "model." and res.kept == ["score.weight"]
+    got = _load(res.out)
+    want = purify_state_dict({"model." + k: v for k, v in P.items()}, wrapped,
+                             method="fine-purifying", rho=0.1, indicator="drift")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert torch.equal(got["score.weight"], wrapped["score.weight"])
+    assert any(not torch.equal(got["model." + k], F[k]) for k in F)  # some coordinates reset
+
+
+def test_cli_pretrained_minilm_pairs_with_a_minilm_classifier(tmp_path, capsys):
+    """`--pretrained minilm` is the offline base MiniLM (keys without `bert.`), which pairs with a
+    classifier fine-tuned from it."""
+    from purify_fast.models import load_classifier
+    from purify_fast.models.loading import default_model_path
+
+    suspect, tok = load_classifier("minilm", 2)
+    with torch.no_grad():
+        for p in suspect.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    suspect.save_pretrained(tmp_path / "suspect")
+    rc = cli_main(["purify-checkpoint", "--method", "mix", "--rho", "0.5", "--pretrained",
+                   "minilm", "--suspect", str(tmp_path / "suspect"), "--out",
+                   str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0
+    assert "is a base model: its tensors were paired with the suspect's under 'bert.'" in \
+        capsys.readouterr().err
+    base, ft = Checkpoint.open(default_model_path()), Checkpoint.open(tmp_path / "suspect")
+    out = Checkpoint.open(tmp_path / "out")
+    assert out.keys() == ft.keys()
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    want = ops.mix_weights(base.load(name[len("bert."):]), ft.load(name), 0.5, seed=0, key=name)
+    assert torch.equal(out.load(name), want)
+    assert torch.equal(out.load("classifier.weight"), ft.load("classifier.weight"))
+
+
+def test_a_zero_threshold_never_resets_zero_scores(model, tmp_path):
+    """`product` scores δ²·H are 0 wherever H is 0; with 80 % of H zero, the rho 0.3 threshold
+    lands on 0, and taking every tie there would reset all coordinates. Only positive scores go
+    (at most the top 20 % here), in the streamed and in-memory paths alike."""
+    gen = torch.Generator().manual_seed(3)
+    H = {k: torch.where(torch.rand(v.shape, generator=gen) < 0.8, 0.0, v)
+         for k, v in model["H"].items()}
+    hes = write_checkpoint(H, tmp_path / "h")
+    case = dict(method="fine-purifying", rho=0.3, indicator="product")
+    res = purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", hessian=hes, **case)
+    got = _load(res.out)
+    want = purify_state_dict(model["P"], model["F"], hessian=H, **case)
+    moved = total = 0
+    for k, f in model["F"].items():
+        assert torch.equal(got[k], want[k]), k
+        if f.is_floating_point():
+            moved += int((got[k] != f).sum())
+            total += f.numel()
+    assert res.threshold > 0 and 0.1 * total < moved <= 0.2 * total
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(model, tmp_path):
     a = purify_checkpoint(model["pre"], model["ft"], tmp_path / "a", method="mix", seed=1).out
     b = purify_checkpoint(model["pre"], model["ft"], tmp_path / "b", method="mix", seed=1).out

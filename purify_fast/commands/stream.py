@@ -34,7 +34,9 @@ def add_parser(sub):
                    help="fine-mixing is another name for mix (the name `purify-fast purify` uses)")
     p.add_argument("--pretrained", required=True, type=Path,
                    help="clean pre-trained checkpoint (dir with index or model.safetensors, "
-                        "or a file)")
+                        "or a file; 'minilm' for the offline MiniLM). A base model saved "
+                        "without the suspect's prefix (bert.) is paired under it, and the "
+                        "suspect's task head is kept as it is")
     p.add_argument("--suspect", required=True, type=Path, help="suspect fine-tuned checkpoint")
     p.add_argument("--out", required=True, type=Path, help="new output directory")
     p.add_argument("--hessian", type=Path, default=None,
@@ -138,6 +140,7 @@ def run(args) -> int:
 
     from purify_fast import distributed
     from purify_fast.commands import Terminated, check_output_dir, pick_device
+    from purify_fast.models.loading import DEFAULT_MODEL, resolve_model_path
     from purify_fast.streaming import PurifyConfig, purify_checkpoint
 
     # Everything that can be checked is checked before the output's .partial directory exists:
@@ -150,6 +153,8 @@ def run(args) -> int:
     pick_device(args.device)
     if args.token_freqs is not None and not (args.e_pur or args.method == "e-pur"):
         raise ValueError("--token-freqs is for E-PUR: add --e-pur (or use --method e-pur)")
+    if str(args.pretrained) == DEFAULT_MODEL:
+        args.pretrained = Path(resolve_model_path(DEFAULT_MODEL))
     if not args.resume:
         check_output_dir(args.out, args.pretrained, args.suspect, args.hessian, args.token_freqs,
                          replace=False)
@@ -183,6 +188,11 @@ def run(args) -> int:
         if comm is not None:
             comm.close()
     if comm is None or comm.rank == 0:
+        if result.base_prefix is not None:
+            head = (f"; the suspect's {len(result.kept)} tensor(s) without a counterpart (its "
+                    f"task head, e.g. {result.kept[0]!r}) are kept as they are" if result.kept else "")
+            print(f"note: {args.pretrained} is a base model: its tensors were paired with the "
+                  f"suspect's under {result.base_prefix!r}{head}", file=sys.stderr)
         summary = {"out": str(result.out), "method": result.method,
                    "seconds": round(result.seconds, 3), "bytes_read": result.bytes_read,
                    "bytes_written": result.bytes_written, "resumed": result.resumed,

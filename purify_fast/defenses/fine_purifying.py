@@ -33,7 +33,6 @@ from purify_fast.defenses._common import (
 from purify_fast.training import autocast, model_device
 from purify_fast.validation import int_at_least, one_of, real_in
 
-_TINY = float(torch.finfo(torch.float32).smallest_normal)
 INDICATORS = ("drift_over_hessian", "drift", "inv_hessian", "product")
 
 
@@ -160,12 +159,8 @@ class FinePurifying:
                         lambda n=n, pre=pre: [(pre, params[n].detach(), hessian[n])], self.rho, **kw)
             for n, pre in matched.items():
                 ft = params[n].detach()
-                # Ties at the threshold are all selected; when the threshold is 0 that would reset
-                # every zero-score coordinate (e.g. H = 0 under "product"), far beyond rho. Reset
-                # only positive scores then.
-                value = max(float(thresholds[n].value), _TINY)
-                new = ops.reset_by_score(pre, ft, hessian[n], value, indicator=self.indicator,
-                                         eps=self.eps, backend=self.backend)
+                # A threshold of 0 resets only positive scores (Threshold.reset_value).
+                new = ops.reset_by_score(pre, ft, hessian[n], thresholds[n], backend=self.backend)
                 # Count what actually moved back (coordinates with δ = 0 "reset" to themselves).
                 reset_counts[n] = int((new != ft).sum())
                 params[n].copy_(new)

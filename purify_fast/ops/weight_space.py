@@ -259,6 +259,14 @@ class Threshold:
     _prefix: int = -1
     _above: int = 0
 
+    @property
+    def reset_value(self) -> float:
+        """The threshold :func:`reset_by_score` applies: ``value``, but never below the smallest
+        positive fp32. A zero score (no drift; ``H = 0`` under ``product``) is no evidence, and
+        when ``rho`` reaches into the zero scores, taking every tie at 0 would reset all of them,
+        far more than the ``rho`` share."""
+        return max(self.value, _bits_to_float(1))
+
     def refine(self) -> ScoreHistogram:
         if self.exact:
             raise ValueError("this threshold is already exact; no refinement pass needed")
@@ -389,7 +397,9 @@ def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
     the rest keep ``finetuned``; one pass, scores recomputed on the fly.
 
     Given a :class:`Threshold`, its indicator and eps are used (passing different ones is an
-    error); given a float, ``indicator`` defaults to ``drift_over_hessian`` and ``eps`` to 1e-8.
+    error) and a threshold of 0 resets only positive scores (:attr:`Threshold.reset_value`); given
+    a float, it is used as it is, ``indicator`` defaults to ``drift_over_hessian`` and ``eps`` to
+    1e-8.
     """
     if isinstance(threshold, Threshold):
         if indicator is not None and indicator != threshold.indicator:
@@ -397,7 +407,7 @@ def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
                              f"{threshold.indicator!r}")
         if eps is not None and float(eps) != threshold.eps:
             raise ValueError(f"eps {eps} differs from the threshold's {threshold.eps}")
-        indicator, eps, value = threshold.indicator, threshold.eps, threshold.value
+        indicator, eps, value = threshold.indicator, threshold.eps, threshold.reset_value
     else:
         try:
             value = float(threshold)
