@@ -86,17 +86,29 @@ class _TinyCNN(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def test_any_module_by_layer_names_with_image_views(tmp_path):
+def test_any_module_by_layer_names_with_image_views(tmp_path, monkeypatch):
+    import purify_fast.defenses.mimic as mimic_module
+
+    temperatures = set()
+    real_nt_xent = mimic_module.nt_xent
+
+    def recording_nt_xent(z1, z2, temperature=0.5):
+        temperatures.add(temperature)
+        return real_nt_xent(z1, z2, temperature)
+
+    monkeypatch.setattr(mimic_module, "nt_xent", recording_nt_xent)
     torch.manual_seed(0)
     teacher, student = _TinyCNN(12), _TinyCNN(8)  # a narrower student: maps differ in channels
     batches = [torch.randn(16, 3, 8, 8) for _ in range(6)]
     flip = lambda x: torch.flip(x, dims=[3]) + 0.05 * torch.randn_like(x)
-    cfg = MIMICConfig(epochs=4, lr=3e-3, ssl_temperature=0.5, mine_steps=30, mine_samples=96,
+    # No ssl_temperature given: image views (an augment) take SimCLR's 0.5, not SimCSE's 0.05.
+    cfg = MIMICConfig(epochs=4, lr=3e-3, mine_steps=30, mine_samples=96,
                       progress=False, warmup_ratio=0.0)
     res = MIMIC(cfg).fit(teacher, batches=batches, student=student,
                          teacher_layers=["block1", "block2"], student_layers=["block1", "block2"],
                          augment=flip)
     assert len(res.weights) == 2 and all(w >= 1000 for w in res.weights)
+    assert temperatures == {0.5}
     first = sum(h["clone"] for h in res.history[:6]) / 6
     last = sum(h["clone"] for h in res.history[-6:]) / 6
     assert last < first  # the student moves towards the teacher's features

@@ -67,7 +67,9 @@ class MIMICConfig:
     max_length: int = 64
     attn_weight: float = 1.0
     ssl_weight: float = 0.1
-    ssl_temperature: float = 0.05          # SimCSE; use 0.5 for images (SimCLR)
+    # NT-Xent τ; None: 0.05 for text views (SimCSE), 0.5 when fit() gets an image ``augment``
+    # (SimCLR), as METHODS.md §5 gives them.
+    ssl_temperature: float | None = None
     mi_source: str = "teacher"
     mi_every: int = 1                      # epochs between student MI re-estimates
     mi_a: float = 1000.0
@@ -86,7 +88,7 @@ class MIMICConfig:
         for name in ("batch_size", "max_length", "mine_steps", "mine_samples", "mi_every"):
             int_at_least(name, getattr(self, name), 1)
         real_in("lr", self.lr, 0.0, lo_open=True)
-        real_in("ssl_temperature", self.ssl_temperature, 0.0, lo_open=True)
+        real_in("ssl_temperature", self.ssl_temperature, 0.0, lo_open=True, optional=True)
         for name in ("attn_weight", "ssl_weight"):
             real_in(name, getattr(self, name), 0.0)
 
@@ -360,6 +362,9 @@ class MIMIC:
         from tqdm.auto import tqdm
 
         step_fn = _StudentStep(student, s_taps, augment, cfg.ssl_weight > 0)
+        tau = cfg.ssl_temperature
+        if tau is None:
+            tau = 0.5 if augment is not None else 0.05
         accelerator = None
         if distributed_launch():
             from accelerate.utils import broadcast_object_list
@@ -408,7 +413,7 @@ class MIMIC:
                     loss = l_clone + cfg.attn_weight * l_attn
                     l_ssl = torch.zeros((), device=device)
                     if s_feat2 is not None:
-                        l_ssl = nt_xent(s_feat, s_feat2, cfg.ssl_temperature)
+                        l_ssl = nt_xent(s_feat, s_feat2, tau)
                         loss = loss + cfg.ssl_weight * l_ssl
                     opt.zero_grad(set_to_none=True)
                     if accelerator is not None:
