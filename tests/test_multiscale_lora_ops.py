@@ -51,6 +51,21 @@ def test_fft_scaling_matrix_equals_torch_fft(mode):
             assert s.diag().abs().sum() < s.abs().sum()
 
 
+def test_fft_scaling_pairs_conjugate_frequencies():
+    """What the docs say of FFT scaling: the real part leaves frequency m the mean of K_m and
+    K_{q-m}, so BERT's eight scales with r_in 1 become 1 and seven times 16."""
+    for scales, r_in in (([1, 4, 8, 12, 16, 20, 24, 28], 1), ([1, 2, 3, 4], 1), ([1, 2, 4], 2)):
+        k = R.expand_scales(scales, r_in).double()
+        q = k.numel()
+        s = R.scaling_matrix(scales, r_in, float(r_in), "fft", dtype=torch.float64)
+        spectrum = torch.fft.fft(s[:, 0]).real  # a circulant matrix's eigenvalues
+        paired = (k + k[(-torch.arange(q)) % q]) / 2
+        torch.testing.assert_close(spectrum, paired, rtol=1e-12, atol=1e-12)
+    s = R.scaling_matrix([1, 4, 8, 12, 16, 20, 24, 28], 1, 1.0, "fft", dtype=torch.float64)
+    torch.testing.assert_close(torch.linalg.eigvalsh(s),
+                               torch.tensor([1.0] + [16.0] * 7, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("mode", R.MODES)
 def test_reference_backward_gradcheck_fp64(mode):
     x, w, b, lo, ro, sc = _inputs(5, 7, 6, 3, 2, torch.float64)

@@ -16,6 +16,12 @@ imaginary part, so taking the real part of the matrix equals taking it of the pr
 :func:`scaling_matrix` returns ``(α/r_in)·S``; the kernels apply it to the tiny rank vector and
 never form the dense ``R·S·L``.
 
+What the real part does to the scales (METHODS.md's formula, followed as written): ``S``'s
+eigenvalue at frequency ``m`` is ``(K_m + K_{q−m}) / 2``, so frequencies ``m`` and ``q−m`` share
+the mean of their two scales. With ``r_in = 1`` the spectrum is nearly flat: the BERT scales
+``1, 4, …, 28`` give ``1`` at the zero frequency and ``16`` at all seven others, ``1, 2, 3, 4``
+(LLaMA) give ``1, 3, 3, 3``. Radial scaling keeps every scale distinct.
+
 Backward (``W`` and ``b`` frozen, ``S`` constant), with ``g = ∂ℓ/∂y`` and ``c = α/r_in``::
 
     dv = c · g·R,   du = dv·S          (S symmetric in both modes, so du = scale(dv))
