@@ -88,8 +88,9 @@ def run(args) -> int:
         # First (seconds, where the Fisher takes minutes): a finished Fisher is never left
         # without the counts asked for beside it. The special tokens travel with the counts:
         # they occur in every example, so E-PUR must never rank their rows.
-        counts = token_frequencies(clean, tok, model.get_input_embeddings().weight.shape[0],
-                                   max_length=args.max_length)
+        # Whole texts, as the in-memory E-PUR counts them (--max-length cuts only the Fisher's
+        # batches): a token past the cut-off still occurs in the clean corpus.
+        counts = token_frequencies(clean, tok, model.get_input_embeddings().weight.shape[0])
         special = sorted(int(i) for i in getattr(tok, "all_special_ids", []) or [])
         args.token_counts.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(args.token_counts, json.dumps(
