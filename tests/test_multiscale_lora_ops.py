@@ -124,6 +124,21 @@ def test_kernels_non_contiguous_and_batched_input(backend):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_backward_with_transposed_input(backend):
+    """x as a transposed or permuted view that needs grad: dx comes back dense and right (the
+    C++ kernel refused to write into a gradient buffer with x's transposed strides)."""
+    x, w, b, lo, ro, sc = _inputs(12, 40, 24, 4, 1, torch.float32)
+    for view in (lambda t: t.t().contiguous().t(),
+                 lambda t: t.reshape(3, 4, 40).permute(2, 0, 1).contiguous().permute(1, 2, 0)):
+        xv = view(x).detach().requires_grad_(True)
+        assert not xv.is_contiguous()
+        multiscale_lora(xv, w, b, lo, ro, sc, 6.0, mode="fft", backend=backend).sum().backward()
+        xr = x.detach().reshape(xv.shape).requires_grad_(True)
+        R.multiscale_lora(xr.reshape(12, 40), w, b, lo, ro, sc, 6.0, "fft").sum().backward()
+        torch.testing.assert_close(xv.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_backend_and_fp64_fall_back_to_torch():
     x, w, b, lo, ro, sc = _inputs(3, 8, 5, 2, 1, torch.float64)
     y = multiscale_lora(x, w, b, lo, ro, sc, 6.0)

@@ -53,6 +53,34 @@ def test_merge_unmerge_exact(mode, dtype):
     torch.testing.assert_close(lin(x).float(), y_merged.float(), rtol=0, atol=tol * scale)
 
 
+def test_merged_state_survives_state_dict_round_trips():
+    """A merged layer's state loaded into a fresh (unmerged) layer is not updated twice, an
+    unmerged state loaded into a merged layer drops the old merge, and unmerge() after loading a
+    merged state gives W0 back to rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 12)
+    a = MultiScaleLoRALinear(nn.Linear(12, 7), scales=[1, 2], mode="fft")
+    w0 = a.base.weight.detach().clone()
+    with torch.no_grad():
+        want = a(x)
+        a.merge()
+        merged_state = {k: v.clone() for k, v in a.state_dict().items()}
+        b = MultiScaleLoRALinear(nn.Linear(12, 7), scales=[1, 2], mode="fft")
+        b.load_state_dict(merged_state)
+        assert b.merged
+        torch.testing.assert_close(b(x), want, rtol=1e-5, atol=1e-5)
+        b.unmerge()
+        torch.testing.assert_close(b.base.weight, w0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b(x), want, rtol=1e-5, atol=1e-5)
+        c = MultiScaleLoRALinear(nn.Linear(12, 7), scales=[1, 2], mode="fft")
+        c.merge()
+        c.load_state_dict(b.state_dict())  # b is unmerged again
+        assert not c.merged
+        torch.testing.assert_close(c(x), want, rtol=1e-5, atol=1e-5)
+        c.unmerge()  # a no-op: the earlier merge's W0 must not come back
+        torch.testing.assert_close(c.base.weight, w0, rtol=0, atol=1e-6)
+
+
 def test_module_gradients_reach_only_adapters():
     torch.manual_seed(0)
     layer = MultiScaleLoRALinear(nn.Linear(16, 8), scales=[1, 2], mode="fft")

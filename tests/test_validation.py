@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from purify_fast.attacks.badnets import BadNets
 from purify_fast.attacks.encoder_backdoor import EncoderBackdoor
@@ -15,6 +16,7 @@ from purify_fast.defenses.fine_purifying import FinePurifying
 from purify_fast.defenses.mimic import MIMICConfig
 from purify_fast.defenses.mine import MINE
 from purify_fast.defenses.muscle_lora import MuscleLoRATrainConfig
+from purify_fast.nn import MultiScaleLoRALinear, MuscleLoRAConfig
 from purify_fast.streaming import PurifyConfig
 from purify_fast.training import TrainConfig
 from purify_fast.validation import int_at_least, one_of, real_in
@@ -84,6 +86,19 @@ def test_one_of():
     (MIMICConfig, "ssl_temperature", 0.0),
     (MIMICConfig, "attn_weight", math.inf),
     (MIMICConfig, "mi_source", "both"),
+    (MIMICConfig, "mi_b", -1e9),
+    (MIMICConfig, "warmup_ratio", 7.0),
+    (MuscleLoRATrainConfig, "loss_threshold", math.nan),
+    (MuscleLoRATrainConfig, "norm_threshold", -1.0),
+    (MuscleLoRATrainConfig, "weight_decay", -1.0),
+    (MuscleLoRATrainConfig, "warmup_ratio", 5.0),
+    (MuscleLoRAConfig, "lora_r", 0),
+    (MuscleLoRAConfig, "alpha", math.inf),
+    (MuscleLoRAConfig, "r_in", 0),
+    (MuscleLoRAConfig, "mode", "wavelet"),
+    (MuscleLoRAConfig, "lora_dropout", 1.0),
+    (functools.partial(MultiScaleLoRALinear, torch.nn.Linear(4, 3)), "alpha", math.nan),
+    (functools.partial(MultiScaleLoRALinear, torch.nn.Linear(4, 3)), "r_in", 0),
     (MINE, "batch_size", 1),
     (MINE, "holdout", 1.0),
     (MINE, "ema", 0.0),

@@ -89,8 +89,13 @@ class MIMICConfig:
             int_at_least(name, getattr(self, name), 1)
         real_in("lr", self.lr, 0.0, lo_open=True)
         real_in("ssl_temperature", self.ssl_temperature, 0.0, lo_open=True, optional=True)
-        for name in ("attn_weight", "ssl_weight"):
+        for name in ("attn_weight", "ssl_weight", "weight_decay"):
             real_in(name, getattr(self, name), 0.0)
+        real_in("warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
+        # Layer weights are a + b·MI: a negative one would push the student away from the
+        # teacher's attention maps.
+        real_in("mi_a", self.mi_a, 0.0)
+        real_in("mi_b", self.mi_b, 0.0)
 
 
 @dataclass

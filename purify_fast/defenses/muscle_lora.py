@@ -91,6 +91,12 @@ class MuscleLoRATrainConfig:
         int_at_least("ref_pool_size", self.ref_pool_size, 1, optional=True)
         real_in("max_raw_grad_ratio", self.max_raw_grad_ratio, 0.0, 1.0)
         real_in("clip_norm", self.clip_norm, 0.0, lo_open=True, optional=True)
+        int_at_least("max_length", self.max_length, 1)
+        int_at_least("ref_batch_size", self.ref_batch_size, 1, optional=True)
+        real_in("weight_decay", self.weight_decay, 0.0)
+        real_in("warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
+        real_in("loss_threshold", self.loss_threshold, 0.0)
+        real_in("norm_threshold", self.norm_threshold, 0.0)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from torch import nn
 
 from purify_fast.ops.multiscale_lora import MODES, multiscale_lora, normalize_scales
 from purify_fast.reference.multiscale_lora import merged_weight
+from purify_fast.validation import int_at_least, one_of, real_in
 
 
 class MultiScaleLoRALinear(nn.Module):
@@ -39,10 +40,11 @@ class MultiScaleLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
-        if not isinstance(r_in, int) or r_in < 1:
-            raise ValueError(f"r_in must be a positive int, got {r_in!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        r_in = int_at_least("r_in", r_in, 1)
+        # A NaN or infinite alpha would pass forward's checks only to be merged into the base
+        # weight by merge() / to_linear().
+        alpha = real_in("alpha", alpha, 0.0, lo_open=True)
+        one_of("mode", mode, MODES)
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -56,7 +58,11 @@ class MultiScaleLoRALinear(nn.Module):
         self.lora_l = nn.Parameter(torch.empty(q, base.in_features, dtype=w.dtype, device=w.device))
         self.lora_r = nn.Parameter(torch.empty(base.out_features, q, dtype=w.dtype, device=w.device))
         self.reset_parameters()
+        # ``merged`` is read on every forward (a Python bool: no device sync); the buffer carries
+        # it through state_dict / load_state_dict, so a merged state loaded into a fresh layer is
+        # not updated a second time.
         self.merged = False
+        self.register_buffer("merged_flag", torch.zeros((), dtype=torch.bool, device=w.device))
         self._unmerged_weight: torch.Tensor | None = None
 
     def reset_parameters(self) -> None:
@@ -117,15 +123,33 @@ class MultiScaleLoRALinear(nn.Module):
         w.copy_(merged_weight(w, self.lora_l.detach(), self.lora_r.detach(), self.scales,
                               self.alpha, self.mode))
         self.merged = True
+        self.merged_flag.fill_(True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight saved by :meth:`merge`, bit for bit."""
+        """Restore the base weight saved by :meth:`merge`, bit for bit. After a merged state was
+        loaded (no saved copy), ``W − ΔW`` is computed in fp32 and rounded once instead."""
         if not self.merged:
             return
-        self.base.weight.copy_(self._unmerged_weight)
+        w = self.base.weight
+        if self._unmerged_weight is not None:
+            w.copy_(self._unmerged_weight)
+        else:
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self._unmerged_weight = None
         self.merged = False
+        self.merged_flag.fill_(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A state without the flag predates it: such layers were saved unmerged.
+        state_dict.setdefault(prefix + "merged_flag", torch.zeros((), dtype=torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self.merged = bool(self.merged_flag)
+        # The base weight now comes from the loaded state: a W0 saved by an earlier merge() is
+        # not its unmerged weight any more.
+        self._unmerged_weight = None
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -207,6 +231,16 @@ class MuscleLoRAConfig:
     train_head: bool = False
     backend: str | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        int_at_least("r_in", self.r_in, 1)
+        real_in("alpha", self.alpha, 0.0, lo_open=True, optional=True)
+        one_of("mode", self.mode, MODES)
+        int_at_least("lora_r", self.lora_r, 1, optional=True)  # 0 would read as "the default"
+        real_in("lora_alpha", self.lora_alpha, 0.0, lo_open=True, optional=True)
+        real_in("lora_dropout", self.lora_dropout, 0.0, 1.0, hi_open=True)
+        int_at_least("head_inner", self.head_inner, 1)
+        real_in("head_dropout", self.head_dropout, 0.0, 1.0, hi_open=True)
 
 
 def model_family(model) -> str:

@@ -155,7 +155,9 @@ class _KernelFn(torch.autograd.Function):
             d = torch.empty((g.shape[0], s.shape[0]), dtype=torch.float32, device=g.device)
             kern.mslora_project(g, lora_r.t(), s.t(), d)       # du = (g·R)·S
             if need_x:
-                gx = torch.empty_like(x2d)
+                # Contiguous whatever x's strides (a transposed x gives a transposed x2d): the
+                # kernel writes a dense row-major [M, d_in] result.
+                gx = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
                 kern.mslora_linear(g, weight.t(), None, d, lora_l.t(), gx)
             if need_l:
                 # du rounded once to the activation dtype, as any half-precision LoRA backward does.
