@@ -486,6 +486,14 @@ BAD_CALLS = [
      ValueError, "already exact"),
     ("nothing yielded", lambda p, f, h: ops.global_score_threshold(list, 0.5), ValueError,
      "tensors\\(\\) yielded nothing"),
+    # A one-shot iterator is empty on the refinement pass (scores 1 + k·1e-5 share a level-1 bin).
+    ("one-shot tensors", lambda p, f, h: ops.global_score_threshold(
+        lambda it=iter([(p * 0, 1 + torch.linspace(0, 1e-3, 16), None)]): it, 0.3,
+        indicator="drift"), ValueError, "must yield the same tensors on every call: 16 scores"),
+    ("hessian negative", lambda p, f, h: ops.score_histogram(p, f, h - 2.0), ValueError,
+     "hessian has 16 negative value"),
+    ("hessian negative reset", lambda p, f, h: ops.reset_by_score(p, f, h - 2.0, 0.1), ValueError,
+     "hessian has 16 negative value"),
     ("acc dtype", lambda p, f, h: ops.fisher_accumulate_(h.double(), f), TypeError,
      "acc must be float32"),
     ("acc strided", lambda p, f, h: ops.fisher_accumulate_(torch.zeros(4, 8).t(), f.view(8, 2)),

@@ -74,6 +74,17 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
                          f"check_finite=False to let them through (results are then undefined)")
 
 
+def _check_hessian_values(h: torch.Tensor) -> None:
+    """Finite and non-negative: a diagonal Fisher is a mean of squares. A negative entry (a true
+    Hessian's diagonal can have them) has no place in the scores: the histogram ranks their
+    magnitude while the reset compares signed values, so the two would disagree."""
+    _check_finite(h, "hessian")
+    if h.numel() and float(h.amin()) < 0:  # one reduction, no temporary
+        bad = int((h < 0).sum())
+        raise ValueError(f"hessian has {bad} negative value(s); Fine-purifying needs a non-negative "
+                         f"diagonal (e.g. the Fisher: the mean of squared gradients)")
+
+
 def _check_hessian(hessian, pre: torch.Tensor, indicator: str) -> torch.Tensor | None:
     if indicator not in ref.INDICATORS:
         raise ValueError(f"indicator must be one of {', '.join(map(repr, INDICATORS))}; "
@@ -303,7 +314,7 @@ def score_histogram(pretrained: torch.Tensor, finetuned: torch.Tensor,
         _check_finite(pretrained, "pretrained")
         _check_finite(finetuned, "finetuned")
         if hessian is not None:
-            _check_finite(hessian, "hessian")
+            _check_hessian_values(hessian)
     name = _backend.resolve(backend, pretrained.device, pretrained.dtype)
     code = ref.INDICATORS[indicator]
     pre, ft, h = _flat(pretrained), _flat(finetuned), _flat_hessian(hessian)
@@ -360,19 +371,27 @@ def global_score_threshold(tensors: Callable[[], Iterable[tuple]], rho: float, *
                            backend: str | None = None, check_finite: bool = True) -> Threshold:
     """One global threshold over many tensors: runs ``tensors()`` once, and a second time only if
     the boundary bin needs refining. ``tensors`` yields ``(pretrained, finetuned, hessian)``."""
-    hist = None
+    hist, seen = None, 0
     for pre, ft, h in tensors():
         hist = score_histogram(pre, ft, h, indicator=indicator, eps=eps, hist=hist,
                                backend=backend, check_finite=check_finite)
+        seen += pre.numel()
     if hist is None:
         raise ValueError("tensors() yielded nothing")
     thr = select_threshold(hist, rho)
     if thr.exact:
         return thr
-    hist = thr.refine()
+    hist, again = thr.refine(), 0
     for pre, ft, h in tensors():
         score_histogram(pre, ft, h, indicator=indicator, eps=eps, hist=hist, backend=backend,
                         check_finite=False)
+        again += pre.numel()
+    if again != seen:
+        # A one-shot iterator (or a generator object instead of a function making one) comes back
+        # empty the second time, and the refined threshold would be silently wrong.
+        raise ValueError(f"tensors() must yield the same tensors on every call: {seen} scores "
+                         f"the first time, {again} the second; pass a function that makes a new "
+                         f"iterator, e.g. lambda: ((pre[k], ft[k], h[k]) for k in keys)")
     return select_threshold(hist, rho)
 
 
@@ -425,7 +444,7 @@ def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
         _check_finite(pretrained, "pretrained")
         _check_finite(finetuned, "finetuned")
         if hessian is not None:
-            _check_finite(hessian, "hessian")
+            _check_hessian_values(hessian)
     return _select(pretrained, finetuned, hessian, indicator, eps, value, False, out, backend)
 
 
