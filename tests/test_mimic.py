@@ -55,6 +55,20 @@ def test_layer_pairs_spread_over_depth():
     assert layer_pairs(6, 1) == [(6, 1)]
 
 
+def test_a_student_of_another_width_is_refused_before_any_work(minilm):
+    from purify_fast.data import TextDataset
+
+    teacher, tok = minilm
+    clean = TextDataset(["a fine film"] * 8, [0] * 8, 2)
+    cfg = MIMICConfig(student_layers=1, student_overrides={"hidden_size": 32,
+                                                          "num_attention_heads": 2},
+                      epochs=1, progress=False)
+    with pytest.raises(ValueError, match="student's hidden_size 32 differs from the teacher's 384"):
+        MIMIC(cfg).fit(teacher, tok, clean)
+    with pytest.raises(ValueError, match=r"student's feature \(2, 8\) and the teacher's \(2, 6\)"):
+        clone_loss(torch.randn(2, 8), torch.randn(2, 6))
+
+
 def test_losses():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(16, 8, generator=g)

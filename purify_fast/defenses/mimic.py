@@ -58,7 +58,9 @@ class MIMICConfig:
     """MIMIC hyper-parameters (defaults: METHODS.md §5 and the official code where known)."""
 
     student_layers: int | None = None      # None: same depth as the teacher
-    student_overrides: dict = field(default_factory=dict)  # other config fields (e.g. hidden_size)
+    # Other config fields of a Hugging Face student (e.g. intermediate_size); its hidden_size must
+    # stay the teacher's, since the clone loss compares the two features directly.
+    student_overrides: dict = field(default_factory=dict)
     epochs: int = 3
     batch_size: int = 32
     lr: float = 5e-4
@@ -120,8 +122,12 @@ class MIMICResult:
 # --------------------------------------------------------------------------- losses
 
 def clone_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-    """``−cos(f̂_S, f̂_T)`` averaged over the batch (features L2-normalised first; the student's
-    width may differ only if a projection maps it to the teacher's)."""
+    """``−cos(f̂_S, f̂_T)`` averaged over the batch (features L2-normalised first); the two
+    features must have the same width."""
+    if f_s.shape != f_t.shape:
+        raise ValueError(f"the student's feature {tuple(f_s.shape)} and the teacher's "
+                         f"{tuple(f_t.shape)} differ; the clone loss needs features of the same "
+                         f"width: give the student the teacher's feature width")
     return -(F.normalize(f_s.float(), dim=-1) * F.normalize(f_t.float(), dim=-1)).sum(-1).mean()
 
 
@@ -334,6 +340,13 @@ class MIMIC:
             student = make_student(teacher, cfg.student_layers, cfg.student_overrides, cfg.seed)
         student.to(device).train()
         _check_fresh(teacher, student)
+        if _is_hf(teacher) and _is_hf(student):
+            widths = [getattr(m.config, "hidden_size", None) for m in (teacher, student)]
+            if widths[0] != widths[1]:  # refused here, not after minutes of MINE
+                raise ValueError(f"the student's hidden_size {widths[1]} differs from the "
+                                 f"teacher's {widths[0]}: the clone loss compares their features "
+                                 f"directly; make the student smaller in depth (student_layers) "
+                                 f"or other fields, not in width")
 
         if teacher_layers is None or student_layers is None:
             if not (_is_hf(teacher) and _is_hf(student)):
@@ -355,7 +368,6 @@ class MIMIC:
         weights = layer_weights(mi, cfg.mi_a, cfg.mi_b)
         result.mi, result.weights = mi, weights
 
-        # A smaller student width would need a projection for the clone loss; keep widths equal.
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_batches = _count(data, cfg.batch_size)
