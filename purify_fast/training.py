@@ -58,7 +58,7 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     history: list[dict] = field(default_factory=list)
-    best_epoch: int = -1        # 0 = the weights before training
+    best_epoch: int = -1        # 0 = the weights before training (only when no epoch ran)
     best_dev_acc: float | None = None
     seconds: float = 0.0
 
@@ -133,7 +133,9 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     """Fine-tune ``model`` in place on ``train_data``; returns the per-epoch history.
 
     Only parameters with ``requires_grad`` are optimised. With ``dev_data`` and ``keep_best``, the
-    model ends with the weights of the epoch (0 = untouched) that scored best on clean dev accuracy.
+    model ends with the weights of the fine-tuned epoch that scored best on clean dev accuracy (the
+    earliest on a tie); the untouched weights (epoch 0, recorded in the history) only when
+    ``epochs`` is 0.
     Gradient hooks registered by the caller (e.g. masking embedding rows) apply as usual.
     """
     config = dataclasses.replace(config, **overrides) if config and overrides else (
@@ -176,11 +178,15 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     start = time.perf_counter()
     best_state = None
     if dev_data is not None and config.keep_best:
+        # The dev accuracy before training is recorded, but the untouched weights are a candidate
+        # only when no epoch runs: "keep the best epoch" picks among fine-tuned epochs, and with a
+        # small dev split the untouched suspect often ties or wins by one example, which would
+        # skip the clean fine-tune altogether.
         acc0 = accuracy(model, tokenizer, dev_data, **eval_kw)
-        result.best_epoch, result.best_dev_acc = 0, acc0
         result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "steps": 0,
                                "seconds": 0.0})
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if config.epochs == 0:
+            result.best_epoch, result.best_dev_acc = 0, acc0
     model.train()
     for epoch in range(1, config.epochs + 1):
         t0, loss_sum, n = time.perf_counter(), 0.0, 0
@@ -211,7 +217,7 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
                "seconds": time.perf_counter() - t0}
         if dev_data is not None:
             row["dev_acc"] = accuracy(model, tokenizer, dev_data, **eval_kw)
-            if config.keep_best and (result.best_dev_acc is None or row["dev_acc"] > result.best_dev_acc):
+            if config.keep_best and (best_state is None or row["dev_acc"] > result.best_dev_acc):
                 result.best_epoch, result.best_dev_acc = epoch, row["dev_acc"]
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         result.history.append(row)

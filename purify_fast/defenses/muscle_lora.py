@@ -265,8 +265,9 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
     snapshot = lambda: [p.detach().clone() for p in params]
     best = None
     if config.keep_best:
+        # Recorded, not a candidate (as in purify_fast.training.train): the fresh adapters are
+        # the base model with an untrained head, which is not a trained model.
         acc0 = accuracy(model, tokenizer, select, **eval_kw)
-        result.best_epoch, result.best_dev_acc, best = 0, acc0, snapshot()
         result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "steps": 0,
                                "seconds": 0.0})
     net.train()
@@ -304,7 +305,7 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
                "dev_acc": accuracy(model, tokenizer, select, **eval_kw),
                "seconds": time.perf_counter() - t0}
         result.history.append(row)
-        if config.keep_best and row["dev_acc"] > result.best_dev_acc:
+        if config.keep_best and (best is None or row["dev_acc"] > result.best_dev_acc):
             result.best_epoch, result.best_dev_acc, best = epoch + 1, row["dev_acc"], snapshot()
         net.train()
     if config.keep_best and best is not None and result.best_epoch != epochs:

@@ -1,0 +1,39 @@
+"""purify_fast.training.train: which weights it keeps."""
+
+import torch
+
+from purify_fast.data import TextDataset
+from purify_fast.training import TrainConfig, train
+
+
+def _tiny_classifier():
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=2))
+    return model, tok
+
+
+def test_the_kept_epoch_is_a_fine_tuned_one_even_when_the_untouched_model_ties():
+    """With a step too small to change any prediction every epoch ties with the untouched
+    weights; the clean fine-tune must still be kept (the earliest fine-tuned epoch), not skipped.
+    The dev accuracy before training stays in the history as epoch 0."""
+    model, tok = _tiny_classifier()
+    data = TextDataset(["a good film", "a bad film", "great", "awful"] * 4, [1, 0, 1, 0] * 4, 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = train(model, tok, data, data, TrainConfig(epochs=2, lr=1e-6, batch_size=8, max_length=8,
+                                                    progress=False, warmup_ratio=0.0))
+    assert [h["epoch"] for h in res.history] == [0, 1, 2]
+    accs = [h["dev_acc"] for h in res.history]
+    assert len(set(accs)) == 1  # a three-way tie
+    assert res.best_epoch == 1  # the earliest fine-tuned epoch, not the untouched weights
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # No epoch to run: the untouched weights are all there is.
+    model, tok = _tiny_classifier()
+    res = train(model, tok, data, data, TrainConfig(epochs=0, progress=False))
+    assert res.best_epoch == 0 and len(res.history) == 1
