@@ -133,11 +133,15 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None
     ``backend`` None or "auto" reads ``PURIFY_FAST_BACKEND`` and then picks the fastest usable
     backend for ``device``; a named backend that cannot run raises :class:`BackendUnavailable`.
     """
+    source = "backend"
     if backend is None:
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
+        source = f"the {ENV_VAR} variable"
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__} {backend!r}")
     backend = backend.lower()
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
+        raise ValueError(f"{source} must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
                          f"got {backend!r}")
     kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
     if backend == "auto":
@@ -158,8 +162,13 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None
 
 
 def available(device: str | torch.device = "cpu") -> list[str]:
-    """Backends that can run on ``device`` right now."""
-    device = torch.device(device)
+    """Backends that can run on ``device`` right now (none on a CUDA device torch cannot see)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a torch device (use 'cpu' or 'cuda[:i]')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return []
     return [name for name in BACKENDS if not _usable(name, device)]
 
 

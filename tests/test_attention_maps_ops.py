@@ -190,6 +190,8 @@ def test_fp64_runs_on_torch_and_named_kernels_refuse_it():
     (dict(student_feats=[torch.randn(2, 5, 3)], teacher_feats=[torch.randn(2, 5, 3)],
           weights=[float("nan")]), ValueError, "weights must be finite"),
     (dict(student_feats=[torch.randn(2, 5, 3)], teacher_feats=[torch.randn(2, 5, 3)],
+          weights=1.0), TypeError, "weights must be a sequence of floats"),
+    (dict(student_feats=[torch.randn(2, 5, 3)], teacher_feats=[torch.randn(2, 5, 3)],
           eps=0.0), ValueError, "eps must be"),
     (dict(student_feats=[torch.randn(2, 5, 3)], teacher_feats=[torch.randn(2, 5, 3)],
           backend="nope"), ValueError, "backend must be one of"),

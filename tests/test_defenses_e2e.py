@@ -159,6 +159,12 @@ def test_purify_bad_inputs(planted):
         purify(p["model"], 3, p["clean"], tokenizer=p["tok"])
     with pytest.raises(TypeError, match="suspect must be"):
         purify(3, p["pretrained"], p["clean"], tokenizer=p["tok"])
+    with pytest.raises(TypeError, match="suspect must be a Hugging Face model"):
+        purify(torch.nn.Linear(3, 2), p["pretrained"], p["clean"], tokenizer=p["tok"])
+    with pytest.raises(TypeError, match=r"suspect \(BertModel\) has no classification head"):
+        purify(p["model"].bert, p["pretrained"], p["clean"], tokenizer=p["tok"])
+    with pytest.raises(TypeError, match="tokenizer must be a tokenizer object"):
+        purify(p["model"], p["pretrained"], p["clean"], tokenizer="bert-base-uncased")
     unrelated = {"other.weight": torch.zeros(3)}
     with pytest.raises(ValueError, match="no parameter of the suspect model has a pre-trained"):
         purify(p["model"], unrelated, p["clean"], tokenizer=p["tok"], epochs=0)
@@ -194,6 +200,23 @@ def test_pretrained_must_be_the_suspects_base_model():
         matched_tensors(suspect, bert(layers=1).state_dict())
     with pytest.raises(ValueError, match=r"of another shape \(e.g. bert.embeddings"):
         matched_tensors(suspect, bert(hidden=16).state_dict())
+
+
+def test_purify_leaves_the_callers_tokenizer_alone():
+    """A decoder's tokenizer without a pad token gets one for batching, on a copy."""
+    from transformers import AutoTokenizer
+
+    from purify_fast.models.loading import default_model_path, tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok.pad_token = None
+    tok.eos_token = "[SEP]"
+    suspect = tiny_llama(vocab_size=len(tok))
+    pretrained = {k: v.clone() for k, v in tiny_llama(vocab_size=len(tok), seed=1).state_dict().items()}
+    data = load_rotten_tomatoes(seed=0).dev.take(20)
+    model, _ = purify(suspect, pretrained, data, method="fine-mixing", tokenizer=tok, epochs=1,
+                      max_length=8, batch_size=8)
+    assert tok.pad_token is None
 
 
 def test_atomic_save_and_reload(planted, tmp_path):

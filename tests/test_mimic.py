@@ -69,6 +69,24 @@ def test_a_student_of_another_width_is_refused_before_any_work(minilm):
         clone_loss(torch.randn(2, 8), torch.randn(2, 6))
 
 
+def test_fit_refuses_a_task_model_and_a_foreign_tokenizer(minilm):
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from purify_fast.data import TextDataset
+
+    teacher, tok = minilm
+    clean = TextDataset(["a fine film"] * 8, [0] * 8, 2)
+    cfg = MIMICConfig(epochs=1, progress=False)
+    tiny = dict(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32)
+    with pytest.raises(TypeError, match="got the task model BertForSequenceClassification"):
+        MIMIC(cfg).fit(BertForSequenceClassification(BertConfig(**tiny)), tok, clean)
+    with pytest.raises(ValueError, match="tokenizer has 30522 tokens but teacher's embedding has 100"):
+        MIMIC(cfg).fit(BertModel(BertConfig(**tiny)), tok, clean)
+    with pytest.raises(TypeError, match="tokenizer must be a tokenizer object"):
+        MIMIC(cfg).fit(teacher, "bert-base-uncased", clean)
+
+
 def test_losses():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(16, 8, generator=g)

@@ -81,6 +81,25 @@ def test_merged_state_survives_state_dict_round_trips():
         torch.testing.assert_close(c.base.weight, w0, rtol=0, atol=1e-6)
 
 
+def test_train_clean_refuses_what_cannot_train_before_any_work():
+    from purify_fast.data import TextDataset
+    from purify_fast.defenses.muscle_lora import train_clean
+    from purify_fast.models import load_classifier
+    from purify_fast.models.loading import tiny_llama
+
+    model, tok = load_classifier("minilm", 2, tokenizer=True)
+    three = TextDataset(["a", "b", "c"], [0, 1, 2], 3)
+    two = TextDataset(["a", "b"], [0, 1], 2)
+    with pytest.raises(ValueError, match="train_data has 3 labels but the model has 2"):
+        train_clean(model, tok, three, three)
+    with pytest.raises(TypeError, match="dev_data must be a TextDataset"):
+        train_clean(model, tok, two, [("a", 0)])
+    with pytest.raises(ValueError, match="tokenizer has 30522 tokens but model's embedding has 512"):
+        train_clean(tiny_llama(), tok, two, two)
+    with pytest.raises(TypeError, match=r"model \(BertModel\) has no classification head"):
+        train_clean(model.bert, tok, two, two)
+
+
 def test_module_gradients_reach_only_adapters():
     torch.manual_seed(0)
     layer = MultiScaleLoRALinear(nn.Linear(16, 8), scales=[1, 2], mode="fft")

@@ -628,11 +628,21 @@ def test_backend_env_variable_picks_the_backend(monkeypatch):
     assert bk.resolve(None, p.device, p.dtype) == ("cpp" if "cpp" in bk.available("cpu") else
                                                    "torch")
     monkeypatch.setenv(bk.ENV_VAR, "fortran")
-    with pytest.raises(ValueError, match="backend must be one of .*got 'fortran'"):
+    with pytest.raises(ValueError, match="the PURIFY_FAST_BACKEND variable must be one of .*got 'fortran'"):
         ops.mix_weights(p, f, 0.5)
     # An explicit argument wins over the variable.
     assert_bits_equal(ops.mix_weights(p, f, 0.5, backend="torch"),
                       ref.mix_random(p, f, 0, ref.key_hash(""), ref.philox_keep_threshold(0.5)))
+
+
+def test_backend_argument_type_and_available_devices():
+    p, f, _h = _cpu_triple()
+    with pytest.raises(TypeError, match="backend must be a str or None, got int 3"):
+        ops.mix_weights(p, f, 0.5, backend=3)
+    with pytest.raises(ValueError, match="device 'bogus' is not a torch device"):
+        bk.available("bogus")
+    if not torch.cuda.is_available():
+        assert bk.available("cuda") == []  # nothing runs on a device torch cannot see
 
 
 def test_env_variable_naming_an_unusable_backend_raises_with_a_fix(monkeypatch):

@@ -44,6 +44,42 @@ def check_model(model, name: str) -> torch.nn.Module:
     return model
 
 
+def check_classifier(model, tokenizer, name: str, num_labels: int | None = None,
+                     data: str = "the data") -> None:
+    """``model`` is a Hugging Face sequence classifier that ``tokenizer`` can feed: refused here
+    with the fix, instead of an AttributeError / IndexError deep inside the first forward."""
+    check_model(model, name)
+    kind = type(model).__name__
+    if not hasattr(model, "config") or not callable(getattr(model, "get_input_embeddings", None)):
+        raise TypeError(f"{name} must be a Hugging Face model (a PreTrainedModel), got {kind}")
+    if not (kind.endswith("ForSequenceClassification") or hasattr(model, "classifier")
+            or hasattr(model, "score")):
+        raise TypeError(f"{name} ({kind}) has no classification head; load it with "
+                        f"AutoModelForSequenceClassification.from_pretrained(dir, num_labels=N)")
+    if num_labels is not None and getattr(model.config, "num_labels", num_labels) != num_labels:
+        raise ValueError(f"{data} has {num_labels} labels but the {name} has "
+                         f"{model.config.num_labels}")
+    check_tokenizer(model, tokenizer, name)
+
+
+def check_tokenizer(model, tokenizer, name: str) -> None:
+    """A tokenizer object whose ids all have a row in ``model``'s input embedding."""
+    if tokenizer is None:
+        raise ValueError(f"a tokenizer is required with a {name} model object")
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a tokenizer object (e.g. AutoTokenizer.from_pretrained"
+                        f"(dir)), got {type(tokenizer).__name__}")
+    emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    rows = getattr(emb, "num_embeddings", None)
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return
+    if rows is not None and size > rows:
+        raise ValueError(f"the tokenizer has {size} tokens but {name}'s embedding has {rows} rows: "
+                         f"it is not this model's tokenizer (pass the one saved with the model)")
+
+
 # The share of the suspect's weights that may lack a pre-trained counterpart: a new classifier
 # head (and a pooler the base checkpoint lacks) is well under 1 % of any real encoder or decoder;
 # more means `pretrained` is another model, and purifying only the part that matches would

@@ -22,7 +22,12 @@ import time
 import torch
 
 from purify_fast.data.text_dataset import TextDataset
-from purify_fast.defenses._common import FinetuneOptions, check_model, clean_dev_split, dev_accuracy
+from purify_fast.defenses._common import (
+    FinetuneOptions,
+    check_classifier,
+    clean_dev_split,
+    dev_accuracy,
+)
 from purify_fast.defenses.e_pur import EPur
 from purify_fast.defenses.fine_mixing import FineMixing
 from purify_fast.defenses.fine_purifying import FinePurifying
@@ -98,15 +103,13 @@ def purify(suspect, pretrained, clean_data: TextDataset, method: str = "fine-mix
 
         suspect, loaded_tok = load_classifier(suspect)
         tokenizer = tokenizer or loaded_tok
-    check_model(suspect, "suspect")
-    if tokenizer is None:
-        raise ValueError("tokenizer is required when suspect is a model object")
     if not isinstance(clean_data, TextDataset):
         raise TypeError(f"clean_data must be a TextDataset, got {type(clean_data).__name__}")
-    num_labels = getattr(suspect.config, "num_labels", clean_data.num_labels)
-    if clean_data.num_labels != num_labels:
-        raise ValueError(f"clean_data has {clean_data.num_labels} labels but the suspect model "
-                         f"has {num_labels}")
+    check_classifier(suspect, tokenizer, "suspect", clean_data.num_labels, "clean_data")
+    if getattr(tokenizer, "pad_token", None) is None:
+        # Batching sets a pad token (eos) on a decoder's tokenizer; do it on a copy, since
+        # nothing passed in is modified.
+        tokenizer = copy.deepcopy(tokenizer)
     seed_everything(seed)
     t_start = time.perf_counter()
     pre_state = _pretrained_state(pretrained, suspect)

@@ -45,6 +45,7 @@ from torch import nn
 
 from purify_fast.attacks.encoder_backdoor import mean_pool
 from purify_fast.data.text_dataset import TextDataset, make_loader
+from purify_fast.defenses._common import check_tokenizer
 from purify_fast.defenses.mine import MINE, estimate_layer_mi, layer_weights
 from purify_fast.ops.attention_maps import attention_map_loss
 from purify_fast.training import distributed_launch
@@ -325,11 +326,16 @@ class MIMIC:
         data = clean if clean is not None else batches
         if data is None:
             raise ValueError("pass clean (a TextDataset of clean unlabelled text) or batches=")
+        if _is_hf(teacher) and getattr(teacher, "base_model", teacher) is not teacher:
+            kind = type(teacher).__name__
+            raise TypeError(f"teacher must be an encoder (AutoModel), got the task model {kind}; "
+                            f"pass its encoder, teacher.base_model")
         if isinstance(data, TextDataset):
             if tokenizer is None:
                 raise ValueError("a tokenizer is needed to tokenise the clean TextDataset")
             if len(data) == 0:
                 raise ValueError("clean is empty")
+            check_tokenizer(teacher, tokenizer, "teacher")
         t0 = time.perf_counter()
         device = next(teacher.parameters()).device
         teacher.eval()

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from purify_fast.data.text_dataset import TextDataset, make_loader
+from purify_fast.defenses._common import check_classifier
 from purify_fast.nn.multiscale_lora import (
     MuscleLoRAConfig,
     inject_muscle_lora,
@@ -357,8 +358,10 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
         seed_everything(config.seed)
         model, tok = load_classifier(model, train_data.num_labels)
         tokenizer = tokenizer or tok
-    if tokenizer is None:
-        raise ValueError("tokenizer is required when model is a model object")
+    for what, data in (("train_data", train_data), ("dev_data", dev_data)):
+        if not isinstance(data, TextDataset):
+            raise TypeError(f"{what} must be a TextDataset, got {type(data).__name__}")
+    check_classifier(model, tokenizer, "model", train_data.num_labels, "train_data")
     seed_everything(config.seed)  # the adapters' random init is part of the seeded run
     inject_muscle_lora(model, inject)
     result = train_muscle_lora(model, tokenizer, train_data, dev_data, config)

@@ -119,7 +119,11 @@ def attention_map_loss(student_feats: Sequence[torch.Tensor] | torch.Tensor,
                          f"{len(teacher_feats)}")
     if weights is None:
         weights = [1.0] * len(student_feats)
-    weights = [float(w) for w in weights]
+    try:
+        weights = [float(w) for w in weights]
+    except TypeError:
+        raise TypeError(f"weights must be a sequence of floats (one per layer), got "
+                        f"{type(weights).__name__}") from None
     if len(weights) != len(student_feats):
         raise ValueError(f"weights has {len(weights)} entries for {len(student_feats)} layers")
     if not all(math.isfinite(w) for w in weights):
