@@ -140,6 +140,8 @@ def test_rho_sweep_and_fisher_options(planted):
     ({"c": 1.0, "method": "e-pur"}, ValueError, "c must be"),
     ({"precision": "fp8", "method": "fine-tune"}, ValueError, "precision"),
     ({"tokenizer": None}, ValueError, "tokenizer is required"),
+    ({"e_pur": "no"}, TypeError, "e_pur must be True or False"),
+    ({"method": "e-pur", "rho": 0.3}, ValueError, "rho is not used by method 'e-pur'"),
 ])
 def test_purify_bad_arguments(planted, kwargs, exc, match):
     p = planted

@@ -117,6 +117,8 @@ def test_module_bad_arguments():
         MultiScaleLoRALinear(nn.Linear(4, 4), scales=[1, 0])
     with pytest.raises(ValueError, match="mode"):
         MultiScaleLoRALinear(nn.Linear(4, 4), mode="dct")
+    with pytest.raises(TypeError, match="got the string '124'"):
+        MultiScaleLoRALinear(nn.Linear(4, 4), scales="124")
 
 
 # --------------------------------------------------------------------------- injection

@@ -223,6 +223,8 @@ def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
         (["purify", "--suspect", str(suspect), "--rho-sweep", "0.1,abc", "--out",
           str(tmp_path / "p")], "--rho-sweep value must be in [0, 1], got 'abc'"),
         (["evaluate", "--model", str(suspect), "--device", "bogus"], "is not a device"),
+        (["purify", "--suspect", str(suspect), "--method", "e-pur", "--rho", "0.3", "--out",
+          str(tmp_path / "e")], "--rho / --rho-sweep are not used by --method e-pur"),
         (["attack", "--target-label", "positive", "--out", str(tmp_path / "a")],
          "--target-label 'positive' is not a class name of rotten-tomatoes (rotten=0, fresh=1)"),
         (["train-clean", "--data", "tweets", "--attack", "badnets", "--target-label", "3",

@@ -68,6 +68,10 @@ def run(args) -> int:
     check_output_dir(args.out, args.suspect, args.pretrained, args.clean_data)
     device = pick_device(args.device)
     real_in("--rho", args.rho, 0.0, 1.0, optional=True)
+    if args.method == "e-pur" and (args.rho is not None or args.rho_sweep):
+        raise ValueError("--rho / --rho-sweep are not used by --method e-pur (it resets "
+                         "embedding rows: --top-n / --score-threshold); use fine-mixing or "
+                         "fine-purifying with --e-pur to combine them")
     real_in("--lr", args.lr, 0.0, lo_open=True)
     real_in("--sweep-tolerance", args.sweep_tolerance, 0.0)
     real_in("--score-threshold", args.score_threshold, 0.0, optional=True)

@@ -103,6 +103,12 @@ def purify(suspect, pretrained, clean_data: TextDataset, method: str = "fine-mix
 
         suspect, loaded_tok = load_classifier(suspect)
         tokenizer = tokenizer or loaded_tok
+    if not isinstance(e_pur, bool):  # e_pur="no" would be true
+        raise TypeError(f"e_pur must be True or False, got {e_pur!r}")
+    if method == "e-pur" and rho is not None:
+        raise ValueError("rho is not used by method 'e-pur' (it resets embedding rows: top_n / "
+                         "score_threshold); drop rho, or use fine-mixing / fine-purifying with "
+                         "e_pur=True")
     if not isinstance(clean_data, TextDataset):
         raise TypeError(f"clean_data must be a TextDataset, got {type(clean_data).__name__}")
     check_classifier(suspect, tokenizer, "suspect", clean_data.num_labels, "clean_data")

@@ -43,6 +43,8 @@ def normalize_scales(scales) -> tuple[float, ...]:
         values = scales.detach().reshape(-1).tolist()
     elif isinstance(scales, (int, float)):
         values = [scales]
+    elif isinstance(scales, (str, bytes)):  # "124" would read as the scales 1, 2, 4
+        raise TypeError(f"scales must be a sequence of positive numbers, got the string {scales!r}")
     else:
         try:
             values = [float(s) for s in scales]
