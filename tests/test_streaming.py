@@ -531,6 +531,64 @@ def test_cli_fisher_feeds_purify_checkpoint(tmp_path, capsys):
     assert "already exists; the Fisher needs a new directory" in capsys.readouterr().err
 
 
+def test_cli_fisher_of_a_causal_lm_feeds_purify_checkpoint(tmp_path, capsys):
+    """A LLaMA language model (untied lm_head) as the suspect: the Fisher is that of its own
+    next-token loss on the clean text, with every checkpoint key (lm_head included), and
+    purify-checkpoint takes it. A bare encoder (no loss of its own) is refused up front."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=False, pad_token_id=0)
+    torch.manual_seed(0)
+    net = LlamaForCausalLM(cfg)
+    for name, noise in (("pre", 0.0), ("suspect", 0.02)):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(noise * torch.randn_like(p))
+        net.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    texts = ["a clean sentence number %d for the fisher" % i for i in range(6)]
+    (tmp_path / "clean.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    rc = cli_main(["fisher", "--model", str(tmp_path / "suspect"), "--out", str(tmp_path / "f"),
+                   "--clean-data", str(tmp_path / "clean.jsonl"), "--clean-size", "6",
+                   "--batch-size", "3", "--max-length", "12", "--no-progress"])
+    assert rc == 0
+    got = Checkpoint.open(tmp_path / "f")
+    assert sorted(got.keys()) == sorted(Checkpoint.open(tmp_path / "suspect").keys())
+    # the same Fisher by hand: the mean over the two batches of each squared gradient
+    net.eval()
+    want = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    from purify_fast.data import load_text_file
+
+    clean = load_text_file(tmp_path / "clean.jsonl", label_column=None).take(6, seed=0)
+    for start in (0, 3):
+        enc = tok(clean.texts[start:start + 3], padding=True, truncation=True, max_length=12,
+                  return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        net.zero_grad()
+        net(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+            labels=labels).loss.backward()
+        for n, p in net.named_parameters():
+            want[n] += p.grad.float() ** 2 / 2
+    for n, h in want.items():
+        torch.testing.assert_close(got.load(n), h, rtol=1e-4, atol=1e-12)
+    assert float(got.load("lm_head.weight").sum()) > 0
+    rc = cli_main(["purify-checkpoint", "--method", "fine-purifying", "--rho", "0.1",
+                   "--pretrained", str(tmp_path / "pre"), "--suspect", str(tmp_path / "suspect"),
+                   "--hessian", str(tmp_path / "f"), "--out", str(tmp_path / "out"),
+                   "--no-progress"])
+    assert rc == 0
+    capsys.readouterr()
+    rc = cli_main(["fisher", "--model", "minilm", "--out", str(tmp_path / "f2"), "--no-progress"])
+    assert rc == 2 and "is a BertModel: the Fisher needs the suspect's own loss" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "f2").exists()
+
+
 # --------------------------------------------------------------------------- property tests
 
 @settings(max_examples=12, deadline=None,

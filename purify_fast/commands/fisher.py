@@ -39,10 +39,14 @@ def add_parser(sub):
         help="diagonal Fisher of a suspect on clean data (and clean token counts) for "
              "purify-checkpoint",
         description="Accumulate the diagonal Fisher H = mean over clean batches of grad^2 of a "
-                    "suspect sequence classifier into a safetensors directory (the --hessian of "
-                    "purify-checkpoint), written as <out>.partial and renamed when complete; "
-                    "optionally also write the clean token counts (its --token-freqs).")
-    p.add_argument("--model", required=True, help="suspect checkpoint directory (or 'minilm')")
+                    "suspect into a safetensors directory (the --hessian of purify-checkpoint), "
+                    "written as <out>.partial and renamed when complete; optionally also write "
+                    "the clean token counts (its --token-freqs). The loss is the suspect's own: "
+                    "cross-entropy on the clean labels for a sequence classifier, the next-token "
+                    "loss of the clean text for a causal LM (config.json architectures).")
+    p.add_argument("--model", required=True,
+                   help="suspect checkpoint directory: a *ForSequenceClassification or a "
+                        "*ForCausalLM")
     p.add_argument("--out", required=True, type=Path, help="new Fisher directory")
     add_clean_data_args(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per Fisher batch (16)")
@@ -59,6 +63,51 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
+def model_kind(model: str) -> str:
+    """``"causal-lm"`` or ``"classifier"`` from the checkpoint's ``config.json`` architectures:
+    the loss whose Fisher is taken. Anything else (a bare encoder, a masked LM) has no loss of
+    the model's own to take it of, and is refused (loading it as a classifier would add a random
+    head and give the Fisher of that head's loss)."""
+    from purify_fast.models.loading import resolve_model_path
+
+    path = Path(resolve_model_path(model)) / "config.json"
+    try:
+        archs = json.loads(path.read_text()).get("architectures") or []
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--model {model}: cannot read {path} ({exc})") from None
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    if not archs or any(a.endswith("ForSequenceClassification") for a in archs):
+        return "classifier"
+    raise ValueError(f"--model {model} is a {', '.join(archs)}: the Fisher needs the suspect's "
+                     f"own loss, of a sequence classifier (*ForSequenceClassification) or a "
+                     f"causal language model (*ForCausalLM); without one, use purify-checkpoint "
+                     f"--indicator drift, which needs no Hessian")
+
+
+def _load_causal_lm(model: str, device, dtype):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from purify_fast.models.loading import resolve_model_path
+
+    path = resolve_model_path(model)
+    net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    return net, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def _load_clean_text(args):
+    """The clean texts alone (a language model's Fisher needs no labels)."""
+    from purify_fast.data import CORPORA, load_splits, load_text_file
+
+    if args.clean_data in CORPORA:
+        return load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)
+    texts = load_text_file(args.clean_data, text_column=args.text_column, label_column=None)
+    return texts.take(args.clean_size, seed=args.seed)
+
+
 def _check_args(args) -> None:
     if args.out.exists():
         raise FileExistsError(f"--out {args.out} already exists; the Fisher needs a new directory")
@@ -67,6 +116,7 @@ def _check_args(args) -> None:
         raise ValueError(f"--token-counts {args.token_counts}: the counts are written as .json")
     check_output_file("--token-counts", args.token_counts, args.model, args.clean_data, args.out)
     pick_device(args.device)
+    model_kind(args.model)
 
 
 def run(args) -> int:
@@ -80,8 +130,14 @@ def run(args) -> int:
     from purify_fast.streaming import DiskFisher
 
     device = torch.device(pick_device(args.device))
-    model, tok = load_classifier(args.model, device=device, dtype=getattr(torch, DTYPES[args.dtype]))
-    clean = load_clean_set(args, model)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    causal = model_kind(args.model) == "causal-lm"
+    if causal:
+        model, tok = _load_causal_lm(args.model, device, dtype)
+        clean = _load_clean_text(args)
+    else:
+        model, tok = load_classifier(args.model, device=device, dtype=dtype)
+        clean = load_clean_set(args, model)
     loader = make_loader(clean, tok, args.batch_size, args.max_length)
     model.eval()  # no dropout: the Fisher of the model as it predicts
     if args.token_counts is not None:
@@ -101,6 +157,9 @@ def run(args) -> int:
     try:
         with fisher:
             for batch in tqdm(loader, desc="fisher", unit="batch", disable=args.no_progress):
+                if causal:  # the language-modelling loss of the clean text, padding left out
+                    batch["labels"] = batch["input_ids"].masked_fill(
+                        batch["attention_mask"] == 0, -100)
                 model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
                 fisher.step()
         out = fisher.finish()
