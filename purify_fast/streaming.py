@@ -47,6 +47,7 @@ import hashlib
 import math
 import os
 import queue
+import shutil
 import struct
 import threading
 import time
@@ -626,11 +627,19 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
             yield (key, release, *dev.wait(st))
 
     def wrap(key, fn, *args, **kwargs):
-        """``fn(*args, **kwargs)``, with the tensor and its file named in any input error."""
+        """``fn(*args, **kwargs)``, with the tensor and its file named in any input error.
+
+        Such an error (NaN in a tensor, a negative Hessian) will recur on every rerun with these
+        inputs and options, so rank 0 removes ``<out>.partial``: a resume could never finish it,
+        and a fresh run would be refused while it exists."""
         try:
             return fn(*args, **kwargs)
         except (ValueError, TypeError) as exc:
-            raise type(exc)(f"tensor {key!r} ({ft[key].file}): {exc}") from exc
+            note = ""
+            if comm.rank == 0 and od.partial.exists():
+                shutil.rmtree(od.partial, ignore_errors=True)
+                note = f" (nothing was written: the unfinished {od.partial.name} was removed)"
+            raise type(exc)(f"tensor {key!r} ({ft[key].file}): {exc}{note}") from exc
 
     def epur_first(key: str, t: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
         # E-PUR runs before everything else: the embedding's flagged rows go back to

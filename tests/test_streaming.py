@@ -315,9 +315,34 @@ def test_nan_in_a_tensor_names_it_and_leaves_no_output(model, tmp_path):
     F["model.layers.1.mlp.up_proj.weight"] = F["model.layers.1.mlp.up_proj.weight"].clone()
     F["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
     ft = write_checkpoint(F, tmp_path / "ft", max_shard_bytes=SHARD)
-    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight'.*NaN"):
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight'.*NaN.*"
+                                         r"the unfinished o\.partial was removed"):
         purify_checkpoint(model["pre"], ft, tmp_path / "o", method="mix")
-    assert not (tmp_path / "o").exists()
+    # Shards before the bad tensor were finished, but no rerun could complete them: nothing is
+    # left that would block the next run (e.g. with --no-check-finite, the CLI's spelling).
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    rc = cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(model["pre"]),
+                   "--suspect", str(ft), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and not (tmp_path / "o.partial").exists()
+    assert cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(model["pre"]),
+                     "--suspect", str(ft), "--out", str(tmp_path / "o"), "--no-progress",
+                     "--no-check-finite"]) == 0
+    # --resume keeps every --out check (an output inside an input is refused with it too)
+    assert cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(model["pre"]),
+                     "--suspect", str(ft), "--out", str(ft / "sub"), "--resume",
+                     "--no-progress"]) == 2
+    assert not (ft / "sub").exists() and not (ft / "sub.partial").exists()
+
+
+def test_cli_names_its_own_option_for_nan_inputs(model, tmp_path, capsys):
+    F = dict(model["F"])
+    F["model.norm.weight"] = F["model.norm.weight"].clone()
+    F["model.norm.weight"][0] = float("inf")
+    ft = write_checkpoint(F, tmp_path / "ft", max_shard_bytes=SHARD)
+    rc = cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(model["pre"]),
+                   "--suspect", str(ft), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pass --no-check-finite" in err and "check_finite=False" not in err
 
 
 def test_existing_output_is_never_touched(model, tmp_path):

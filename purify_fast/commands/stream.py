@@ -155,9 +155,8 @@ def run(args) -> int:
         raise ValueError("--token-freqs is for E-PUR: add --e-pur (or use --method e-pur)")
     if str(args.pretrained) == DEFAULT_MODEL:
         args.pretrained = Path(resolve_model_path(DEFAULT_MODEL))
-    if not args.resume:
-        check_output_dir(args.out, args.pretrained, args.suspect, args.hessian, args.token_freqs,
-                         replace=False)
+    check_output_dir(args.out, args.pretrained, args.suspect, args.hessian, args.token_freqs,
+                     replace=False)
     cfg = PurifyConfig(method=SAME_AS_PURIFY.get(args.method, args.method), rho=args.rho,
                        seed=args.seed, select=args.select, indicator=args.indicator,
                        eps=args.eps, scope=SAME_AS_PURIFY.get(args.scope, args.scope),
@@ -179,6 +178,10 @@ def run(args) -> int:
         result = purify_checkpoint(args.pretrained, args.suspect, args.out, cfg,
                                    hessian=args.hessian, token_freqs=freqs, device=device,
                                    resume=args.resume, progress=not args.no_progress, comm=comm)
+    except ValueError as exc:
+        if "check_finite=False" in str(exc):  # the ops' API spelling of this command's option
+            raise ValueError(str(exc).replace("check_finite=False", "--no-check-finite")) from None
+        raise
     except (KeyboardInterrupt, Terminated):
         if Path(f"{args.out}.partial").is_dir():
             print(f"stopped; the work so far is kept in {args.out}.partial: run the same command "
