@@ -268,9 +268,13 @@ class Checkpoint:
         return load_tensor(self[key], pin_memory=pin_memory)
 
     def fingerprint(self) -> dict:
-        """What identifies these inputs for resuming: file names, sizes, header digests. (Hashing
-        the tensor bytes would cost a full read of a model that may be hundreds of GB.)"""
-        return {f.name: {"size": f.stat().st_size, "header_sha256": self.header_digest[f.name]}
+        """What identifies these inputs for resuming: file names, sizes, header digests, and the
+        digest of three 64 KiB samples of each file's tensor bytes (start, middle, end). Two
+        fine-tunes of one architecture have identical headers, and a resume must not splice
+        their outputs; hashing every byte would cost a full read of a model that may be
+        hundreds of GB, while a fine-tune changes the weights everywhere."""
+        return {f.name: {"size": f.stat().st_size, "header_sha256": self.header_digest[f.name],
+                         "sample_sha256": _sample_digest(f)}
                 for f in self.files}
 
     @property
@@ -282,6 +286,21 @@ class Checkpoint:
         ``prefix + key`` (``bert.embeddings...``). The files are not touched; reads still use
         each tensor's own name in its file."""
         return replace(self, tensors={prefix + k: v for k, v in self.tensors.items()})
+
+
+_SAMPLE_BYTES = 1 << 16
+
+
+def _sample_digest(path: Path) -> str:
+    """sha256 of three ``_SAMPLE_BYTES`` windows of the file (start, middle, end)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for start in sorted({0, max(0, size // 2 - _SAMPLE_BYTES // 2),
+                             max(0, size - _SAMPLE_BYTES)}):
+            fh.seek(start)
+            digest.update(fh.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def load_tensor(info: TensorInfo, *, pin_memory: bool = False,

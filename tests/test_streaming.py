@@ -379,6 +379,14 @@ def test_fault_after_n_shards_then_resume_is_byte_identical(model, tmp_path):
     with pytest.raises(CheckpointError, match="differs in: config"):
         purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", resume=True,
                           **{**kw, "rho": 0.2})
+    # Another fine-tune of the same architecture (identical headers and sizes) in the suspect's
+    # place must not be spliced onto the shards already written from the first one.
+    other = write_synthetic_llama(tmp_path / "other", SPECS, role="suspect", max_shard_bytes=SHARD,
+                                  seed=99)
+    assert [ck.read_header(f)[2] for f in Checkpoint.open(other).files] == \
+        [ck.read_header(f)[2] for f in Checkpoint.open(model["ft"]).files]
+    with pytest.raises(CheckpointError, match="differs in: suspect"):
+        purify_checkpoint(model["pre"], other, tmp_path / "o", resume=True, **kw)
     res = purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", resume=True, **kw)
     assert res.resumed and res.shards_skipped == 3
     assert _digest(res.out) == _digest(clean)
