@@ -616,6 +616,27 @@ def test_fp64_needs_the_torch_backend(device, name):
     assert torch.equal(auto, ops.mix_weights(p, f, 0.5, backend="torch"))
 
 
+def test_torch_backend_in_chunks_equals_the_whole_tensor_reference(monkeypatch):
+    """The torch backend runs the reference over chunks (bounded memory); with chunks of 7 the
+    Philox counters, histograms and selections must equal the reference on the whole tensor."""
+    import purify_fast.ops.weight_space as ws
+
+    gen = _gen()
+    p, f = torch.randn(5, 13, generator=gen), torch.randn(5, 13, generator=gen)
+    h = torch.rand(5, 13, generator=gen)
+    monkeypatch.setattr(ws, "TORCH_CHUNK", 7)
+    key, keep = ref.key_hash("w"), ref.philox_keep_threshold(0.4)
+    assert_bits_equal(ops.mix_weights(p, f, 0.4, seed=3, key="w", backend="torch"),
+                      ref.mix_random(p.view(-1), f.view(-1), 3, key, keep).view(5, 13))
+    hist = ops.score_histogram(p, f, h, backend="torch")
+    whole = torch.zeros(ws.NUM_BINS, dtype=torch.int64)
+    ref.score_histogram(p.view(-1), f.view(-1), h.view(-1), 0, 1e-8, whole, -1)
+    assert torch.equal(hist.counts, whole)
+    thr = ops.global_score_threshold(lambda: [(p, f, h)], 0.3, backend="torch")
+    assert_bits_equal(ops.reset_by_score(p, f, h, thr, backend="torch"),
+                      ref.select_by_score(p, f, h, 0, 1e-8, thr.reset_value, False))
+
+
 # --------------------------------------------------------------------------- backend choice
 
 def test_backend_env_variable_picks_the_backend(monkeypatch):

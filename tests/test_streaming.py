@@ -539,6 +539,7 @@ def test_cli_fisher_feeds_purify_checkpoint(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["threshold"] is not None and summary["reset_rows"] == 200
+    assert summary["backend"] in ("cpp", "torch")
     manifest = json.loads((tmp_path / "out" / "purify_manifest.json").read_text())
     reset = set(_find_key(manifest, "reset_rows"))
     assert len(reset) == 200 and not reset & set(tok.all_special_ids)  # [CLS], [SEP] never reset

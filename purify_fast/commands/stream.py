@@ -138,7 +138,7 @@ def load_token_freqs(path: Path):
 def run(args) -> int:
     import torch
 
-    from purify_fast import distributed
+    from purify_fast import backend, distributed
     from purify_fast.commands import Terminated, check_output_dir, pick_device
     from purify_fast.models.loading import DEFAULT_MODEL, resolve_model_path
     from purify_fast.streaming import PurifyConfig, purify_checkpoint
@@ -201,6 +201,9 @@ def run(args) -> int:
                    "bytes_written": result.bytes_written, "resumed": result.resumed,
                    "shards_total": result.shards_total, "shards_skipped": result.shards_skipped,
                    "threshold": result.threshold, "reset_rows": len(result.reset_rows),
+                   # what the ops ran on (auto falls back to torch quietly, e.g. without the
+                   # C++ extension: slower)
+                   "backend": backend.resolve(args.backend, torch.device(device), torch.float32),
                    "stage_seconds": {k: round(v, 3) for k, v in result.stage_seconds.items()}}
         print(json.dumps(summary, indent=2))
     return 0

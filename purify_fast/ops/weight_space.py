@@ -140,6 +140,16 @@ def _flat_hessian(h: torch.Tensor | None) -> torch.Tensor | None:
     return None if h is None else h.to(torch.float32).contiguous().view(-1)
 
 
+# The PyTorch reference builds several full-size temporaries (int64 Philox counters, fp32
+# scores): ~100-240 bytes per element, 15-30 GB for a LLaMA-7B embedding. Run it over chunks of
+# this many elements so the torch backend keeps the streaming memory bound too.
+TORCH_CHUNK = 1 << 20
+
+
+def _chunks(n: int):
+    return ((start, min(n, start + TORCH_CHUNK)) for start in range(0, n, TORCH_CHUNK))
+
+
 def _write_result(out: torch.Tensor, run: Callable[[torch.Tensor], None]) -> torch.Tensor:
     """Run a kernel that writes a flat contiguous buffer, into ``out`` whatever its strides."""
     if out.is_contiguous():
@@ -193,7 +203,10 @@ def mix_weights(pretrained: torch.Tensor, finetuned: torch.Tensor, rho: float, *
     pre, ft = _flat(pretrained), _flat(finetuned)
     key_word, keep = ref.key_hash(key), ref.philox_keep_threshold(rho)
     if name == "torch":
-        return _write_result(out, lambda o: o.copy_(ref.mix_random(pre, ft, seed, key_word, keep)))
+        def run(o):
+            for a, b in _chunks(o.numel()):
+                o[a:b].copy_(ref.mix_random(pre[a:b], ft[a:b], seed, key_word, keep, offset=a))
+        return _write_result(out, run)
     kern = _backend.module(name)
     return _write_result(out, lambda o: kern.mix_random(pre, ft, o, seed, key_word, keep))
 
@@ -320,7 +333,9 @@ def score_histogram(pretrained: torch.Tensor, finetuned: torch.Tensor,
     pre, ft, h = _flat(pretrained), _flat(finetuned), _flat_hessian(hessian)
     counts = hist.counts.to(pretrained.device)
     if name == "torch":
-        ref.score_histogram(pre, ft, h, code, eps, counts, hist.prefix)
+        for a, b in _chunks(pre.numel()):
+            ref.score_histogram(pre[a:b], ft[a:b], None if h is None else h[a:b], code, eps,
+                                counts, hist.prefix)
     else:
         _backend.module(name).score_histogram(pre, ft, h, code, eps, counts, hist.prefix)
     hist.counts = counts
@@ -400,8 +415,11 @@ def _select(pre_t, ft_t, hessian, indicator, eps, threshold, takes_ft, out, back
     code = ref.INDICATORS[indicator]
     pre, ft, h = _flat(pre_t), _flat(ft_t), _flat_hessian(hessian)
     if name == "torch":
-        return _write_result(out, lambda o: o.copy_(
-            ref.select_by_score(pre, ft, h, code, eps, threshold, takes_ft)))
+        def run(o):
+            for a, b in _chunks(o.numel()):
+                o[a:b].copy_(ref.select_by_score(pre[a:b], ft[a:b], None if h is None else h[a:b],
+                                                 code, eps, threshold, takes_ft))
+        return _write_result(out, run)
     kern = _backend.module(name)
     return _write_result(out, lambda o: kern.select_by_score(pre, ft, h, code, eps, threshold,
                                                              takes_ft, o))

@@ -83,9 +83,11 @@ def philox_uint32(index: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
 
 
 def mix_random(pre: torch.Tensor, ft: torch.Tensor, seed: int, key_word: int,
-               keep_threshold: int) -> torch.Tensor:
-    """``pre + m*(ft - pre)`` with the Philox mask m, written as a select (exact for m in {0,1})."""
-    index = torch.arange(pre.numel(), device=pre.device, dtype=torch.int64).view(pre.shape)
+               keep_threshold: int, offset: int = 0) -> torch.Tensor:
+    """``pre + m*(ft - pre)`` with the Philox mask m, written as a select (exact for m in {0,1}).
+    ``offset``: the flat index of ``pre``'s first element in its tensor (for a chunk of it)."""
+    index = torch.arange(offset, offset + pre.numel(), device=pre.device,
+                         dtype=torch.int64).view(pre.shape)
     keep = philox_uint32(index, seed & _M32, key_word) < keep_threshold
     return torch.where(keep, ft, pre)
 
