@@ -500,8 +500,20 @@ class OutputDir:
 
     def check_target(self) -> None:
         if self.out.exists():
+            try:
+                complete = json.loads(self.manifest_path_final.read_text()).get("complete")
+            except (OSError, ValueError, AttributeError):
+                complete = False
+            if complete:
+                raise CheckpointError(f"{self.out} already exists and is a complete output of an "
+                                      f"earlier run (nothing to resume); purification never "
+                                      f"overwrites: choose another --out or remove it")
             raise CheckpointError(f"{self.out} already exists; purification never overwrites: "
                                   f"choose another --out or remove it")
+
+    @property
+    def manifest_path_final(self) -> Path:
+        return self.out / MANIFEST_NAME
         if not self.out.parent.is_dir():
             raise CheckpointError(f"{self.out.parent}: parent directory of the output does not "
                                   f"exist")

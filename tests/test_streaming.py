@@ -390,6 +390,8 @@ def test_fault_after_n_shards_then_resume_is_byte_identical(model, tmp_path):
     res = purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", resume=True, **kw)
     assert res.resumed and res.shards_skipped == 3
     assert _digest(res.out) == _digest(clean)
+    with pytest.raises(CheckpointError, match="is a complete output of an earlier run"):
+        purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", resume=True, **kw)
 
 
 _KILLER = textwrap.dedent("""
