@@ -141,6 +141,8 @@ def test_any_module_by_layer_names_with_image_views(tmp_path, monkeypatch):
                          augment=flip)
     assert len(res.weights) == 2 and all(w >= 1000 for w in res.weights)
     assert temperatures == {0.5}
+    # the teacher is given back as it came: trainable, in train mode
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
     first = sum(h["clone"] for h in res.history[:6]) / 6
     last = sum(h["clone"] for h in res.history[-6:]) / 6
     assert last < first  # the student moves towards the teacher's features

@@ -320,7 +320,6 @@ class MIMIC:
             student: nn.Module | None = None, teacher_layers: Sequence | None = None,
             student_layers: Sequence | None = None, feature_fn: Callable | None = None,
             augment: Callable | None = None, batches=None) -> MIMICResult:
-        cfg = self.config
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
         data = clean if clean is not None else batches
@@ -338,9 +337,22 @@ class MIMIC:
             check_tokenizer(teacher, tokenizer, "teacher")
         t0 = time.perf_counter()
         device = next(teacher.parameters()).device
+        # The teacher is frozen and in eval mode while it teaches; both are given back at the end.
+        teacher_state = (teacher.training, [p.requires_grad for p in teacher.parameters()])
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+        try:
+            return self._fit(teacher, tokenizer, data, device, t0, student, teacher_layers,
+                             student_layers, feature_fn, augment)
+        finally:
+            teacher.train(teacher_state[0])
+            for p, flag in zip(teacher.parameters(), teacher_state[1]):
+                p.requires_grad_(flag)
+
+    def _fit(self, teacher, tokenizer, data, device, t0, student, teacher_layers, student_layers,
+             feature_fn, augment) -> MIMICResult:
+        cfg = self.config
 
         if student is None:
             student = make_student(teacher, cfg.student_layers, cfg.student_overrides, cfg.seed)
