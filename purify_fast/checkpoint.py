@@ -510,13 +510,13 @@ class OutputDir:
                                       f"overwrites: choose another --out or remove it")
             raise CheckpointError(f"{self.out} already exists; purification never overwrites: "
                                   f"choose another --out or remove it")
+        if not self.out.parent.is_dir():
+            raise CheckpointError(f"{self.out.parent}: parent directory of the output does not "
+                                  f"exist")
 
     @property
     def manifest_path_final(self) -> Path:
         return self.out / MANIFEST_NAME
-        if not self.out.parent.is_dir():
-            raise CheckpointError(f"{self.out.parent}: parent directory of the output does not "
-                                  f"exist")
 
     def start(self, run: dict, *, resume: bool) -> bool:
         """Create or reopen the partial directory; returns True if resuming an earlier run."""

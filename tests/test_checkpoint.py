@@ -240,6 +240,8 @@ def test_output_never_overwritten(tmp_path):
     (tmp_path / "o").mkdir()
     with pytest.raises(CheckpointError, match="already exists"):
         write_checkpoint(_state(), tmp_path / "o")
+    with pytest.raises(CheckpointError, match="parent directory of the output does not exist"):
+        write_checkpoint(_state(), tmp_path / "missing" / "o")
 
 
 def test_full_disk_fails_before_writing(tmp_path, monkeypatch):

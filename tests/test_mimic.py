@@ -53,6 +53,7 @@ def test_layer_pairs_spread_over_depth():
     assert layer_pairs(6, 3) == [(2, 1), (4, 2), (6, 3)]
     assert layer_pairs(6, 6) == [(i, i) for i in range(1, 7)]
     assert layer_pairs(6, 1) == [(6, 1)]
+    assert [t for t, _ in layer_pairs(12, 8)] == [2, 3, 5, 6, 8, 9, 11, 12]  # halves round up
 
 
 def test_a_student_of_another_width_is_refused_before_any_work(minilm):

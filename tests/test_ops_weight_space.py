@@ -490,6 +490,8 @@ BAD_CALLS = [
     ("one-shot tensors", lambda p, f, h: ops.global_score_threshold(
         lambda it=iter([(p * 0, 1 + torch.linspace(0, 1e-3, 16), None)]): it, 0.3,
         indicator="drift"), ValueError, "must yield the same tensors on every call: 16 scores"),
+    ("eps type", lambda p, f, h: ops.score_histogram(p, f, h, eps="tiny"), TypeError,
+     "eps must be a positive finite number, got 'tiny'"),
     ("hessian negative", lambda p, f, h: ops.score_histogram(p, f, h - 2.0), ValueError,
      "hessian has 16 negative value"),
     ("hessian negative reset", lambda p, f, h: ops.reset_by_score(p, f, h - 2.0, 0.1), ValueError,

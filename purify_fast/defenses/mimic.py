@@ -173,8 +173,9 @@ def make_student(teacher: nn.Module, num_layers: int | None = None, overrides: d
 
 def layer_pairs(teacher_layers: int, student_layers: int) -> list[tuple[int, int]]:
     """``(teacher hidden-state index, student index)``: student block j (1-based) is matched to
-    teacher block round(j · L_T / L_S), so a shallow student mimics evenly spaced depths."""
-    return [(max(1, round(j * teacher_layers / student_layers)), j)
+    teacher block ⌊j · L_T / L_S + ½⌋, so a shallow student mimics evenly spaced depths (halves
+    round up: Python's round() takes them to even, which spaces 12 → 8 as 2,3,4,6,8,9,10,12)."""
+    return [(max(1, math.floor(j * teacher_layers / student_layers + 0.5)), j)
             for j in range(1, student_layers + 1)]
 
 

@@ -113,7 +113,10 @@ def _check_rho(rho) -> float:
 
 
 def _check_eps(eps) -> float:
-    value = float(eps)
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a positive finite number, got {eps!r}") from None
     if not (value > 0.0 and math.isfinite(value)):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     return value
