@@ -158,3 +158,16 @@ def test_the_installed_offline_model_counts_as_an_input(tmp_path):
             check_output_dir(out, "minilm")
     with pytest.raises(ValueError, match="overlaps the input minilm"):
         check_output_dir(minilm / "new-sub", "minilm")
+
+
+def test_model_loading_prints_no_transformers_bars_and_restores_them(capfd):
+    from transformers.utils import logging as hf_logging
+
+    from purify_fast.attacks.encoder_backdoor import load_encoder
+    from purify_fast.models import load_classifier
+
+    before = hf_logging.is_progress_bar_enabled()
+    load_classifier("minilm", 2)
+    load_encoder("minilm")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() == before

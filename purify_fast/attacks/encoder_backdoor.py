@@ -36,10 +36,11 @@ def load_encoder(name_or_path=None, device="cpu"):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
-    from purify_fast.models.loading import resolve_model_path
+    from purify_fast.models.loading import quiet_loading, resolve_model_path
 
     path = resolve_model_path(name_or_path if name_or_path is not None else "minilm")
-    model = AutoModel.from_pretrained(path, local_files_only=True).to(device)
+    with quiet_loading():
+        model = AutoModel.from_pretrained(path, local_files_only=True).to(device)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tok
 

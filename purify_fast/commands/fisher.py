@@ -91,10 +91,12 @@ def _load_causal_lm(model: str, device, dtype):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from purify_fast.models.loading import resolve_model_path
+    from purify_fast.models.loading import quiet_loading, resolve_model_path
 
     path = resolve_model_path(model)
-    net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device)
+    with quiet_loading():
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    net.to(device)
     return net, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

@@ -12,6 +12,7 @@ head). Defenses treat those as having no pre-trained counterpart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -48,6 +49,24 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     return str(path)
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Loading without transformers' per-load "Loading weights" bar and its notices (the
+    "newly initialized" head is expected here): they drowned each command's own progress and
+    results in logs. Restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 def load_classifier(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, num_labels: int | None = None,
                     *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     tokenizer: bool = True):
@@ -60,7 +79,6 @@ def load_classifier(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, num_
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name_or_path)
     kwargs = {}
@@ -70,13 +88,9 @@ def load_classifier(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, num_
         kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "newly initialized" notice is expected for a new head
-    try:
+    with quiet_loading():  # the "newly initialized" notice is expected for a new head
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, output_loading_info=True, local_files_only=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     missing = set(info.get("missing_keys", ())) | {
         k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
     setattr(model, MISSING_KEYS_ATTR, frozenset(missing))
