@@ -552,9 +552,17 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
             resumed = od.start(run, resume=resume)
             if cfg.e_pur and "reset_rows" not in od.state:
                 t0 = time.perf_counter()
-                rows = epur_rows(pre.load(plan.emb_key).to(device),
-                                 ft.load(plan.emb_key).to(device),
-                                 freqs, cfg)
+                try:
+                    rows = epur_rows(pre.load(plan.emb_key).to(device),
+                                     ft.load(plan.emb_key).to(device),
+                                     freqs, cfg)
+                except (ValueError, TypeError) as exc:
+                    # An input error (NaN in the embedding) recurs on every rerun: leave no
+                    # .partial behind that would block the next one (nothing was written yet).
+                    if not resumed:
+                        shutil.rmtree(od.partial, ignore_errors=True)
+                    raise type(exc)(f"tensor {plan.emb_key!r} ({ft[plan.emb_key].file}): "
+                                    f"{exc}") from exc
                 od.state["reset_rows"] = rows
                 od.save_manifest()
                 stages["e-pur scores"] = time.perf_counter() - t0
@@ -638,7 +646,8 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
             note = ""
             if comm.rank == 0 and od.partial.exists():
                 shutil.rmtree(od.partial, ignore_errors=True)
-                note = f" (nothing was written: the unfinished {od.partial.name} was removed)"
+                note = (f" (the unfinished {od.partial.name}, with any shards it had finished, "
+                        f"was removed: no rerun on these inputs and options could complete it)")
             raise type(exc)(f"tensor {key!r} ({ft[key].file}): {exc}{note}") from exc
 
     def epur_first(key: str, t: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:

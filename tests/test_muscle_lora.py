@@ -79,6 +79,11 @@ def test_merged_state_survives_state_dict_round_trips():
         torch.testing.assert_close(c(x), want, rtol=1e-5, atol=1e-5)
         c.unmerge()  # a no-op: the earlier merge's W0 must not come back
         torch.testing.assert_close(c.base.weight, w0, rtol=0, atol=1e-6)
+        # adapters only (strict=False) into a merged layer: it stays merged, no double update
+        a.load_state_dict({"lora_l": a.lora_l.detach().clone(),
+                           "lora_r": a.lora_r.detach().clone()}, strict=False)
+        assert a.merged
+        torch.testing.assert_close(a(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_train_clean_refuses_what_cannot_train_before_any_work():

@@ -494,6 +494,8 @@ BAD_CALLS = [
      "eps must be a positive finite number, got 'tiny'"),
     ("hessian negative", lambda p, f, h: ops.score_histogram(p, f, h - 2.0), ValueError,
      "hessian has 16 negative value"),
+    ("hessian negative unchecked", lambda p, f, h: ops.score_histogram(
+        p, f, h - 2.0, check_finite=False), ValueError, "hessian has 16 negative value"),
     ("hessian negative reset", lambda p, f, h: ops.reset_by_score(p, f, h - 2.0, 0.1), ValueError,
      "hessian has 16 negative value"),
     ("acc dtype", lambda p, f, h: ops.fisher_accumulate_(h.double(), f), TypeError,

@@ -215,6 +215,13 @@ def test_a_zero_threshold_never_resets_zero_scores(model, tmp_path):
             moved += int((got[k] != f).sum())
             total += f.numel()
     assert res.threshold > 0 and 0.1 * total < moved <= 0.2 * total
+    # the same with denormals flushed to zero (a denormal floor would become 0 again)
+    torch.set_flush_denormal(True)
+    try:
+        again = purify_state_dict(model["P"], model["F"], hessian=H, **case)
+    finally:
+        torch.set_flush_denormal(False)
+    assert all(torch.equal(again[k], want[k]) for k in want)
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(model, tmp_path):
@@ -316,7 +323,7 @@ def test_nan_in_a_tensor_names_it_and_leaves_no_output(model, tmp_path):
     F["model.layers.1.mlp.up_proj.weight"][3, 3] = float("nan")
     ft = write_checkpoint(F, tmp_path / "ft", max_shard_bytes=SHARD)
     with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight'.*NaN.*"
-                                         r"the unfinished o\.partial was removed"):
+                                         r"the unfinished o\.partial, with any shards it had finished, was removed"):
         purify_checkpoint(model["pre"], ft, tmp_path / "o", method="mix")
     # Shards before the bad tensor were finished, but no rerun could complete them: nothing is
     # left that would block the next run (e.g. with --no-check-finite, the CLI's spelling).
@@ -332,6 +339,18 @@ def test_nan_in_a_tensor_names_it_and_leaves_no_output(model, tmp_path):
                      "--suspect", str(ft), "--out", str(ft / "sub"), "--resume",
                      "--no-progress"]) == 2
     assert not (ft / "sub").exists() and not (ft / "sub.partial").exists()
+
+
+def test_nan_in_the_embedding_with_e_pur_leaves_no_partial(model, tmp_path):
+    F = dict(model["F"])
+    F["model.embed_tokens.weight"] = F["model.embed_tokens.weight"].clone()
+    F["model.embed_tokens.weight"][5, 0] = float("nan")
+    ft = write_checkpoint(F, tmp_path / "ft", max_shard_bytes=SHARD)
+    for _ in range(2):  # the first run leaves nothing that would block the second
+        with pytest.raises(ValueError, match=r"'model\.embed_tokens\.weight'.*NaN"):
+            purify_checkpoint(model["pre"], ft, tmp_path / "o", method="mix", e_pur=True,
+                              top_n=3, token_freqs=model["freqs"])
+        assert not (tmp_path / "o.partial").exists()
 
 
 def test_cli_names_its_own_option_for_nan_inputs(model, tmp_path, capsys):
@@ -387,6 +406,19 @@ def test_fault_after_n_shards_then_resume_is_byte_identical(model, tmp_path):
         [ck.read_header(f)[2] for f in Checkpoint.open(model["ft"]).files]
     with pytest.raises(CheckpointError, match="differs in: suspect"):
         purify_checkpoint(model["pre"], other, tmp_path / "o", resume=True, **kw)
+    # ... nor one that differs in a single tensor (a fine-tune that touched only q_proj)
+    one = dict(model["F"])
+    one["model.layers.0.self_attn.q_proj.weight"] = one["model.layers.0.self_attn.q_proj.weight"] + 0.01
+    one_off = Checkpoint.open(write_checkpoint(one, tmp_path / "one_off", max_shard_bytes=SHARD))
+    same = Checkpoint.open(write_checkpoint(model["F"], tmp_path / "same", max_shard_bytes=SHARD))
+    assert one_off.header_digest == same.header_digest  # headers cannot tell them apart
+    assert one_off.fingerprint() != same.fingerprint()
+    # a manifest of another purify_fast version is refused with that reason
+    manifest = json.loads((partial / ck.MANIFEST_NAME).read_text())
+    (partial / ck.MANIFEST_NAME).write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(CheckpointError, match="manifest version 1, this one writes 2"):
+        purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", resume=True, **kw)
+    (partial / ck.MANIFEST_NAME).write_text(json.dumps(manifest))
     res = purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", resume=True, **kw)
     assert res.resumed and res.shards_skipped == 3
     assert _digest(res.out) == _digest(clean)
@@ -623,6 +655,16 @@ def test_cli_fisher_of_a_causal_lm_feeds_purify_checkpoint(tmp_path, capsys):
     assert rc == 2 and "is a BertModel: the Fisher needs the suspect's own loss" in \
         capsys.readouterr().err
     assert not (tmp_path / "f2").exists()
+    # a checkpoint without its lm_head would get a random one: refused
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "suspect" / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(tmp_path / "suspect" / "model.safetensors"), metadata={"format": "pt"})
+    rc = cli_main(["fisher", "--model", str(tmp_path / "suspect"), "--out", str(tmp_path / "f3"),
+                   "--clean-data", str(tmp_path / "clean.jsonl"), "--no-progress"])
+    assert rc == 2 and "'lm_head.weight'" in capsys.readouterr().err
+    assert not (tmp_path / "f3").exists()
 
 
 # --------------------------------------------------------------------------- property tests

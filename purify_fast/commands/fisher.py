@@ -95,7 +95,15 @@ def _load_causal_lm(model: str, device, dtype):
 
     path = resolve_model_path(model)
     with quiet_loading():
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        net, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                         output_loading_info=True)
+    # The Fisher of freshly initialised weights would say nothing about the suspect.
+    fresh = list(info.get("missing_keys", ())) + [
+        k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+    if fresh:
+        raise ValueError(f"--model {model}: {len(fresh)} weight(s) of the language model are not "
+                         f"in the checkpoint (e.g. {fresh[0]!r}); the Fisher needs the suspect's "
+                         f"own weights")
     net.to(device)
     return net, AutoTokenizer.from_pretrained(path, local_files_only=True)
 

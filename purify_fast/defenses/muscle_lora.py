@@ -346,6 +346,9 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
     """
     if method != "muscle-lora":
         raise ValueError(f"method must be 'muscle-lora', got {method!r}")
+    for what, data in (("train_data", train_data), ("dev_data", dev_data)):
+        if not isinstance(data, TextDataset):  # before any model is loaded
+            raise TypeError(f"{what} must be a TextDataset, got {type(data).__name__}")
     use_mslr, ga = ablation_settings(ablation)
     inject = dataclasses.replace(inject or MuscleLoRAConfig(), use_mslr=use_mslr)
     config = dataclasses.replace(config or MuscleLoRATrainConfig(), gradient_alignment=ga,
@@ -358,9 +361,6 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
         seed_everything(config.seed)
         model, tok = load_classifier(model, train_data.num_labels)
         tokenizer = tokenizer or tok
-    for what, data in (("train_data", train_data), ("dev_data", dev_data)):
-        if not isinstance(data, TextDataset):
-            raise TypeError(f"{what} must be a TextDataset, got {type(data).__name__}")
     check_classifier(model, tokenizer, "model", train_data.num_labels, "train_data")
     seed_everything(config.seed)  # the adapters' random init is part of the seeded run
     inject_muscle_lora(model, inject)

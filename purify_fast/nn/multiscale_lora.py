@@ -142,14 +142,17 @@ class MultiScaleLoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A state without the flag predates it: such layers were saved unmerged.
-        state_dict.setdefault(prefix + "merged_flag", torch.zeros((), dtype=torch.bool))
+        # A full state without the flag predates it (such layers were saved unmerged); a partial
+        # one (adapters only, strict=False) leaves the flag, and the base weight, as they are.
+        if prefix + "base.weight" in state_dict:
+            state_dict.setdefault(prefix + "merged_flag", torch.zeros((), dtype=torch.bool))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        self.merged = bool(self.merged_flag)
-        # The base weight now comes from the loaded state: a W0 saved by an earlier merge() is
-        # not its unmerged weight any more.
-        self._unmerged_weight = None
+        if prefix + "base.weight" in state_dict:
+            self.merged = bool(self.merged_flag)
+            # The base weight now comes from the loaded state: a W0 saved by an earlier merge()
+            # is not its unmerged weight any more.
+            self._unmerged_weight = None
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:

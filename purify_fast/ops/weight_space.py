@@ -74,11 +74,13 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
                          f"check_finite=False to let them through (results are then undefined)")
 
 
-def _check_hessian_values(h: torch.Tensor) -> None:
-    """Finite and non-negative: a diagonal Fisher is a mean of squares. A negative entry (a true
-    Hessian's diagonal can have them) has no place in the scores: the histogram ranks their
-    magnitude while the reset compares signed values, so the two would disagree."""
-    _check_finite(h, "hessian")
+def _check_hessian_values(h: torch.Tensor, check_finite: bool = True) -> None:
+    """Non-negative (and finite, unless ``check_finite`` is off): a diagonal Fisher is a mean of
+    squares. A negative entry (a true Hessian's diagonal can have them) has no place in the
+    scores: the histogram ranks their magnitude while the reset compares signed values, so the
+    two would disagree. Checked even with ``check_finite=False``, which only lets NaN/Inf pass."""
+    if check_finite:
+        _check_finite(h, "hessian")
     if h.numel() and float(h.amin()) < 0:  # one reduction, no temporary
         bad = int((h < 0).sum())
         raise ValueError(f"hessian has {bad} negative value(s); Fine-purifying needs a non-negative "
@@ -292,7 +294,9 @@ class Threshold:
         positive fp32. A zero score (no drift; ``H = 0`` under ``product``) is no evidence, and
         when ``rho`` reaches into the zero scores, taking every tie at 0 would reset all of them,
         far more than the ``rho`` share."""
-        return max(self.value, _bits_to_float(1))
+        # The smallest *normal* float: a denormal threshold would be flushed to 0 under
+        # torch.set_flush_denormal(True) and select every zero score again.
+        return max(self.value, float(torch.finfo(torch.float32).smallest_normal))
 
     def refine(self) -> ScoreHistogram:
         if self.exact:
@@ -329,8 +333,8 @@ def score_histogram(pretrained: torch.Tensor, finetuned: torch.Tensor,
     if check_finite:
         _check_finite(pretrained, "pretrained")
         _check_finite(finetuned, "finetuned")
-        if hessian is not None:
-            _check_hessian_values(hessian)
+    if hessian is not None:
+        _check_hessian_values(hessian, check_finite)
     name = _backend.resolve(backend, pretrained.device, pretrained.dtype)
     code = ref.INDICATORS[indicator]
     pre, ft, h = _flat(pretrained), _flat(finetuned), _flat_hessian(hessian)
@@ -464,8 +468,8 @@ def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
     if check_finite:
         _check_finite(pretrained, "pretrained")
         _check_finite(finetuned, "finetuned")
-        if hessian is not None:
-            _check_hessian_values(hessian)
+    if hessian is not None:
+        _check_hessian_values(hessian, check_finite)
     return _select(pretrained, finetuned, hessian, indicator, eps, value, False, out, backend)
 
 
