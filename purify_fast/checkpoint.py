@@ -275,8 +275,8 @@ class Checkpoint:
         (LoRA merged into q/v, a frozen embedding), at ~1 MB of reads for a 7B model, where
         hashing every byte would read the whole model."""
         return {f.name: {"size": f.stat().st_size, "header_sha256": self.header_digest[f.name],
-                         "sample_sha256": _sample_digest(f, [i for i in self.tensors.values()
-                                                             if i.file == f])}
+                         "sample_sha256": _sample_digest(f, [self.tensors[k]
+                                                             for k in self.keys_in(f)])}
                 for f in self.files}
 
     @property

@@ -102,13 +102,17 @@ def target_label_arg(text: str) -> int | str:
         return text
 
 
+def class_numbering(names) -> str:
+    """``rotten=0, fresh=1``: how class names map to indices, for messages."""
+    return ", ".join(f"{n}={i}" for i, n in enumerate(names))
+
+
 def resolve_target_label(value: int | str, names, num_labels: int, source: str) -> int:
     """The class index ``--target-label`` names among ``num_labels`` classes called ``names``
     (None when ``source`` has no class names). An index out of range would silently give an ASR of
     0 (no prediction can be that class), so it is refused like an unknown name."""
     names = tuple(names) if names else None
-    classes = (", ".join(f"{n}={i}" for i, n in enumerate(names)) if names
-               else f"indices 0..{num_labels - 1}, no class names")
+    classes = class_numbering(names) if names else f"indices 0..{num_labels - 1}, no class names"
     if isinstance(value, int):
         if 0 <= value < num_labels:
             return value
@@ -238,8 +242,8 @@ def load_file_for_model(path, model, text_column: str = "text", label_column: st
     data = load_text_file(path, text_column=text_column, label_column=label_column,
                           num_labels=model.config.num_labels, label_map=label_map)
     if label_map is None and data.label_names:
-        numbering = ", ".join(f"{n}={i}" for i, n in enumerate(data.label_names))
-        print(f"note: {path}: class names numbered in sorted order ({numbering}); the model has "
+        print(f"note: {path}: class names numbered in sorted order "
+              f"({class_numbering(data.label_names)}); the model has "
               f"no label names to check them against", file=sys.stderr)
     return data
 

@@ -8,6 +8,7 @@ import sys
 from purify_fast.commands import (
     add_device_arg,
     check_output_dir,
+    class_numbering,
     pick_device,
     positive_int,
     record_label_names,
@@ -118,7 +119,7 @@ def run(args) -> int:
     args.target_label = resolve_target_label(given, names, splits.num_labels, args.data)
     if names and isinstance(given, int):  # a file's class names are numbered in sorted order
         print(f"note: --target-label {given} is the class {names[given]!r} "
-              f"({', '.join(f'{n}={i}' for i, n in enumerate(names))})", file=sys.stderr)
+              f"({class_numbering(names)})", file=sys.stderr)
     attack = make_attack(args)
     model, tok, info = build_backdoor(args, splits, attack)
     triggered = attack.triggered_test(splits.test)

@@ -85,29 +85,6 @@ def model_kind(model: str) -> str:
                      f"--indicator drift, which needs no Hessian")
 
 
-def _load_causal_lm(model: str, device, dtype):
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from purify_fast.models.loading import quiet_loading, resolve_model_path
-
-    path = resolve_model_path(model)
-    with quiet_loading():
-        net, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                         output_loading_info=True)
-    # The Fisher of freshly initialised weights would say nothing about the suspect.
-    fresh = list(info.get("missing_keys", ())) + [
-        k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
-    if fresh:
-        raise ValueError(f"--model {model}: {len(fresh)} weight(s) of the language model are not "
-                         f"in the checkpoint (e.g. {fresh[0]!r}); the Fisher needs the suspect's "
-                         f"own weights")
-    net.to(device)
-    return net, AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
 def _load_clean_text(args):
     """The clean texts alone (a language model's Fisher needs no labels)."""
     from purify_fast.data import CORPORA, load_splits, load_text_file
@@ -137,13 +114,14 @@ def run(args) -> int:
     from purify_fast.data.text_dataset import make_loader, token_frequencies
     from purify_fast.fileio import atomic_write_bytes
     from purify_fast.models import load_classifier
+    from purify_fast.models.loading import load_causal_lm
     from purify_fast.streaming import DiskFisher
 
     device = torch.device(pick_device(args.device))
     dtype = getattr(torch, DTYPES[args.dtype])
     causal = model_kind(args.model) == "causal-lm"
     if causal:
-        model, tok = _load_causal_lm(args.model, device, dtype)
+        model, tok = load_causal_lm(args.model, device=device, dtype=dtype)
         clean = _load_clean_text(args)
     else:
         model, tok = load_classifier(args.model, device=device, dtype=dtype)

@@ -91,9 +91,7 @@ def load_classifier(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, num_
     with quiet_loading():  # the "newly initialized" notice is expected for a new head
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, output_loading_info=True, local_files_only=True, **kwargs)
-    missing = set(info.get("missing_keys", ())) | {
-        k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())}
-    setattr(model, MISSING_KEYS_ATTR, frozenset(missing))
+    setattr(model, MISSING_KEYS_ATTR, frozenset(_fresh_keys(info)))
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
         # Decoder classifiers find the last real token through pad_token_id.
         eos = model.config.eos_token_id
@@ -106,6 +104,34 @@ def load_classifier(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, num_
 
         ensure_pad_token(tok)
     return model, tok
+
+
+def _fresh_keys(info: dict) -> list[str]:
+    """The weights ``from_pretrained`` initialised afresh: missing from the checkpoint, or of
+    another shape there (``output_loading_info``'s ``missing_keys`` and ``mismatched_keys``)."""
+    return list(info.get("missing_keys", ())) + [
+        k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", ())]
+
+
+def load_causal_lm(name_or_path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None):
+    """``(model, tokenizer)`` of a causal language model from a local directory, every weight
+    from the checkpoint: one that would be initialised afresh is an error, since what is computed
+    from the model (its Fisher) would then say nothing about it. Nothing is downloaded."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    with quiet_loading():
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True)
+    fresh = _fresh_keys(info)
+    if fresh:
+        raise ValueError(f"model {str(name_or_path)!r}: {len(fresh)} weight(s) of the language "
+                         f"model are not in the checkpoint (e.g. {fresh[0]!r})")
+    model.to(device)
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def pretrained_state(model) -> dict[str, torch.Tensor]:
