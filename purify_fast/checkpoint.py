@@ -639,16 +639,50 @@ class OutputDir:
         return self.out
 
 
+SIDE_FILE_MAX_BYTES = 64 << 20
+
+
+def _side_file_verdict(ckpt: Checkpoint, p: Path) -> str | None:
+    """None when ``p`` (an entry of the checkpoint directory) is carried into the output, "" when
+    it is skipped as a matter of course, otherwise why it is left out (for the user to hear)."""
+    # Our own reports describe the suspect (its attack, its ASR), not the purified output; the
+    # weights themselves are written purified.
+    if (p.name in (INDEX_NAME, MANIFEST_NAME, "report.json") or p.name.startswith(".")
+            or p.name.startswith("purify_fast_") or p.name in {f.name for f in ckpt.files}):
+        return ""
+    if p.is_dir():
+        return "a subdirectory (not copied; it may hold other copies of the suspect's weights)"
+    if not p.is_file():
+        return "not a regular file"
+    if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx",
+                    ".gguf", ".pkl", ".npz"):
+        return "weights outside the checkpoint read (they would carry the suspect's unpurified values)"
+    if p.suffix not in _SIDE_FILE_SUFFIXES:
+        return f"not a config / tokenizer file type ({', '.join(_SIDE_FILE_SUFFIXES)})"
+    if p.stat().st_size >= SIDE_FILE_MAX_BYTES:
+        return f"over {SIDE_FILE_MAX_BYTES >> 20} MiB"
+    return None
+
+
 def side_files(ckpt: Checkpoint) -> list[Path]:
     """Small files next to a checkpoint's weights (config, tokenizer) to carry into the output."""
     if not ckpt.path.is_dir():
         return []
-    # Our own reports describe the suspect (its attack, its ASR), not the purified output.
-    skip = {INDEX_NAME, MANIFEST_NAME, "report.json"}
-    return sorted(p for p in ckpt.path.iterdir()
-                  if p.is_file() and p.name not in skip and not p.name.startswith(".")
-                  and not p.name.startswith("purify_fast_")
-                  and p.suffix in _SIDE_FILE_SUFFIXES and p.stat().st_size < (64 << 20))
+    return sorted(p for p in ckpt.path.iterdir() if _side_file_verdict(ckpt, p) is None)
+
+
+def side_files_left_out(ckpt: Checkpoint) -> list[str]:
+    """``"name: why"`` for every entry next to the weights that :func:`side_files` does not carry
+    (subdirectories, other weight files, large or unknown files), so the caller can say so
+    instead of the output silently lacking them."""
+    if not ckpt.path.is_dir():
+        return []
+    out = []
+    for p in sorted(ckpt.path.iterdir()):
+        why = _side_file_verdict(ckpt, p)
+        if why:
+            out.append(f"{p.name}: {why}")
+    return out
 
 
 def write_checkpoint(tensors: dict[str, torch.Tensor], out: str | os.PathLike, *,

@@ -74,6 +74,7 @@ from purify_fast.checkpoint import (
     load_tensor,
     pwrite_all,
     side_files,
+    side_files_left_out,
     tensor_bytes,
 )
 from purify_fast.fileio import fsync_dir_if_possible
@@ -169,6 +170,8 @@ class PurifyResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     base_prefix: str | None = None  # the pre-trained base model's tensors were paired under it
     kept: list[str] = field(default_factory=list)  # suspect tensors without a counterpart, as they were
+    # "name: why" for what sits beside the suspect's weights but was not carried into the output
+    side_files_left_out: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- communication
@@ -779,7 +782,8 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
                         bytes_written=bytes_written, seconds=time.perf_counter() - t_start,
                         resumed=resumed, shards_total=len(plan.layouts), shards_skipped=skipped,
                         threshold=threshold, reset_rows=[int(r) for r in reset_rows],
-                        stage_seconds=stages, base_prefix=base_prefix, kept=list(plan.new))
+                        stage_seconds=stages, base_prefix=base_prefix, kept=list(plan.new),
+                        side_files_left_out=side_files_left_out(ft))
 
 
 # --------------------------------------------------------------------------- in-memory twin

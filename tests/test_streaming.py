@@ -85,6 +85,39 @@ def test_streaming_equals_in_memory(model, tmp_path, case):
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_side_files_carried_and_the_rest_named(model, tmp_path, capsys):
+    """Config / tokenizer files travel with the purified weights; a subdirectory, other weight
+    files (they hold the suspect's unpurified values) and unknown files do not, and the CLI says
+    which ones instead of leaving the user to find them missing."""
+    import shutil
+
+    ft = tmp_path / "ft"
+    shutil.copytree(model["ft"], ft)
+    (ft / "tokenizer_config.json").write_text("{}")
+    (ft / "original").mkdir()
+    (ft / "original" / "consolidated.00.pth").write_bytes(b"x")
+    (ft / "pytorch_model.bin").write_bytes(b"x")
+    (ft / "training_args.dat").write_bytes(b"x")
+    (ft / ".cache").mkdir()
+    rc = cli_main(["purify-checkpoint", "--method", "mix", "--rho", "0.5", "--pretrained",
+                   str(model["pre"]), "--suspect", str(ft), "--out", str(tmp_path / "out"),
+                   "--no-progress"])
+    assert rc == 0
+    out = tmp_path / "out"
+    assert (out / "tokenizer_config.json").read_text() == "{}"
+    assert (out / "config.json").exists()
+    for name in ("original", "pytorch_model.bin", "training_args.dat", ".cache"):
+        assert not (out / name).exists(), name
+    err = capsys.readouterr()
+    note = next(line for line in err.err.splitlines() if line.startswith("note: not copied"))
+    assert "original: a subdirectory" in note
+    assert "pytorch_model.bin: weights outside the checkpoint" in note
+    assert "training_args.dat: not a config / tokenizer file type" in note
+    assert ".cache" not in note and "config.json" not in note and "safetensors" not in note
+    summary = json.loads(err.out[err.out.index("{"):])
+    assert len(summary["side_files_left_out"]) == 3
+
+
 def test_against_the_ops_directly(model, tmp_path):
     """Independent of purify_state_dict: the per-key mix, and one global threshold + reset."""
     P, F, H = model["P"], model["F"], model["H"]

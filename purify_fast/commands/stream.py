@@ -196,11 +196,15 @@ def run(args) -> int:
                     f"task head, e.g. {result.kept[0]!r}) are kept as they are" if result.kept else "")
             print(f"note: {args.pretrained} is a base model: its tensors were paired with the "
                   f"suspect's under {result.base_prefix!r}{head}", file=sys.stderr)
+        if result.side_files_left_out:
+            print(f"note: not copied from {args.suspect} into {result.out}: "
+                  + "; ".join(result.side_files_left_out), file=sys.stderr)
         summary = {"out": str(result.out), "method": result.method,
                    "seconds": round(result.seconds, 3), "bytes_read": result.bytes_read,
                    "bytes_written": result.bytes_written, "resumed": result.resumed,
                    "shards_total": result.shards_total, "shards_skipped": result.shards_skipped,
                    "threshold": result.threshold, "reset_rows": len(result.reset_rows),
+                   "side_files_left_out": result.side_files_left_out,
                    # what the ops ran on (auto falls back to torch quietly, e.g. without the
                    # C++ extension: slower)
                    "backend": backend.resolve(args.backend, torch.device(device), torch.float32),
