@@ -53,6 +53,31 @@ def test_merge_unmerge_exact(mode, dtype):
     torch.testing.assert_close(lin(x).float(), y_merged.float(), rtol=0, atol=tol * scale)
 
 
+def test_training_a_merged_layer_warns_once():
+    """Merged, L and R are outside the forward: a training step would update nothing, so the
+    layer says so (once), and stays quiet under no_grad or with frozen factors."""
+    import warnings
+
+    torch.manual_seed(0)
+    layer = MultiScaleLoRALinear(nn.Linear(6, 4), scales=[1, 2])
+    layer.merge()
+    x = torch.randn(3, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            layer(x)
+    with pytest.warns(RuntimeWarning, match="call unmerge\\(\\) before training"):
+        y = layer(x)
+    assert not y.requires_grad  # the base is frozen: nothing at all would train
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # once per layer
+        quiet = MultiScaleLoRALinear(nn.Linear(6, 4), scales=[1, 2])
+        quiet.merge()
+        quiet.requires_grad_(False)
+        quiet(x)
+
+
 def test_merged_state_survives_state_dict_round_trips():
     """A merged layer's state loaded into a fresh (unmerged) layer is not updated twice, an
     unmerged state loaded into a merged layer drops the old merge, and unmerge() after loading a

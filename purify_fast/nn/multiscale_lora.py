@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ class MultiScaleLoRALinear(nn.Module):
         self.merged = False
         self.register_buffer("merged_flag", torch.zeros((), dtype=torch.bool, device=w.device))
         self._unmerged_weight: torch.Tensor | None = None
+        self._warned_merged_grad = False
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_l, a=math.sqrt(5))
@@ -92,6 +94,15 @@ class MultiScaleLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
+            if (torch.is_grad_enabled() and not self._warned_merged_grad
+                    and (self.lora_l.requires_grad or self.lora_r.requires_grad)):
+                # Merged, the forward never touches L and R: an optimiser stepping them would
+                # silently train nothing (and unmerge() would then drop what the base learnt).
+                self._warned_merged_grad = True
+                warnings.warn("MultiScaleLoRALinear is merged: its forward uses the merged base "
+                              "weight and lora_l / lora_r get no gradient; call unmerge() before "
+                              "training it (or run merged layers under torch.no_grad())",
+                              RuntimeWarning, stacklevel=2)
             return self.base(x)
         dtype = self.base.weight.dtype
         if torch.is_autocast_enabled(x.device.type):
