@@ -388,6 +388,28 @@ def test_out_argument_contiguous_and_strided(device, name):
     assert bool((backing2[:, 1::2] == 0).all())  # the gaps of a strided out stay untouched
 
 
+@pytest.mark.parametrize("device,name", CASES)
+def test_no_op_records_autograd_on_any_backend(device, name):
+    """Weight edits are not layers: given inputs that require grad, no backend returns a tensor
+    with a graph (the torch backend used to, the compiled ones cannot), and the values agree."""
+    pre, ft, hess = triple((7, 33), torch.float32, device)
+    ft = ft.clone().requires_grad_(True)
+    emb_ft = ft.detach().clone().requires_grad_(True)
+    acc = torch.zeros(7, 33, dtype=torch.float32, device=device)
+    outs = {
+        "mix": ops.mix_weights(pre, ft, 0.4, seed=3, key="w", backend=name),
+        "mix magnitude": ops.mix_weights(pre, ft, 0.4, select="magnitude", backend=name),
+        "reset": ops.reset_by_score(pre, ft, hess, 1e-3, backend=name),
+        "fisher": ops.fisher_accumulate_(acc, ft, backend=name),
+        "e-pur": ops.embedding_drift_scores(pre, emb_ft, torch.ones(7, device=device),
+                                            backend=name),
+    }
+    for what, out in outs.items():
+        assert not out.requires_grad and out.grad_fn is None, what
+    assert_bits_equal(outs["mix"], ops.mix_weights(pre, ft.detach(), 0.4, seed=3, key="w",
+                                                   backend="torch"))
+
+
 # --------------------------------------------------------------------------- E-PUR
 
 @pytest.mark.parametrize("layout", LAYOUTS)

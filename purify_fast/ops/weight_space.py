@@ -15,6 +15,10 @@ flat contiguous tensors, writing into preallocated outputs:
 =====================================================================================  ==========
 
 The math of each is in :mod:`purify_fast.reference.weight_space`.
+
+These are weight edits, not layers: none is differentiable, so every op runs without autograd on
+every backend (the readable torch backend would otherwise record a graph through inputs that
+require grad, and the compiled ones cannot): outputs never require grad.
 """
 
 from __future__ import annotations
@@ -168,6 +172,7 @@ def _write_result(out: torch.Tensor, run: Callable[[torch.Tensor], None]) -> tor
 
 # --------------------------------------------------------------------------- mix_weights
 
+@torch.no_grad()
 def mix_weights(pretrained: torch.Tensor, finetuned: torch.Tensor, rho: float, *, seed: int = 0,
                 key: str = "", select: str = "random", out: torch.Tensor | None = None,
                 backend: str | None = None, check_finite: bool = True) -> torch.Tensor:
@@ -218,6 +223,7 @@ def mix_weights(pretrained: torch.Tensor, finetuned: torch.Tensor, rho: float, *
 
 # --------------------------------------------------------------------------- fisher
 
+@torch.no_grad()
 def fisher_accumulate_(acc: torch.Tensor, grad: torch.Tensor, *, scale: float = 1.0,
                        backend: str | None = None, check_finite: bool = True) -> torch.Tensor:
     """``acc += scale · grad²`` in place (the diagonal Fisher / Hessian estimate).
@@ -305,6 +311,7 @@ class Threshold:
                               prefix=self._prefix, above=self._above, total=self.total)
 
 
+@torch.no_grad()
 def score_histogram(pretrained: torch.Tensor, finetuned: torch.Tensor,
                     hessian: torch.Tensor | None = None, *, indicator: str = "drift_over_hessian",
                     eps: float = 1e-8, hist: ScoreHistogram | None = None,
@@ -432,6 +439,7 @@ def _select(pre_t, ft_t, hessian, indicator, eps, threshold, takes_ft, out, back
                                                              takes_ft, o))
 
 
+@torch.no_grad()
 def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
                    hessian: torch.Tensor | None, threshold: Threshold | float, *,
                    indicator: str | None = None, eps: float | None = None,
@@ -475,6 +483,7 @@ def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
 
 # --------------------------------------------------------------------------- E-PUR
 
+@torch.no_grad()
 def embedding_drift_scores(pretrained_emb: torch.Tensor, finetuned_emb: torch.Tensor,
                            token_freqs: torch.Tensor, *, c: float = 20.0,
                            backend: str | None = None, check_finite: bool = True) -> torch.Tensor:
