@@ -641,13 +641,16 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
         """``fn(*args, **kwargs)``, with the tensor and its file named in any input error.
 
         Such an error (NaN in a tensor, a negative Hessian) will recur on every rerun with these
-        inputs and options, so rank 0 removes ``<out>.partial``: a resume could never finish it,
-        and a fresh run would be refused while it exists."""
+        inputs and options, so the rank that meets it removes ``<out>.partial``: a resume could
+        never finish it, and a fresh run would be refused while it exists. Any rank, not only
+        rank 0: the tensor may be another rank's share, and the launcher stops rank 0 (waiting
+        in a collective) when this rank exits. The other ranks' writes into the removed
+        directory fail, which is the outcome anyway."""
         try:
             return fn(*args, **kwargs)
         except (ValueError, TypeError) as exc:
             note = ""
-            if comm.rank == 0 and od.partial.exists():
+            if od.partial.exists():
                 shutil.rmtree(od.partial, ignore_errors=True)
                 note = (f" (the unfinished {od.partial.name}, with any shards it had finished, "
                         f"was removed: no rerun on these inputs and options could complete it)")

@@ -383,3 +383,26 @@ def test_train_clean_cli_under_accelerate_launch_writes_once(tmp_path):
 
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "clean")
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_an_input_error_on_another_rank_removes_the_partial(model, tmp_path):
+    """A NaN in a tensor that rank 1 owns fails on every rerun; rank 1 removes <out>.partial
+    itself (rank 0 never sees that tensor), so the next run with fixed inputs is not refused."""
+    from purify_fast.checkpoint import Checkpoint, write_checkpoint
+    from purify_fast.streaming import assign_ranks
+
+    ft = Checkpoint.open(model["ft"])
+    owner = assign_ranks(list(ft.tensors.values()), 2)
+    key = next(k for k in ft.tensors if owner[k] == 1 and ft.tensors[k].is_float)
+    tensors = {k: ft.load(k) for k in ft.tensors}
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[3] = float("nan")
+    bad = write_checkpoint(tensors, tmp_path / "bad")
+    with pytest.raises(Exception, match="was removed"):
+        purify_checkpoint_local(model["pre"], bad, tmp_path / "out", world_size=2, method="mix",
+                                rho=0.5)
+    assert not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out").exists()
+    purify_checkpoint_local(model["pre"], model["ft"], tmp_path / "out", world_size=2,
+                            method="mix", rho=0.5)
+    assert (tmp_path / "out").is_dir()
