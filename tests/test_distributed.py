@@ -398,7 +398,9 @@ def test_an_input_error_on_another_rank_removes_the_partial(model, tmp_path):
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[3] = float("nan")
     bad = write_checkpoint(tensors, tmp_path / "bad")
-    with pytest.raises(Exception, match="was removed"):
+    # Which rank's error surfaces first is up to the scheduler (rank 0 may report the closed
+    # connection once rank 1 has exited); rank 1 removed the partial before exiting either way.
+    with pytest.raises(Exception, match="was removed|Connection closed"):
         purify_checkpoint_local(model["pre"], bad, tmp_path / "out", world_size=2, method="mix",
                                 rho=0.5)
     assert not (tmp_path / "out.partial").exists()
