@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -112,22 +113,66 @@ def _entry(rank: int, world_size: int, init_file: str, backend: str, fn: Callabl
     try:
         value = fn(comm, *args)
         torch.save(value, Path(results) / f"rank{rank}.pt")
+    except BaseException as exc:
+        # Recorded with the time it happened: when one rank fails, the others fail next in their
+        # collectives ("connection closed by peer"), and run_local reports the first failure.
+        import pickle
+        import traceback
+
+        try:
+            blob = pickle.dumps(exc)
+        except Exception:  # noqa: BLE001 - an unpicklable exception travels as text
+            blob = None
+        record = {"time": time.time(), "rank": rank, "exception": blob,
+                  "text": "".join(traceback.format_exception(exc))}
+        (Path(results) / f"rank{rank}.err").write_bytes(pickle.dumps(record))
+        raise
     finally:
         comm.close()
+
+
+def _first_failure(results: str):
+    """The exception of the rank that failed first, or None (see ``_entry``)."""
+    import pickle
+
+    records = [pickle.loads(p.read_bytes()) for p in Path(results).glob("rank*.err")]
+    if not records:
+        return None
+    first = min(records, key=lambda r: r["time"])
+    exc = None
+    if first["exception"] is not None:
+        try:
+            exc = pickle.loads(first["exception"])
+        except Exception:  # noqa: BLE001
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RuntimeError(first["text"])
+    exc.add_note(f"(raised on rank {first['rank']} of the local process group; the traceback "
+                 f"there:\n{first['text']})")
+    return exc
 
 
 def run_local(fn: Callable, world_size: int, *args, backend: str = "gloo") -> list:
     """Run ``fn(comm, *args)`` in ``world_size`` fresh local processes joined by a process group;
     returns each rank's return value (which must be picklable). ``fn`` must be importable (a
-    module-level function). An exception on any rank raises here."""
+    module-level function). An exception on any rank raises here: the first one raised (the
+    other ranks' failures in their collectives follow from it), with that rank's traceback."""
     import torch.multiprocessing as mp
 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     with tempfile.TemporaryDirectory(prefix="purify_dist_") as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_entry, args=(world_size, init_file, backend, fn, args, tmp),
-                 nprocs=world_size, join=True)
+        try:
+            mp.spawn(_entry, args=(world_size, init_file, backend, fn, args, tmp),
+                     nprocs=world_size, join=True)
+        except Exception as spawn_error:
+            # mp.spawn reports whichever process it saw die first, often a rank that only lost
+            # its peer; raise the root cause instead.
+            first = _first_failure(tmp)
+            if first is None:
+                raise
+            raise first from spawn_error
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False)
                 for r in range(world_size)]
 
