@@ -78,6 +78,8 @@ def test_csv_tsv_jsonl_roundtrip(tmp_path):
     assert d.labels == [1, 0]
     floats = _write(tmp_path, "f.csv", "text,label\na,1.0\nb,0.0\n")  # as pandas writes them
     assert load_text_file(floats).labels == [1, 0]
+    one = _write(tmp_path, "one.csv", "text,label\nonly positives,1\n")  # still binary
+    assert load_text_file(one).num_labels == 2
     bare = _write(tmp_path, "bare.csv", "text\nfirst\nsecond\n")  # unlabelled text (MIMIC)
     d = load_text_file(bare, label_column=None)
     assert d.texts == ["first", "second"] and d.labels == [0, 0]
@@ -106,11 +108,31 @@ def test_csv_tsv_jsonl_roundtrip(tmp_path):
     ("list.jsonl", '[1, 2]\n', {}, r"list\.jsonl, line 1: expected a JSON object"),
     ("nulllabel.jsonl", '{"text": "a", "label": null}\n', {}, r"nulllabel\.jsonl, line 1, column 'label'"),
     ("weird.txt", "a", {}, r"weird\.txt: cannot tell the format"),
+    # without a class count, the largest index decides it: gaps are refused, a stray huge label
+    # included (it made a 10^12-class model and hung the split)
+    ("gaps.csv", "text,label\na,0\nb,7\nc,1\n", {},
+     r"gaps\.csv, line 3, column 'label': label 7 implies 8 classes, but 5 of them "
+     r"\(2, 3, 4, 5, 6\) have no example"),
+    ("huge.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n'
+                   '{"text": "c", "label": 1000000000000}\n', {},
+     r"huge\.jsonl, line 3, column 'label': label 1000000000000 implies .* \(2, 3, 4, 5, 6, \.\.\.\)"),
+    ("surrogate.jsonl", '{"text": "ok", "label": 0}\n{"text": "bad \\ud800 x", "label": 1}\n', {},
+     r"surrogate\.jsonl, line 2, column 'text': text is not valid Unicode"),
 ])
 def test_bad_files_name_file_line_column(tmp_path, name, content, kwargs, match):
     p = _write(tmp_path, name, content)
     with pytest.raises(DataFileError, match=match):
         load_text_file(p, **kwargs)
+
+
+def test_byte_order_mark_is_not_part_of_the_header(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM; the first column is still called text."""
+    p = _write(tmp_path, "excel.csv", "\ufefftext,label\ngood,1\nbad,0\n".encode("utf-8"), mode="wb")
+    d = load_text_file(p)
+    assert d.texts == ["good", "bad"] and d.labels == [1, 0]
+    p = _write(tmp_path, "bom.jsonl", ("\ufeff" + json.dumps({"text": "x", "label": 1}) + "\n")
+               .encode("utf-8"), mode="wb")
+    assert load_text_file(p).texts == ["x"]
 
 
 def test_undecodable_bytes_name_the_line(tmp_path):

@@ -98,6 +98,26 @@ def _finish(path, rows, num_labels, name, text_column, label_column) -> TextData
         rows = [(ln, t, mapping[y]) for ln, t, y in rows]
     top = max(y for _, _, y in rows)
     if num_labels is None:
+        # The class count comes from the largest index (at least 2: a binary file may hold one
+        # class only): refuse gaps beyond that, or one stray label (1e12) would make a model
+        # with that many classes (and hang the split over them).
+        present = sorted({y for _, _, y in rows})
+        if top >= 2 and len(present) != top + 1:
+            missing = top + 1 - len(present)
+            gaps, expect = [], 0
+            for y in present:  # the first few missing indices, never a range as large as `top`
+                while expect < y and len(gaps) < 5:
+                    gaps.append(expect)
+                    expect += 1
+                if len(gaps) == 5:
+                    break
+                expect = y + 1
+            shown = ", ".join(map(str, gaps)) + (", ..." if missing > len(gaps) else "")
+            line = next(ln for ln, _, y in rows if y == top)
+            raise DataFileError(path, f"label {top} implies {top + 1} classes, but {missing} of "
+                                      f"them ({shown}) have no example: class indices must run "
+                                      f"from 0 without gaps (or label with class names)",
+                                line, label_column)
         num_labels = max(2, top + 1)
     elif top >= num_labels:
         line = next(ln for ln, _, y in rows if y == top)
@@ -113,6 +133,11 @@ def _check_text(path, line, column, value) -> str:
         raise DataFileError(path, f"text must be a string, got {type(value).__name__}", line, column)
     if "\ufffd" in value:
         raise DataFileError(path, "text contains undecodable bytes (U+FFFD)", line, column)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
+        raise DataFileError(path, f"text is not valid Unicode ({exc.reason} at character "
+                                  f"{exc.start})", line, column) from None
     return value
 
 
@@ -121,11 +146,13 @@ def _read_text(path: Path, encoding: str) -> str:
     if not raw.strip():
         raise DataFileError(path, "the file is empty")
     try:
-        return raw.decode(encoding)
+        text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise DataFileError(path, f"undecodable bytes for encoding {encoding!r} at byte "
                                   f"{exc.start}: {exc.reason}", line) from None
+    # A byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def _read_delimited(path: Path, delimiter: str, text_column, label_column, num_labels,
