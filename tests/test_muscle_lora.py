@@ -352,6 +352,30 @@ def test_cli_train_clean_writes_loadable_merged_model(tmp_path):
         main(["train-clean", "--data", "rotten-tomatoes"])  # --out is required
 
 
+def test_cli_train_clean_reads_user_files_with_their_own_column_names(tmp_path):
+    import csv
+
+    from purify_fast.cli import main
+    from purify_fast.data import load_rotten_tomatoes
+
+    splits = load_rotten_tomatoes(seed=0, train_size=32, dev_size=24, test_size=8)
+    for name, data in (("train.csv", splits.train), ("dev.csv", splits.dev)):
+        with open(tmp_path / name, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["sentence", "y"])
+            w.writerows(zip(data.texts, data.labels))
+    def args(out):
+        return ["train-clean", "--data", str(tmp_path / "train.csv"), "--dev",
+                str(tmp_path / "dev.csv"), "--model", "minilm", "--out", str(tmp_path / out),
+                "--ref-pool-size", "8", "--epochs", "1", "--max-length", "16", "--batch-size", "16",
+                "--no-progress"]
+
+    assert main(args("clean") + ["--text-column", "sentence", "--label-column", "y"]) == 0
+    assert (tmp_path / "clean" / "config.json").exists()
+    assert main(args("c2")) == 2  # the default column 'text' is not in these files
+    assert not (tmp_path / "c2").exists()
+
+
 def test_cli_train_clean_on_a_tiny_llama_checkpoint_directory(tmp_path):
     """The LLaMA path end to end through the CLI (correctness, not accuracy): a random-init
     LLaMA classifier saved as a local checkpoint directory (with the offline MiniLM tokenizer,

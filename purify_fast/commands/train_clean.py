@@ -40,6 +40,9 @@ def add_parser(sub):
                    help="muscle-lora = MSLR + LoRA + gradient alignment (default)")
     p.add_argument("--data", required=True, help="corpus name or training data file/directory")
     p.add_argument("--dev", default=None, help="clean dev file (required for a user --data file)")
+    p.add_argument("--text-column", default="text", help="text column of the --data / --dev files")
+    p.add_argument("--label-column", default="label",
+                   help="label column of the --data / --dev files")
     p.add_argument("--model", default="minilm", help="local checkpoint directory or 'minilm'")
     p.add_argument("--out", required=True, help="output directory (replaced atomically)")
     p.add_argument("--scaling", choices=["radial", "fft"], default="radial")
@@ -86,14 +89,15 @@ def run(args) -> int:
                              dev_size=args.dev_size, test_size=args.test_size)
         train, dev, test = splits.train, splits.dev, splits.test
         if args.dev:
-            dev = load_file_like(args.dev, train)
+            dev = load_file_like(args.dev, train, args.text_column, args.label_column)
     else:
         if not args.dev:
             print("error: --dev (a clean labelled file) is required when --data is a file",
                   file=sys.stderr)
             return 2
-        train = load_dataset(args.data)
-        dev = load_file_like(args.dev, train)
+        train = load_dataset(args.data, text_column=args.text_column,
+                             label_column=args.label_column)
+        dev = load_file_like(args.dev, train, args.text_column, args.label_column)
     attack = None
     if args.attack:
         args.target_label = resolve_target_label(args.target_label, train.label_names,
