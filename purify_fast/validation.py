@@ -22,6 +22,14 @@ def int_at_least(name: str, value, minimum: int = 1, *, optional: bool = False) 
     raise ValueError(f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
 
 
+def seed_value(value, name: str = "seed") -> int:
+    """A seed every seeded step accepts (the Philox mask key, numpy): an int in ``[0, 2**32)``,
+    checked before the work starts rather than where a mask is first drawn."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < 2**32:
+        return int(value)
+    raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
+
+
 def real_in(name: str, value, lo: float | None = None, hi: float | None = None, *,
             lo_open: bool = False, hi_open: bool = False, optional: bool = False) -> float | None:
     """``value`` as a finite float inside the interval from ``lo`` to ``hi`` (open ends where

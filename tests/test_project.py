@@ -239,3 +239,28 @@ def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
     assert sorted(p.name for p in suspect.iterdir()) == ["config.json"]
     with pytest.raises(SystemExit):  # sizes are checked by argparse itself
         main(["attack", "--train-size", "0", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("cmd", ["attack", "purify", "purify-checkpoint", "fisher", "train-clean",
+                                 "distill", "demo"])
+def test_seed_out_of_range_is_refused_at_parse_time(cmd, tmp_path, capsys):
+    """A seed the mask key cannot take (negative, >= 2**32) used to stop the demo after minutes
+    of training; every command refuses it before any work."""
+    from purify_fast.cli import main
+
+    for seed in ("-1", str(2**32), "x"):
+        with pytest.raises(SystemExit) as info:
+            main([cmd, "--seed", seed, "--out", str(tmp_path / "o")])
+        assert info.value.code == 2
+        assert "--seed" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_api_seed_checked_before_any_work():
+    from purify_fast.commands.demo import run_demo
+    from purify_fast.defenses import purify
+
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\), got -1"):
+        purify("/nonexistent-suspect", "minilm", None, seed=-1)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\), got True"):
+        run_demo(None, seed=True)

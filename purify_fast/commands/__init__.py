@@ -75,6 +75,20 @@ def limit_cpu_threads(path: str = CGROUP_CPU_MAX) -> int:
     return torch.get_num_threads()
 
 
+def seed_int(text: str) -> int:
+    """argparse ``type=`` for ``--seed``: the range every seeded step takes (the Philox mask key,
+    numpy), checked at parse time rather than after minutes of training."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**32), got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse ``type=`` for counts and sizes: refused at parse time, before any model loads."""
     import argparse

@@ -13,6 +13,7 @@ from purify_fast.commands import (
     positive_int,
     record_label_names,
     resolve_target_label,
+    seed_int,
     target_label_arg,
 )
 from purify_fast.validation import int_at_least, real_in
@@ -26,7 +27,7 @@ def add_common_data_args(p) -> None:
     p.add_argument("--train-size", type=positive_int, default=2000)
     p.add_argument("--dev-size", type=positive_int, default=300)
     p.add_argument("--test-size", type=positive_int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--max-length", type=positive_int, default=64)
 
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from purify_fast.commands import add_device_arg, check_output_dir, pick_device
-from purify_fast.validation import int_at_least, real_in
+from purify_fast.commands import add_device_arg, check_output_dir, pick_device, seed_int
+from purify_fast.validation import int_at_least, real_in, seed_value
 
 SIZES = {  # train, dev, test, clean set, attack epochs
     "full": dict(train_size=1500, dev_size=300, test_size=400, clean_size=240, epochs=2),
@@ -34,7 +34,7 @@ def add_parser(sub):
     p.add_argument("--size", choices=sorted(SIZES), default=None,
                    help="data sizes: quick (CI), full (default, under 10 min on 2 CPU cores), "
                         "large (6000 train / 1000 test, several times longer)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_device_arg(p)
     p.add_argument("--backend", default=None, help="kernel backend for the ops")
     p.add_argument("--attack-lr", type=float, default=3e-4)
@@ -74,6 +74,7 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
     # Every option is checked before the first minute of training, not where it is first used.
     for name, rho in (("mixing_rho", mixing_rho), ("purifying_rho", purifying_rho)):
         real_in(name, rho, 0.0, 1.0, optional=True)
+    seed = seed_value(seed)
     real_in("attack_lr", attack_lr, 0.0, lo_open=True)
     real_in("defense_lr", defense_lr, 0.0, lo_open=True)
     int_at_least("defense_epochs", defense_epochs, 0)

@@ -7,7 +7,13 @@ from __future__ import annotations
 import json
 import sys
 
-from purify_fast.commands import add_device_arg, check_output_dir, pick_device, positive_int
+from purify_fast.commands import (
+    add_device_arg,
+    check_output_dir,
+    pick_device,
+    positive_int,
+    seed_int,
+)
 
 
 def add_parser(sub):
@@ -32,7 +38,7 @@ def add_parser(sub):
     p.add_argument("--mine-steps", type=positive_int, default=300)
     p.add_argument("--backend", default=None, help="attention-kernel backend (auto by default)")
     add_device_arg(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 

@@ -28,6 +28,7 @@ from purify_fast.commands import (
     load_clean_set,
     pick_device,
     positive_int,
+    seed_int,
 )
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -58,7 +59,7 @@ def add_parser(sub):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="weights' dtype for the forward/backward (the Fisher is fp32)")
     p.add_argument("--backend", default=None, help="auto|torch|triton|cpp|cuda")
-    p.add_argument("--seed", type=int, default=0, help="which clean examples are taken")
+    p.add_argument("--seed", type=seed_int, default=0, help="which clean examples are taken")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 

@@ -10,6 +10,7 @@ from purify_fast.commands import (
     load_clean_set,
     pick_device,
     positive_int,
+    seed_int,
 )
 from purify_fast.validation import int_at_least, real_in
 
@@ -54,7 +55,7 @@ def add_parser(sub):
     p.add_argument("--max-length", type=positive_int, default=64)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--backend", default=None, help="auto | torch | triton | cpp | cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     add_device_arg(p)
     p.set_defaults(run=run)
 

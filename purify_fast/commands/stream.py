@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from purify_fast.commands import seed_int
+
 
 # `purify-fast purify`'s spellings of the same choices, accepted here so one vocabulary works
 # for both commands (the checkpoint manifest records the canonical name).
@@ -49,7 +51,7 @@ def add_parser(sub):
                    help="mix: share of fine-tuned coordinates kept (default 0.5); fine-purifying: "
                         "share reset to pre-trained (default 0.1 here; `purify-fast purify` "
                         "defaults to 0.3, the value measured on MiniLM)")
-    p.add_argument("--seed", type=int, default=0, help="mix mask seed (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="mix mask seed (default 0)")
     p.add_argument("--select", choices=["random", "magnitude"], default="random")
     p.add_argument("--indicator", default="drift_over_hessian",
                    choices=["drift_over_hessian", "drift", "inv_hessian", "product"])

@@ -26,6 +26,7 @@ from purify_fast.commands import (
     positive_int,
     record_label_names,
     resolve_target_label,
+    seed_int,
     target_label_arg,
 )
 
@@ -66,7 +67,7 @@ def add_parser(sub):
                    help="with --attack: the class the trigger maps to, an index or a class name")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     add_device_arg(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--backend", default=None, help="MSLR op backend (default auto)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)

@@ -32,6 +32,7 @@ from purify_fast.defenses.e_pur import EPur
 from purify_fast.defenses.fine_mixing import FineMixing
 from purify_fast.defenses.fine_purifying import FinePurifying
 from purify_fast.training import seed_everything
+from purify_fast.validation import seed_value
 
 METHODS = ("fine-mixing", "fine-purifying", "e-pur", "fine-tune")
 DEFAULT_RHO = {"fine-mixing": 0.5, "fine-purifying": 0.3}
@@ -98,6 +99,7 @@ def purify(suspect, pretrained, clean_data: TextDataset, method: str = "fine-mix
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)} (optionally with '+e-pur'); "
                          f"got {method!r}")
+    seed = seed_value(seed)  # before any model work, not where the first mask is drawn
     if isinstance(suspect, (str, os.PathLike)):
         from purify_fast.models.loading import load_classifier
 
