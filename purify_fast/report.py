@@ -102,8 +102,11 @@ def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC 
 
 
 def plot_rho_sweep(points: list[dict], path: str | os.PathLike, title: str = "Fine-mixing rho sweep",
-                   suspect_dev_acc: float | None = None) -> Path:
-    """Dev accuracy (and ASR where given) against rho; ``points``: dicts with rho, dev_acc[, asr]."""
+                   suspect_dev_acc: float | None = None, tolerance: float | None = None,
+                   chosen: float | None = None) -> Path:
+    """Dev accuracy (and ASR where given) against rho; ``points``: dicts with rho, dev_acc[, asr].
+    With ``suspect_dev_acc`` and ``tolerance`` the level a rho had to reach is drawn; ``chosen``
+    marks the rho kept."""
     plt = pyplot()
     points = sorted(points, key=lambda p: p["rho"])
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -113,6 +116,11 @@ def plot_rho_sweep(points: list[dict], path: str | os.PathLike, title: str = "Fi
         ax.plot([p["rho"] for p in pts], [100 * p["asr"] for p in pts], "s-", label="ASR")
     if suspect_dev_acc is not None:
         ax.axhline(100 * suspect_dev_acc, ls="--", color="grey", label="suspect dev acc")
+        if tolerance:
+            ax.axhline(100 * (suspect_dev_acc - tolerance), ls=":", color="grey",
+                       label="needed (suspect - tolerance)")
+    if chosen is not None:
+        ax.axvline(chosen, color="tab:green", alpha=0.6, label=f"kept rho {chosen:g}")
     ax.set_xlabel("rho (share of fine-tuned weights kept)")
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)

@@ -171,3 +171,20 @@ def test_model_loading_prints_no_transformers_bars_and_restores_them(capfd):
     load_encoder("minilm")
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled() == before
+
+
+def test_purify_rho_sweep_writes_its_plot(tiny, tmp_path, capsys):
+    """`purify --rho-sweep` puts the sweep's plot (clean dev accuracy against rho) beside the
+    report in the purified checkpoint; a run without a sweep writes none."""
+    root, _ = tiny
+    base = ["purify", "--suspect", str(root / "model"), "--pretrained", str(root / "model"),
+            "--clean-data", str(root / "ids.jsonl"), "--clean-size", "30", "--epochs", "1",
+            "--max-length", "16"]
+    out = tmp_path / "swept"
+    assert main(base + ["--rho-sweep", "0.6,0.2", "--sweep-tolerance", "1", "--out", str(out)]) == 0
+    assert (out / "purify_fast_rho_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((out / "purify_fast_report.json").read_text())
+    assert [p["rho"] for p in report["fine_mixing"]["sweep"]] == [0.2]  # tolerance 1: first qualifies
+    assert "rho sweep: kept rho 0.2" in capsys.readouterr().out
+    assert main(base + ["--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "purify_fast_rho_sweep.png").exists()

@@ -135,6 +135,8 @@ def test_rho_sweep_and_fisher_options(planted):
     ({"fisher_at": "init", "method": "fine-purifying"}, ValueError, "fisher_at"),
     ({"scope": "layer", "method": "fine-purifying"}, ValueError, "scope"),
     ({"rho_sweep": [2.0]}, ValueError, "rho_sweep"),
+    ({"rho_sweep": [0.1], "method": "fine-purifying"}, ValueError,
+     "rho_sweep is a Fine-mixing option"),
     ({"dev_fraction": 1.0}, ValueError, "dev_fraction"),
     ({"top_n": -1, "method": "e-pur"}, ValueError, "top_n"),
     ({"c": 1.0, "method": "e-pur"}, ValueError, "c must be"),

@@ -230,6 +230,16 @@ def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
         (["train-clean", "--data", "tweets", "--attack", "badnets", "--target-label", "3",
           "--out", str(tmp_path / "t")],
          "--target-label 3 is not a class of tweets (negative=0, neutral=1, positive=2)"),
+        # options the method would ignore (a rho sweep asked of fine-purifying ran at rho 0.3)
+        (["purify", "--suspect", str(suspect), "--method", "fine-purifying", "--rho-sweep",
+          "0.1,0.2", "--out", str(tmp_path / "f")],
+         "--rho-sweep is an option of fine-mixing; --method fine-purifying does not use it"),
+        (["purify", "--suspect", str(suspect), "--indicator", "drift", "--out",
+          str(tmp_path / "f")],
+         "--indicator is an option of fine-purifying; --method fine-mixing does not use it"),
+        (["purify", "--suspect", str(suspect), "--top-n", "5", "--out", str(tmp_path / "f")],
+         "--top-n is an option of E-PUR (--e-pur or --method e-pur); --method fine-mixing "
+         "without --e-pur does not use it"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

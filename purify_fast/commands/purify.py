@@ -1,7 +1,10 @@
 """``purify-fast purify``: run a defense on a suspect checkpoint with a small clean set and write
-the purified checkpoint (atomically) plus a JSON report."""
+the purified checkpoint (atomically) plus a JSON report (and, with --rho-sweep, a plot of clean
+dev accuracy against rho)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from purify_fast.commands import (
     add_clean_data_args,
@@ -13,6 +16,8 @@ from purify_fast.commands import (
     seed_int,
 )
 from purify_fast.validation import int_at_least, real_in
+
+SWEEP_PLOT = "purify_fast_rho_sweep.png"
 
 
 def add_parser(sub):
@@ -73,6 +78,27 @@ def run(args) -> int:
         raise ValueError("--rho / --rho-sweep are not used by --method e-pur (it resets "
                          "embedding rows: --top-n / --score-threshold); use fine-mixing or "
                          "fine-purifying with --e-pur to combine them")
+    # An option the chosen method does not read would be ignored without a word (a rho sweep
+    # asked of fine-purifying ran at rho 0.3): refuse it instead.
+    uses_epur = args.method == "e-pur" or args.e_pur
+    for flag, value, default, used in (
+            ("--select", args.select, "random", args.method == "fine-mixing"),
+            ("--rho-sweep", args.rho_sweep, None, args.method == "fine-mixing"),
+            ("--sweep-tolerance", args.sweep_tolerance, 0.01, args.method == "fine-mixing"),
+            ("--indicator", args.indicator, "drift_over_hessian", args.method == "fine-purifying"),
+            ("--fisher-at", args.fisher_at, "finetuned", args.method == "fine-purifying"),
+            ("--per-example", args.per_example, False, args.method == "fine-purifying"),
+            ("--scope", args.scope, "global", args.method == "fine-purifying"),
+            ("--top-n", args.top_n, 200, uses_epur),
+            ("--score-threshold", args.score_threshold, None, uses_epur),
+            ("--c", args.c, 20.0, uses_epur)):
+        if value != default and not used:
+            owner = ("fine-mixing" if flag in ("--select", "--rho-sweep", "--sweep-tolerance") else
+                     "fine-purifying" if flag in ("--indicator", "--fisher-at", "--per-example",
+                                                  "--scope") else "E-PUR (--e-pur or --method e-pur)")
+            raise ValueError(f"{flag} is an option of {owner}; --method {args.method}"
+                             f"{' without --e-pur' if owner.startswith('E-PUR') else ''} "
+                             f"does not use it")
     real_in("--lr", args.lr, 0.0, lo_open=True)
     real_in("--sweep-tolerance", args.sweep_tolerance, 0.0)
     real_in("--score-threshold", args.score_threshold, 0.0, optional=True)
@@ -93,10 +119,23 @@ def run(args) -> int:
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         precision=args.precision, seed=args.seed, backend=args.backend, progress=True)
     report["suspect"] = str(args.suspect)
-    save_pretrained_atomic(model, args.out, tok, extra_json={"purify_fast_report.json": report})
+    fm = report.get("fine_mixing", {})
+    sweep_plot = None
+    if sweep and fm.get("sweep"):
+        from purify_fast.report import plot_rho_sweep
+
+        # written inside the atomic output, beside the report
+        sweep_plot = lambda tmp: plot_rho_sweep(  # noqa: E731
+            fm["sweep"], tmp / SWEEP_PLOT, suspect_dev_acc=fm.get("suspect_dev_acc"),
+            tolerance=args.sweep_tolerance, chosen=fm.get("rho"))
+    save_pretrained_atomic(model, args.out, tok, extra_json={"purify_fast_report.json": report},
+                           extra=sweep_plot)
     if not is_writer_rank():  # the other ranks of an `accelerate launch` run hold the same model
         return 0
     print(f"purified ({report['method']}) -> {args.out}; dev acc "
           f"{report.get('suspect_dev_acc', float('nan')):.3f} -> {report.get('dev_acc', float('nan')):.3f}; "
           f"{report['seconds']['total']:.1f} s")
+    if sweep_plot is not None:
+        print(f"rho sweep: kept rho {fm['rho']:g} of {[p['rho'] for p in fm['sweep']]} tried; "
+              f"plot {Path(args.out) / SWEEP_PLOT}")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from purify_fast.fileio import atomic_save_dir
@@ -164,8 +165,10 @@ def is_writer_rank() -> bool:
 
 
 def save_pretrained_atomic(model, out_dir: str | os.PathLike, tokenizer=None,
-                           extra_json: dict[str, dict] | None = None) -> Path:
-    """``model.save_pretrained`` (+ tokenizer, + extra JSON files) into ``out_dir`` atomically.
+                           extra_json: dict[str, dict] | None = None,
+                           extra: Callable[[Path], object] | None = None) -> Path:
+    """``model.save_pretrained`` (+ tokenizer, + extra JSON files, + whatever ``extra(tmp)``
+    writes, e.g. a plot) into ``out_dir`` atomically.
 
     In a multi-process launch only rank 0 writes (:func:`is_writer_rank`)."""
     if not is_writer_rank():
@@ -177,5 +180,7 @@ def save_pretrained_atomic(model, out_dir: str | os.PathLike, tokenizer=None,
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(obj, indent=2, default=str))
+        if extra is not None:
+            extra(tmp)
 
     return atomic_save_dir(out_dir, write)
