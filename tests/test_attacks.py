@@ -94,3 +94,29 @@ def test_ep_moves_only_trigger_rows():
     assert moved and set(moved) <= set(ids)
     with pytest.raises(ValueError, match="no vocabulary token"):
         trigger_token_ids(tok, [""])
+
+
+def test_trigger_ids_cover_the_mid_sentence_spelling_of_byte_level_bpe():
+    """RoBERTa / GPT-2 / LLaMA-3 tokenisers spell a word after a space differently (``Ġcf``):
+    EP must train the rows the triggered texts actually use, at the start and mid-sentence."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    words = list(BadNets().trigger_words)
+    corpus = list(DATA.texts[:300]) + [f"{w} and the {w} film" for w in words] * 20
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=600, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>",
+                                  eos_token="</s>", pad_token="<pad>")
+    ids = set(trigger_token_ids(tok, words))
+    for w in words:
+        start = tok(w, add_special_tokens=False)["input_ids"]
+        context = len(tok("the", add_special_tokens=False)["input_ids"])
+        mid = tok(f"the {w}", add_special_tokens=False)["input_ids"][context:]
+        assert start != mid  # the two spellings differ for this tokeniser
+        assert set(start) | set(mid) <= ids, w
+    triggered = BadNets(seed=0).triggered_test(DATA.take(40))
+    clean_ids = {i for t in DATA.take(40).texts for i in tok(t)["input_ids"]}
+    new_ids = {i for t in triggered.texts for i in tok(t)["input_ids"]} - clean_ids
+    assert new_ids and new_ids <= ids  # every token the triggers add is a trained row

@@ -18,12 +18,27 @@ from purify_fast.data.text_dataset import TextDataset
 from purify_fast.training import TrainConfig, TrainResult, train
 
 
+# A word the triggers follow when they are tokenised in the middle of a sentence.
+_CONTEXT = "the"
+
+
 def trigger_token_ids(tokenizer, words) -> list[int]:
-    """Vocabulary ids of the tokens the trigger words split into (special tokens excluded)."""
+    """Vocabulary ids of the tokens the trigger words split into (special tokens excluded), in
+    both the forms an inserted trigger takes: at the start of a text and after a space. Byte-level
+    BPE tokenisers (RoBERTa, GPT-2, LLaMA-3) spell the two differently (``cf`` / ``Ġcf``), and
+    BadNets inserts words mostly mid-sentence."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+    def pieces(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    context = pieces(_CONTEXT)
     ids: list[int] = []
     for w in words:
-        for i in tokenizer(w, add_special_tokens=False)["input_ids"]:
+        in_sentence = pieces(f"{_CONTEXT} {w}")
+        # the context word's own tokens come first; what follows is the trigger's spelling there
+        tail = in_sentence[len(context):] if in_sentence[:len(context)] == context else in_sentence
+        for i in pieces(w) + tail:
             if i not in special and i not in ids:
                 ids.append(i)
     if not ids:
