@@ -323,3 +323,27 @@ def test_cli_wiring():
     assert parser.parse_args(["evaluate", "--model", "m"]).model == "m"
     with pytest.raises(SystemExit):
         parser.parse_args(["purify", "--suspect", "x", "--out", "y", "--method", "bogus"])
+
+
+def test_a_plainly_loaded_pretrained_model_keeps_its_random_head_out_of_the_mix():
+    """METHODS.md: tensors with no pre-trained counterpart (a new head) are kept from the suspect.
+    A pre-trained model loaded with a plain from_pretrained carries no record of its fresh head:
+    it is found from the checkpoint its config names (before, 47.7 % of the suspect's head was
+    mixed with random values); a model with no checkpoint to compare with is warned about."""
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from purify_fast.models.loading import default_model_path, load_classifier, pretrained_state
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = AutoModelForSequenceClassification.from_pretrained(default_model_path(), num_labels=2)
+        recorded, _ = load_classifier("minilm", 2, tokenizer=False)
+        assert set(pretrained_state(plain)) == set(pretrained_state(recorded))
+    assert "classifier.weight" not in pretrained_state(plain)
+    assert "bert.encoder.layer.0.attention.self.query.weight" in pretrained_state(plain)
+    scratch = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=64))
+    with pytest.warns(UserWarning, match="a freshly initialised task head included"):
+        assert set(pretrained_state(scratch)) == set(scratch.state_dict())

@@ -137,9 +137,48 @@ def load_causal_lm(name_or_path: str | os.PathLike, *, device: str | torch.devic
 
 def pretrained_state(model) -> dict[str, torch.Tensor]:
     """The state dict of ``model`` without the keys its checkpoint did not hold (a fresh head):
-    those have no pre-trained counterpart and must not count as ``θ_pre``."""
-    missing = getattr(model, MISSING_KEYS_ATTR, frozenset())
-    return {k: v for k, v in model.state_dict().items() if k not in missing}
+    those have no pre-trained counterpart and must not count as ``θ_pre``.
+
+    :func:`load_classifier` records those keys. A model loaded another way (a plain
+    ``from_pretrained``) is compared with the safetensors checkpoint its config names; when there
+    is none to read, a warning says that its head counts as pre-trained."""
+    state = model.state_dict()
+    missing = getattr(model, MISSING_KEYS_ATTR, None)
+    if missing is None:
+        missing = _fresh_keys_from_checkpoint(model, state)
+    return {k: v for k, v in state.items() if k not in missing}
+
+
+def _fresh_keys_from_checkpoint(model, state: dict) -> frozenset:
+    """Keys of ``state`` that the checkpoint at ``model.config._name_or_path`` does not hold (or
+    holds with another shape), read from the safetensors headers only."""
+    import warnings
+
+    from purify_fast.checkpoint import Checkpoint, CheckpointError
+
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    try:
+        ckpt = Checkpoint.open(resolve_model_path(source)) if source else None
+    except (FileNotFoundError, CheckpointError, OSError):
+        ckpt = None
+    if ckpt is None:
+        warnings.warn(
+            f"the pre-trained {type(model).__name__} carries no record of which weights came from "
+            f"its checkpoint and names no safetensors checkpoint to compare with "
+            f"({source or 'no _name_or_path'}): every weight counts as pre-trained, a freshly "
+            f"initialised task head included. Pass the checkpoint directory instead, or load it "
+            f"with purify_fast.models.load_classifier", UserWarning, stacklevel=3)
+        return frozenset()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    fresh = []
+    for key, value in state.items():
+        # A base model's checkpoint stores "embeddings..." for the task model's "bert.embeddings..."
+        stored = key if key in ckpt.tensors else (
+            key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else None)
+        info = ckpt.tensors.get(stored) if stored else None
+        if info is None or tuple(info.shape) != tuple(value.shape):
+            fresh.append(key)
+    return frozenset(fresh)
 
 
 def tiny_llama(num_labels: int = 2, vocab_size: int = 512, hidden_size: int = 64,
