@@ -188,3 +188,23 @@ def test_purify_rho_sweep_writes_its_plot(tiny, tmp_path, capsys):
     assert "rho sweep: kept rho 0.2" in capsys.readouterr().out
     assert main(base + ["--out", str(tmp_path / "plain")]) == 0
     assert not (tmp_path / "plain" / "purify_fast_rho_sweep.png").exists()
+
+
+def test_purify_e_pur_counts_tokens_in_the_given_corpus(tiny, tmp_path):
+    """`--e-pur-corpus`: E-PUR's token frequencies from a user's clean text (no labels needed)
+    instead of the clean set; refused without E-PUR, and a bad file is refused before any work."""
+    root, test = tiny
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("text\n" + "".join(f'"{t}"\n' for t in test.texts[:12]))
+    base = ["purify", "--suspect", str(root / "model"), "--pretrained", str(root / "model"),
+            "--clean-data", str(root / "ids.jsonl"), "--clean-size", "30", "--max-length", "16"]
+    out = tmp_path / "epur"
+    assert main(base + ["--method", "e-pur", "--top-n", "3", "--e-pur-corpus", str(corpus),
+                        "--out", str(out)]) == 0
+    report = json.loads((out / "purify_fast_report.json").read_text())
+    assert report["e_pur"]["corpus"] == {"name": "corpus.csv", "texts": 12}
+    assert main(base + ["--e-pur-corpus", str(corpus), "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "empty.csv").write_text("")
+    assert main(base + ["--e-pur", "--e-pur-corpus", str(tmp_path / "empty.csv"), "--out",
+                        str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

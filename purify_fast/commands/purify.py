@@ -43,6 +43,10 @@ def add_parser(sub):
                    help="E-PUR: reset every row scoring at least this instead of --top-n")
     p.add_argument("--c", type=float, default=20.0,
                    help="E-PUR: frequency floor c in drift / log(max(f, c)) (20)")
+    p.add_argument("--e-pur-corpus", default=None,
+                   help="E-PUR: clean text whose token counts give the frequencies f (a corpus "
+                        "name or a CSV/TSV/JSONL file, its --text-column; labels not needed); "
+                        "default: the clean set")
     p.add_argument("--indicator", default="drift_over_hessian",
                    choices=["drift_over_hessian", "drift", "inv_hessian", "product"],
                    help="fine-purifying score: drift^2 / Fisher (default), |drift|, 1 / Fisher, "
@@ -91,7 +95,8 @@ def run(args) -> int:
             ("--scope", args.scope, "global", args.method == "fine-purifying"),
             ("--top-n", args.top_n, 200, uses_epur),
             ("--score-threshold", args.score_threshold, None, uses_epur),
-            ("--c", args.c, 20.0, uses_epur)):
+            ("--c", args.c, 20.0, uses_epur),
+            ("--e-pur-corpus", args.e_pur_corpus, None, uses_epur)):
         if value != default and not used:
             owner = ("fine-mixing" if flag in ("--select", "--rho-sweep", "--sweep-tolerance") else
                      "fine-purifying" if flag in ("--indicator", "--fisher-at", "--per-example",
@@ -109,12 +114,20 @@ def run(args) -> int:
     if args.rho_sweep:
         sweep = tuple(real_in("--rho-sweep value", r.strip(), 0.0, 1.0)
                       for r in args.rho_sweep.split(","))
+    corpus = None
+    if args.e_pur_corpus:  # read before the model: a bad file must not cost a model load
+        from purify_fast.data import CORPORA, load_corpus, load_text_file
+
+        corpus = (load_corpus(args.e_pur_corpus) if args.e_pur_corpus in CORPORA else
+                  load_text_file(args.e_pur_corpus, text_column=args.text_column,
+                                 label_column=None))
     suspect, tok = load_classifier(args.suspect, device=device)
     clean = load_clean_set(args, suspect)
     model, report = purify(
         suspect, args.pretrained, clean, args.method, tokenizer=tok, e_pur=args.e_pur,
         rho=args.rho, select=args.select, rho_sweep=sweep, sweep_tolerance=args.sweep_tolerance,
-        top_n=args.top_n, score_threshold=args.score_threshold, c=args.c, indicator=args.indicator,
+        top_n=args.top_n, score_threshold=args.score_threshold, c=args.c, corpus=corpus,
+        indicator=args.indicator,
         fisher_at=args.fisher_at, per_example=args.per_example, scope=args.scope,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         precision=args.precision, seed=args.seed, backend=args.backend, progress=True)

@@ -94,6 +94,7 @@ class EPur:
             "top_tokens": [{"id": i, "token": tokenizer.convert_ids_to_tokens(i),
                             "score": float(s[i])} for i in shown],
             "reset_ids": rows.tolist(),
+            "corpus": {"name": corpus.name, "texts": len(corpus)},  # where f came from
             "options": {"top_n": self.top_n, "score_threshold": self.score_threshold,
                         "c": self.c, "max_length": self.max_length},
             "seconds": time.perf_counter() - t0,
