@@ -137,6 +137,7 @@ def test_rho_sweep_and_fisher_options(planted):
     ({"rho_sweep": [2.0]}, ValueError, "rho_sweep"),
     ({"rho_sweep": [0.1], "method": "fine-purifying"}, ValueError,
      "rho_sweep is a Fine-mixing option"),
+    ({"rho": 0.3, "method": "fine-tune"}, ValueError, "rho is not used by method 'fine-tune'"),
     ({"dev_fraction": 1.0}, ValueError, "dev_fraction"),
     ({"top_n": -1, "method": "e-pur"}, ValueError, "top_n"),
     ({"c": 1.0, "method": "e-pur"}, ValueError, "c must be"),

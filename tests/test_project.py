@@ -237,6 +237,8 @@ def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
         (["purify", "--suspect", str(suspect), "--indicator", "drift", "--out",
           str(tmp_path / "f")],
          "--indicator is an option of fine-purifying; --method fine-mixing does not use it"),
+        (["purify", "--suspect", str(suspect), "--method", "fine-tune", "--rho", "0.3",
+          "--out", str(tmp_path / "f")], "--rho is not used by --method fine-tune"),
         (["purify", "--suspect", str(suspect), "--top-n", "5", "--out", str(tmp_path / "f")],
          "--top-n is an option of E-PUR (--e-pur or --method e-pur); --method fine-mixing "
          "without --e-pur does not use it"),

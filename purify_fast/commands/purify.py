@@ -82,28 +82,28 @@ def run(args) -> int:
         raise ValueError("--rho / --rho-sweep are not used by --method e-pur (it resets "
                          "embedding rows: --top-n / --score-threshold); use fine-mixing or "
                          "fine-purifying with --e-pur to combine them")
+    if args.method == "fine-tune" and args.rho is not None:
+        raise ValueError("--rho is not used by --method fine-tune (plain clean fine-tuning, "
+                         "nothing mixed or reset)")
     # An option the chosen method does not read would be ignored without a word (a rho sweep
     # asked of fine-purifying ran at rho 0.3): refuse it instead.
-    uses_epur = args.method == "e-pur" or args.e_pur
-    for flag, value, default, used in (
-            ("--select", args.select, "random", args.method == "fine-mixing"),
-            ("--rho-sweep", args.rho_sweep, None, args.method == "fine-mixing"),
-            ("--sweep-tolerance", args.sweep_tolerance, 0.01, args.method == "fine-mixing"),
-            ("--indicator", args.indicator, "drift_over_hessian", args.method == "fine-purifying"),
-            ("--fisher-at", args.fisher_at, "finetuned", args.method == "fine-purifying"),
-            ("--per-example", args.per_example, False, args.method == "fine-purifying"),
-            ("--scope", args.scope, "global", args.method == "fine-purifying"),
-            ("--top-n", args.top_n, 200, uses_epur),
-            ("--score-threshold", args.score_threshold, None, uses_epur),
-            ("--c", args.c, 20.0, uses_epur),
-            ("--e-pur-corpus", args.e_pur_corpus, None, uses_epur)):
-        if value != default and not used:
-            owner = ("fine-mixing" if flag in ("--select", "--rho-sweep", "--sweep-tolerance") else
-                     "fine-purifying" if flag in ("--indicator", "--fisher-at", "--per-example",
-                                                  "--scope") else "E-PUR (--e-pur or --method e-pur)")
+    fm, fp, ep = "fine-mixing", "fine-purifying", "E-PUR (--e-pur or --method e-pur)"
+    used = {fm: args.method == fm, fp: args.method == fp, ep: args.method == "e-pur" or args.e_pur}
+    for flag, value, default, owner in (
+            ("--select", args.select, "random", fm),
+            ("--rho-sweep", args.rho_sweep, None, fm),
+            ("--sweep-tolerance", args.sweep_tolerance, 0.01, fm),
+            ("--indicator", args.indicator, "drift_over_hessian", fp),
+            ("--fisher-at", args.fisher_at, "finetuned", fp),
+            ("--per-example", args.per_example, False, fp),
+            ("--scope", args.scope, "global", fp),
+            ("--top-n", args.top_n, 200, ep),
+            ("--score-threshold", args.score_threshold, None, ep),
+            ("--c", args.c, 20.0, ep),
+            ("--e-pur-corpus", args.e_pur_corpus, None, ep)):
+        if value != default and not used[owner]:
             raise ValueError(f"{flag} is an option of {owner}; --method {args.method}"
-                             f"{' without --e-pur' if owner.startswith('E-PUR') else ''} "
-                             f"does not use it")
+                             f"{' without --e-pur' if owner == ep else ''} does not use it")
     real_in("--lr", args.lr, 0.0, lo_open=True)
     real_in("--sweep-tolerance", args.sweep_tolerance, 0.0)
     real_in("--score-threshold", args.score_threshold, 0.0, optional=True)
@@ -127,8 +127,7 @@ def run(args) -> int:
         suspect, args.pretrained, clean, args.method, tokenizer=tok, e_pur=args.e_pur,
         rho=args.rho, select=args.select, rho_sweep=sweep, sweep_tolerance=args.sweep_tolerance,
         top_n=args.top_n, score_threshold=args.score_threshold, c=args.c, corpus=corpus,
-        indicator=args.indicator,
-        fisher_at=args.fisher_at, per_example=args.per_example, scope=args.scope,
+        indicator=args.indicator, fisher_at=args.fisher_at, per_example=args.per_example, scope=args.scope,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         precision=args.precision, seed=args.seed, backend=args.backend, progress=True)
     report["suspect"] = str(args.suspect)

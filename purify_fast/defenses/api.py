@@ -107,6 +107,9 @@ def purify(suspect, pretrained, clean_data: TextDataset, method: str = "fine-mix
         tokenizer = tokenizer or loaded_tok
     if not isinstance(e_pur, bool):  # e_pur="no" would be true
         raise TypeError(f"e_pur must be True or False, got {e_pur!r}")
+    if method == "fine-tune" and rho is not None:
+        raise ValueError("rho is not used by method 'fine-tune' (plain clean fine-tuning, nothing "
+                         "mixed or reset)")
     if rho_sweep is not None and method != "fine-mixing":
         raise ValueError(f"rho_sweep is a Fine-mixing option (the smallest reserve ratio that "
                          f"keeps clean dev accuracy); method {method!r} does not sweep")
