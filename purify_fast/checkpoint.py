@@ -645,11 +645,12 @@ SIDE_FILE_MAX_BYTES = 64 << 20
 def _side_file_verdict(ckpt: Checkpoint, p: Path) -> str | None:
     """None when ``p`` (an entry of the checkpoint directory) is carried into the output, "" when
     it is skipped as a matter of course, otherwise why it is left out (for the user to hear)."""
-    # Our own reports describe the suspect (its attack, its ASR), not the purified output; the
-    # weights themselves are written purified.
-    if (p.name in (INDEX_NAME, MANIFEST_NAME, "report.json") or p.name.startswith(".")
-            or p.name.startswith("purify_fast_") or p.name in {f.name for f in ckpt.files}):
+    # The weights themselves are written purified; the index and manifest are written anew.
+    if (p.name in (INDEX_NAME, MANIFEST_NAME) or p.name.startswith(".")
+            or p.name in {f.name for f in ckpt.files}):
         return ""
+    if p.name == "report.json" or p.name.startswith("purify_fast_"):
+        return "a purify_fast report about the suspect (its attack, its ASR), not the output"
     if p.is_dir():
         return "a subdirectory (not copied; it may hold other copies of the suspect's weights)"
     if not p.is_file():

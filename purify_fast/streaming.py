@@ -22,8 +22,9 @@ largest tensor's inputs, and two output buffers; a stage that runs ahead waits f
 instead of allocating. Steady-state streaming allocates no tensor-sized host memory, so peak host
 memory is a small multiple of the largest tensor whatever the model size (measured flat from 0.46
 to 2.69 GB models in ``benchmarks/results_streaming.md``). The ops add their own per-call
-temporaries on top: a bool tensor per input for the NaN/Inf check, and, on the readable ``torch``
-backend, about ten int64 words per element for the Philox mask.
+temporaries on top: none on the compiled backends (their NaN/Inf check is a scan), and on the
+readable ``torch`` backend a bool tensor per input for that check plus about ten int64 words per
+element for the Philox mask, over 1M-element chunks (``ops.weight_space.TORCH_CHUNK``).
 
 Fine-purifying's global threshold needs every score before any reset: pass 1 streams every tensor
 through :func:`purify_fast.ops.score_histogram` (65,536 int64 bins, never the scores), a second

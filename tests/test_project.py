@@ -202,6 +202,9 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys):
 
 def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
     from purify_fast.cli import main
+    from purify_fast.models.loading import default_model_path
+
+    minilm = Path(default_model_path())
 
     precious = tmp_path / "notes.txt"
     precious.write_text("precious")
@@ -239,6 +242,11 @@ def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
          "--indicator is an option of fine-purifying; --method fine-mixing does not use it"),
         (["purify", "--suspect", str(suspect), "--method", "fine-tune", "--rho", "0.3",
           "--out", str(tmp_path / "f")], "--rho is not used by --method fine-tune"),
+        (["purify", "--suspect", str(suspect), "--method", "e-pur", "--epochs", "7", "--out",
+          str(tmp_path / "f")], "--epochs is an option of the clean fine-tune"),
+        (["purify", "--suspect", str(suspect), "--rho", "0.9", "--rho-sweep", "0.3", "--out",
+          str(tmp_path / "f")], "--rho and --rho-sweep"),
+        (["demo", "--out", str(minilm / "demo_out")], "overlaps the input"),  # it reads MiniLM
         (["purify", "--suspect", str(suspect), "--top-n", "5", "--out", str(tmp_path / "f")],
          "--top-n is an option of E-PUR (--e-pur or --method e-pur); --method fine-mixing "
          "without --e-pur does not use it"),
@@ -276,3 +284,43 @@ def test_api_seed_checked_before_any_work():
         purify("/nonexistent-suspect", "minilm", None, seed=-1)
     with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\), got True"):
         run_demo(None, seed=True)
+
+
+def test_outputs_never_replace_or_hold_an_input(tmp_path, capsys):
+    """An earlier output directory that holds the E-PUR corpus is not replaced (the corpus would
+    go with it), and fisher's --token-counts never overwrites a file."""
+    from purify_fast.cli import main
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")
+    (earlier / "corpus.csv").write_text("text\nclean words\n")
+    suspect = tmp_path / "suspect"
+    suspect.mkdir()
+    (suspect / "config.json").write_text("{}")
+    assert main(["purify", "--suspect", str(suspect), "--e-pur", "--e-pur-corpus",
+                 str(earlier / "corpus.csv"), "--out", str(earlier)]) == 2
+    assert "overlaps the input" in capsys.readouterr().err
+    assert (earlier / "corpus.csv").read_text() == "text\nclean words\n"
+    counts = tmp_path / "counts.json"
+    counts.write_text('{"precious": true}')
+    assert main(["fisher", "--model", "minilm", "--out", str(tmp_path / "f"), "--token-counts",
+                 str(counts)]) == 2
+    assert "never overwrites" in capsys.readouterr().err
+    assert counts.read_text() == '{"precious": true}'
+
+
+def test_evaluate_offers_only_what_it_reads_and_distill_errors_take_the_common_path(
+        tmp_path, monkeypatch, capsys):
+    from purify_fast.cli import main
+
+    for flag in ("--train-size", "--dev-size", "--poison-rate"):  # evaluate trains nothing
+        with pytest.raises(SystemExit):
+            main(["evaluate", "--model", "m", flag, "1"])
+        assert "unrecognized arguments" in capsys.readouterr().err
+    argv = ["distill", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "s")]
+    assert main(argv) == 2
+    assert "set PURIFY_FAST_TRACEBACK=1" in capsys.readouterr().err
+    monkeypatch.setenv("PURIFY_FAST_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="missing.csv: no such file"):  # DataFileError
+        main(argv)

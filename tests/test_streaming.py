@@ -98,6 +98,7 @@ def test_side_files_carried_and_the_rest_named(model, tmp_path, capsys):
     (ft / "original" / "consolidated.00.pth").write_bytes(b"x")
     (ft / "pytorch_model.bin").write_bytes(b"x")
     (ft / "training_args.dat").write_bytes(b"x")
+    (ft / "purify_fast_attack.json").write_text("{}")
     (ft / ".cache").mkdir()
     rc = cli_main(["purify-checkpoint", "--method", "mix", "--rho", "0.5", "--pretrained",
                    str(model["pre"]), "--suspect", str(ft), "--out", str(tmp_path / "out"),
@@ -106,7 +107,8 @@ def test_side_files_carried_and_the_rest_named(model, tmp_path, capsys):
     out = tmp_path / "out"
     assert (out / "tokenizer_config.json").read_text() == "{}"
     assert (out / "config.json").exists()
-    for name in ("original", "pytorch_model.bin", "training_args.dat", ".cache"):
+    for name in ("original", "pytorch_model.bin", "training_args.dat", ".cache",
+                 "purify_fast_attack.json"):
         assert not (out / name).exists(), name
     err = capsys.readouterr()
     note = next(line for line in err.err.splitlines() if line.startswith("note: not copied"))
@@ -115,7 +117,8 @@ def test_side_files_carried_and_the_rest_named(model, tmp_path, capsys):
     assert "training_args.dat: not a config / tokenizer file type" in note
     assert ".cache" not in note and "config.json" not in note and "safetensors" not in note
     summary = json.loads(err.out[err.out.index("{"):])
-    assert len(summary["side_files_left_out"]) == 3
+    assert "purify_fast_attack.json: a purify_fast report about the suspect" in note
+    assert len(summary["side_files_left_out"]) == 4
 
 
 def test_against_the_ops_directly(model, tmp_path):

@@ -19,23 +19,27 @@ from purify_fast.commands import (
 from purify_fast.validation import int_at_least, real_in
 
 
-def add_common_data_args(p) -> None:
+def add_common_data_args(p, training: bool = True) -> None:
+    """``training=False`` (evaluate): only the test split is read, so no train/dev sizes."""
     p.add_argument("--data", default="rotten-tomatoes",
                    help="rotten-tomatoes | tweets | a CSV/TSV/JSONL file | a save_to_disk dir")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    p.add_argument("--train-size", type=positive_int, default=2000)
-    p.add_argument("--dev-size", type=positive_int, default=300)
+    if training:
+        p.add_argument("--train-size", type=positive_int, default=2000)
+        p.add_argument("--dev-size", type=positive_int, default=300)
     p.add_argument("--test-size", type=positive_int, default=500)
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--max-length", type=positive_int, default=64)
 
 
-def add_attack_args(p) -> None:
+def add_attack_args(p, poisoning: bool = True) -> None:
+    """``poisoning=False`` (evaluate): only the trigger is needed, no poison rate."""
     p.add_argument("--attack", choices=["badnets", "addsent", "ep"], default="badnets")
     p.add_argument("--target-label", type=target_label_arg, default=1,
                    help="the class the trigger maps to: an index or a class name (default 1)")
-    p.add_argument("--poison-rate", type=float, default=0.1)
+    if poisoning:
+        p.add_argument("--poison-rate", type=float, default=0.1)
     p.add_argument("--triggers", default="cf,mn,bb,tq,mb", help="comma-separated BadNets/EP words")
     p.add_argument("--sentence", default=None, help="AddSent trigger sentence")
 
@@ -55,7 +59,9 @@ def load_data(args):
 def make_attack(args):
     from purify_fast.attacks import make_attack as _make
 
-    kw = dict(target_label=args.target_label, poison_rate=args.poison_rate, seed=args.seed)
+    kw = dict(target_label=args.target_label, seed=args.seed)
+    if getattr(args, "poison_rate", None) is not None:  # evaluate inserts triggers, poisons nothing
+        kw["poison_rate"] = args.poison_rate
     if args.attack in ("badnets", "ep"):
         kw["triggers"] = tuple(t for t in args.triggers.split(",") if t.strip())
     elif args.sentence:

@@ -79,7 +79,7 @@ def run_demo(out: str | None = "purify_demo", quick: bool = False, seed: int = 0
     real_in("defense_lr", defense_lr, 0.0, lo_open=True)
     int_at_least("defense_epochs", defense_epochs, 0)
     if out:
-        check_output_dir(out, replace=False)
+        check_output_dir(out, "minilm", replace=False)  # the demo reads the offline MiniLM
         if Path(out).is_dir() and any(Path(out).iterdir()) and not (Path(out) / "report.json").exists():
             raise FileExistsError(f"--out {out} is a non-empty directory that holds no earlier "
                                   f"report.json; the demo writes report.json / report.md / "

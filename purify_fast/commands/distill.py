@@ -5,7 +5,6 @@ with the MI/loss curves as a PNG and a JSON summary."""
 from __future__ import annotations
 
 import json
-import sys
 
 from purify_fast.commands import (
     add_device_arg,
@@ -53,17 +52,15 @@ def run(args) -> int:
     if args.num_examples < 8:  # MINE's statistics networks need a few paired samples to train
         raise ValueError(f"--num-examples must be at least 8 (MINE estimates the layer weights "
                          f"from them), got {args.num_examples}")
-    try:
-        teacher, tok = load_encoder(args.teacher, device=pick_device(args.device))
-        kw = {} if args.data in CORPORA else {"text_column": args.text_column, "label_column": None}
-        data = load_dataset(args.data, **kw).take(args.num_examples, seed=args.seed)
-        cfg = MIMICConfig(student_layers=args.student_layers, epochs=args.epochs,
-                          batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-                          mi_source=args.mi_source, mine_steps=args.mine_steps,
-                          backend=args.backend, seed=args.seed, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # Errors here (a bad file, option or model) reach the CLI's one handler for user errors,
+    # which also honours PURIFY_FAST_TRACEBACK.
+    teacher, tok = load_encoder(args.teacher, device=pick_device(args.device))
+    kw = {} if args.data in CORPORA else {"text_column": args.text_column, "label_column": None}
+    data = load_dataset(args.data, **kw).take(args.num_examples, seed=args.seed)
+    cfg = MIMICConfig(student_layers=args.student_layers, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                      mi_source=args.mi_source, mine_steps=args.mine_steps,
+                      backend=args.backend, seed=args.seed, progress=not args.no_progress)
     result = MIMIC(cfg).fit(teacher, tok, data)
 
     def write(tmp):

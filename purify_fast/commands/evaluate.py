@@ -22,8 +22,8 @@ def add_parser(sub):
                     "the trigger inserted. A file's labels must be the model's classes: indices, "
                     "or the class names it was trained with.")
     p.add_argument("--model", required=True, help="checkpoint directory")
-    add_common_data_args(p)
-    add_attack_args(p)
+    add_common_data_args(p, training=False)
+    add_attack_args(p, poisoning=False)
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     add_device_arg(p)
     p.set_defaults(run=run)

@@ -100,6 +100,9 @@ def _check_args(args) -> None:
     if args.out.exists():
         raise FileExistsError(f"--out {args.out} already exists; the Fisher needs a new directory")
     check_output_dir(args.out, args.model, args.clean_data)
+    if args.token_counts is not None and args.token_counts.exists():
+        raise FileExistsError(f"--token-counts {args.token_counts} already exists; fisher never "
+                              f"overwrites: name a new file")
     if args.token_counts is not None and args.token_counts.suffix != ".json":
         raise ValueError(f"--token-counts {args.token_counts}: the counts are written as .json")
     check_output_file("--token-counts", args.token_counts, args.model, args.clean_data, args.out)

@@ -75,7 +75,7 @@ def run(args) -> int:
     from purify_fast.models.loading import is_writer_rank
 
     # Options first: a typo must not cost a model load (the defenses check them again).
-    check_output_dir(args.out, args.suspect, args.pretrained, args.clean_data)
+    check_output_dir(args.out, args.suspect, args.pretrained, args.clean_data, args.e_pur_corpus)
     device = pick_device(args.device)
     real_in("--rho", args.rho, 0.0, 1.0, optional=True)
     if args.method == "e-pur" and (args.rho is not None or args.rho_sweep):
@@ -87,9 +87,18 @@ def run(args) -> int:
                          "nothing mixed or reset)")
     # An option the chosen method does not read would be ignored without a word (a rho sweep
     # asked of fine-purifying ran at rho 0.3): refuse it instead.
+    if args.rho is not None and args.rho_sweep:
+        raise ValueError("--rho and --rho-sweep: the sweep chooses rho among its values; give one "
+                         "of them")
     fm, fp, ep = "fine-mixing", "fine-purifying", "E-PUR (--e-pur or --method e-pur)"
-    used = {fm: args.method == fm, fp: args.method == fp, ep: args.method == "e-pur" or args.e_pur}
+    ft = "the clean fine-tune (fine-mixing, fine-purifying, fine-tune)"
+    used = {fm: args.method == fm, fp: args.method == fp, ep: args.method == "e-pur" or args.e_pur,
+            ft: args.method != "e-pur"}
     for flag, value, default, owner in (
+            ("--epochs", args.epochs, 3, ft),
+            ("--lr", args.lr, 2e-5, ft),
+            ("--batch-size", args.batch_size, 16, ft),
+            ("--precision", args.precision, "fp32", ft),
             ("--select", args.select, "random", fm),
             ("--rho-sweep", args.rho_sweep, None, fm),
             ("--sweep-tolerance", args.sweep_tolerance, 0.01, fm),

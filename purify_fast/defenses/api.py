@@ -110,6 +110,9 @@ def purify(suspect, pretrained, clean_data: TextDataset, method: str = "fine-mix
     if method == "fine-tune" and rho is not None:
         raise ValueError("rho is not used by method 'fine-tune' (plain clean fine-tuning, nothing "
                          "mixed or reset)")
+    if rho_sweep is not None and rho is not None:
+        raise ValueError("rho and rho_sweep: the sweep chooses rho among its values; give one of "
+                         "them")
     if rho_sweep is not None and method != "fine-mixing":
         raise ValueError(f"rho_sweep is a Fine-mixing option (the smallest reserve ratio that "
                          f"keeps clean dev accuracy); method {method!r} does not sweep")
