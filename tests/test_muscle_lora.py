@@ -477,3 +477,35 @@ def test_end_to_end_muscle_lora_keeps_asr_below_vanilla():
     assert mus["asr"] <= van["asr"] - 0.25, (van, mus)
     # ... and is a working classifier, not a collapsed one (smallest measured CACC 0.650).
     assert mus["cacc"] >= 0.6, mus
+
+
+def test_half_precision_base_trains_fp32_factors():
+    """Over a bf16 base the MSLR and LoRA factors are fp32 master weights: an AdamW step of 1e-5
+    moves every element (in bf16 most would round back), and the merge equals the forward."""
+    from purify_fast.models import tiny_llama
+    from purify_fast.nn import inject_muscle_lora, merge_muscle_lora
+
+    torch.manual_seed(0)
+    layer = MultiScaleLoRALinear(nn.Linear(16, 8).to(torch.bfloat16), scales=[1, 2])
+    assert layer.lora_l.dtype == torch.float32 and layer.base.weight.dtype == torch.bfloat16
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    before = layer.lora_l.detach().clone()
+    opt = torch.optim.AdamW([layer.lora_l, layer.lora_r], lr=1e-5)
+    layer(x).float().square().sum().backward()
+    opt.step()
+    assert bool((layer.lora_l != before).all())
+    with torch.no_grad():
+        want = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer(x), want, rtol=1.6e-2, atol=1e-2)
+
+    model = tiny_llama(num_labels=2, vocab_size=64).to(torch.bfloat16)
+    inject_muscle_lora(model)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values()), \
+        {n: p.dtype for n, p in trainable.items()}
+    ids = torch.randint(3, 64, (2, 6))
+    model(input_ids=ids).logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
+    merge_muscle_lora(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
