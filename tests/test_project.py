@@ -74,6 +74,29 @@ def test_muscle_lora_summary_keeps_scalings_and_attacks_apart(tmp_path):
     assert "| 65.0 ± 7.1 | 40.0 ± 14.1 |" in rows[("badnets", "muscle (fft)", "0,1")]
 
 
+def test_defense_tuning_table_and_its_held_out_seeds(tmp_path, capsys):
+    # benchmarks/tune_defenses.py: settings are compared on seeds other than the reported 0-2,
+    # and the table leaves out a setting not yet run on every seed.
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("tune_defenses",
+                                                  ROOT / "benchmarks" / "tune_defenses.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [(3, "suspect", 0.80, 1.0), (4, "suspect", 0.70, 1.0), (3, "FP base", 0.75, 0.2),
+            (4, "FP base", 0.69, 0.4), (3, "FM base", 0.7, 0.3)]
+    path = tmp_path / "tune.jsonl"
+    path.write_text("".join(json.dumps({"seed": s, "name": n, "cacc": c, "asr": a,
+                                        "asr_no_trigger": 0.25}) + "\n" for s, n, c, a in rows))
+    table = mod.table(path)
+    assert "| FP base | 75.0 / 20.0 / 25.0 | 69.0 / 40.0 / 25.0 | 30.0 | 3.0 |" in table
+    assert "FM base" not in table
+    with pytest.raises(SystemExit):
+        mod.main(["--seed", "1"])
+    assert "tune on others" in capsys.readouterr().err
+
+
 def test_methods_doc_is_in_the_repo_and_current():
     # The docstrings cite "METHODS.md §N"; a clone must carry the file (docs/METHODS.md). Where the
     # project's shared notes sit beside the checkout (CI, development), the copy must match them.
