@@ -152,6 +152,36 @@ def test_any_module_by_layer_names_with_image_views(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_one_shot_batches_copied_students_and_layer_lists(minilm):
+    """A generator of batches trains like a list (it was spent by the MI pass: 0 steps, a random
+    student returned); a copy of the teacher, 0 epochs, one layer list without the other and
+    layers the encoder lacks are refused with the reason."""
+    import copy
+
+    from purify_fast.data import TextDataset
+
+    torch.manual_seed(0)
+    cfg = MIMICConfig(epochs=2, mine_steps=5, mine_samples=32, progress=False)
+    kw = dict(teacher_layers=["block1", "block2"], student_layers=["block1", "block2"])
+    steps = [len(MIMIC(cfg).fit(_TinyCNN(6), batches=make(), student=_TinyCNN(6), **kw).history)
+             for make in (lambda: [torch.randn(8, 3, 6, 6) for _ in range(3)],
+                          lambda: (torch.randn(8, 3, 6, 6) for _ in range(3)))]
+    assert steps == [6, 6]
+    teacher = _TinyCNN(6)
+    with pytest.raises(ValueError, match="holds the teacher's weights"):
+        MIMIC(cfg).fit(teacher, batches=[torch.randn(8, 3, 6, 6)], student=copy.deepcopy(teacher),
+                       **kw)
+    with pytest.raises(ValueError, match="epochs must be a positive int"):
+        MIMICConfig(epochs=0)
+    enc, tok = minilm
+    clean = TextDataset(["a fine film"] * 8, [0] * 8, 2)
+    with pytest.raises(ValueError, match="pass both teacher_layers and student_layers"):
+        MIMIC(cfg).fit(enc, tok, clean, teacher_layers=[1])
+    with pytest.raises(ValueError, match=r"teacher_layers \[9\] are not layers of the teacher "
+                                         r"\(1 to 6\)"):
+        MIMIC(cfg).fit(enc, tok, clean, teacher_layers=[9], student_layers=[1])
+
+
 def test_end_to_end_asr_drops(minilm, tmp_path):
     """Backdoor MiniLM at the encoder level, distil it with MIMIC on a few hundred clean
     sentences into a 2-layer student, and compare probe ASR/CACC."""

@@ -29,7 +29,7 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output directory for the student encoder")
     p.add_argument("--student-layers", type=int, default=None,
                    help="student depth (default: the teacher's)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--max-length", type=positive_int, default=64)

@@ -87,7 +87,8 @@ class MIMICConfig:
     def __post_init__(self):
         one_of("mi_source", self.mi_source, MI_SOURCES)
         int_at_least("student_layers", self.student_layers, 1, optional=True)
-        int_at_least("epochs", self.epochs, 0)
+        # 0 epochs would hand back the freshly initialised student as if it were purified.
+        int_at_least("epochs", self.epochs, 1)
         for name in ("batch_size", "max_length", "mine_steps", "mine_samples", "mi_every"):
             int_at_least(name, getattr(self, name), 1)
         real_in("lr", self.lr, 0.0, lo_open=True)
@@ -326,6 +327,12 @@ class MIMIC:
         data = clean if clean is not None else batches
         if data is None:
             raise ValueError("pass clean (a TextDataset of clean unlabelled text) or batches=")
+        if not isinstance(data, TextDataset) and iter(data) is data:
+            # A generator is spent by the MI pass and each epoch re-reads the data: hold the
+            # batches (a one-shot iterator trained 0 steps and returned a random student).
+            data = list(data)
+            if not data:
+                raise ValueError("batches is empty")
         if _is_hf(teacher) and getattr(teacher, "base_model", teacher) is not teacher:
             kind = type(teacher).__name__
             raise TypeError(f"teacher must be an encoder (AutoModel), got the task model {kind}; "
@@ -367,7 +374,10 @@ class MIMIC:
                                  f"directly; make the student smaller in depth (student_layers) "
                                  f"or other fields, not in width")
 
-        if teacher_layers is None or student_layers is None:
+        if (teacher_layers is None) != (student_layers is None):
+            raise ValueError("pass both teacher_layers and student_layers (paired in order), or "
+                             "neither to pair them by depth")
+        if teacher_layers is None:
             if not (_is_hf(teacher) and _is_hf(student)):
                 raise ValueError("for a plain nn.Module pass teacher_layers and student_layers "
                                  "(module names, paired in order)")
@@ -377,6 +387,14 @@ class MIMIC:
         if len(teacher_layers) != len(student_layers) or not teacher_layers:
             raise ValueError(f"teacher_layers ({len(teacher_layers)}) and student_layers "
                              f"({len(student_layers)}) must pair up, at least one layer")
+        for role, model, ids in (("teacher", teacher, teacher_layers),
+                                 ("student", student, student_layers)):
+            depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+            bad = [i for i in ids if isinstance(i, int) and depth is not None
+                   and not 1 <= i <= depth]
+            if bad:  # hidden_states[0] is the embedding output, 1..depth the layers
+                raise ValueError(f"{role}_layers {bad} are not layers of the {role} (1 to "
+                                 f"{depth})")
         t_taps = _Taps(teacher, teacher_layers, feature_fn)
         s_taps = _Taps(student, student_layers, feature_fn)
         result = MIMICResult(student, list(teacher_layers), list(student_layers), [], [])
@@ -493,6 +511,16 @@ def _check_fresh(teacher: nn.Module, student: nn.Module) -> None:
     if shared:
         raise ValueError(f"the student shares storage with the teacher ({shared[:3]} ...); "
                          f"MIMIC needs a freshly initialised student")
+    # A copy of the teacher shares no storage but starts from its weights, backdoor included.
+    # Constant tensors (LayerNorm's fresh ones and zeros) say nothing; any other equal one does.
+    t_params = dict(teacher.named_parameters())
+    copied = [n for n, p in student.named_parameters()
+              if n in t_params and t_params[n].shape == p.shape and t_params[n].dtype == p.dtype
+              and p.numel() > 1
+              and not bool((p == p.reshape(-1)[0]).all()) and torch.equal(p, t_params[n])]
+    if copied:
+        raise ValueError(f"the student holds the teacher's weights ({copied[:3]} ...): it would "
+                         f"inherit the backdoor; MIMIC needs a freshly initialised student")
 
 
 # --------------------------------------------------------------------------- evaluation
