@@ -125,7 +125,10 @@ def _entry(rank: int, world_size: int, init_file: str, backend: str, fn: Callabl
             blob = None
         record = {"time": time.time(), "rank": rank, "exception": blob,
                   "text": "".join(traceback.format_exception(exc))}
-        (Path(results) / f"rank{rank}.err").write_bytes(pickle.dumps(record))
+        # Whole or not at all: the spawner may SIGTERM this process at any moment now.
+        tmp = Path(results) / f".rank{rank}.err.tmp"
+        tmp.write_bytes(pickle.dumps(record))
+        os.replace(tmp, Path(results) / f"rank{rank}.err")
         raise
     finally:
         comm.close()
@@ -135,7 +138,12 @@ def _first_failure(results: str):
     """The exception of the rank that failed first, or None (see ``_entry``)."""
     import pickle
 
-    records = [pickle.loads(p.read_bytes()) for p in Path(results).glob("rank*.err")]
+    records = []
+    for path in Path(results).glob("rank*.err"):
+        try:
+            records.append(pickle.loads(path.read_bytes()))
+        except Exception:  # noqa: BLE001 - an unreadable record must not hide the others
+            continue
     if not records:
         return None
     first = min(records, key=lambda r: r["time"])
@@ -147,8 +155,9 @@ def _first_failure(results: str):
             exc = None
     if not isinstance(exc, BaseException):
         exc = RuntimeError(first["text"])
-    exc.add_note(f"(raised on rank {first['rank']} of the local process group; the traceback "
-                 f"there:\n{first['text']})")
+    if hasattr(exc, "add_note"):  # Python >= 3.11
+        exc.add_note(f"(raised on rank {first['rank']} of the local process group; the traceback "
+                     f"there:\n{first['text']})")
     return exc
 
 
@@ -166,9 +175,13 @@ def run_local(fn: Callable, world_size: int, *args, backend: str = "gloo") -> li
         try:
             mp.spawn(_entry, args=(world_size, init_file, backend, fn, args, tmp),
                      nprocs=world_size, join=True)
+        except mp.ProcessExitedException:
+            # A rank died without a Python exception (a signal, the OOM killer, os._exit): it
+            # left no record, so spawn's own report, which names it, is the cause.
+            raise
         except Exception as spawn_error:
             # mp.spawn reports whichever process it saw die first, often a rank that only lost
-            # its peer; raise the root cause instead.
+            # its peer; raise the first exception raised instead.
             first = _first_failure(tmp)
             if first is None:
                 raise

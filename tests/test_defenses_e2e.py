@@ -326,7 +326,7 @@ def test_cli_wiring():
         parser.parse_args(["purify", "--suspect", "x", "--out", "y", "--method", "bogus"])
 
 
-def test_a_plainly_loaded_pretrained_model_keeps_its_random_head_out_of_the_mix():
+def test_a_plainly_loaded_pretrained_model_keeps_its_random_head_out_of_the_mix(tmp_path):
     """METHODS.md: tensors with no pre-trained counterpart (a new head) are kept from the suspect.
     A pre-trained model loaded with a plain from_pretrained carries no record of its fresh head:
     it is found from the checkpoint its config names (before, 47.7 % of the suspect's head was
@@ -344,6 +344,21 @@ def test_a_plainly_loaded_pretrained_model_keeps_its_random_head_out_of_the_mix(
         assert set(pretrained_state(plain)) == set(pretrained_state(recorded))
     assert "classifier.weight" not in pretrained_state(plain)
     assert "bert.encoder.layer.0.attention.self.query.weight" in pretrained_state(plain)
+    # A checkpoint with legacy names (LayerNorm gamma / beta), which transformers renames on
+    # load: those weights came from it (their values say so) and stay pre-trained.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(default_model_path(), legacy)
+    stored = load_file(str(legacy / "model.safetensors"))
+    save_file({k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                           "LayerNorm.beta"): v
+               for k, v in stored.items()}, str(legacy / "model.safetensors"),
+              metadata={"format": "pt"})
+    renamed = AutoModelForSequenceClassification.from_pretrained(legacy, num_labels=2)
+    assert set(pretrained_state(renamed)) == set(pretrained_state(recorded))
     scratch = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1,
                                                        num_attention_heads=2, intermediate_size=64))
     with pytest.warns(UserWarning, match="a freshly initialised task head included"):

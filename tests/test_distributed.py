@@ -94,6 +94,33 @@ def _fails_on_rank_1_after_rank_0_waits(comm):
     return comm.rank
 
 
+def _rank_1_exits_without_an_exception(comm):
+    import os
+
+    if comm.rank == 1:
+        os._exit(3)
+    return comm.rank
+
+
+def test_a_rank_that_dies_without_an_exception_is_named(tmp_path):
+    """No Python exception, no record: spawn's own report (which names the rank) stands; and a
+    record cut short by the spawner's SIGTERM never hides a readable one."""
+    import pickle
+    import time
+
+    import torch.multiprocessing as mp
+
+    from purify_fast.distributed import _first_failure
+
+    with pytest.raises(mp.ProcessExitedException, match="process 1 terminated with exit code 3"):
+        run_local(_rank_1_exits_without_an_exception, 2)
+    (tmp_path / "rank0.err").write_bytes(b"")  # killed mid-write (before records were atomic)
+    (tmp_path / "rank1.err").write_bytes(pickle.dumps(
+        {"time": time.time(), "rank": 1, "exception": pickle.dumps(KeyError("cause")),
+         "text": "Traceback ..."}))
+    assert isinstance(_first_failure(str(tmp_path)), KeyError)
+
+
 def test_a_failing_rank_raises_in_the_caller():
     with pytest.raises(Exception, match="rank 1 failed"):
         run_local(_fails_on_rank_1, 2)

@@ -259,10 +259,12 @@ def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
         # options the method would ignore (a rho sweep asked of fine-purifying ran at rho 0.3)
         (["purify", "--suspect", str(suspect), "--method", "fine-purifying", "--rho-sweep",
           "0.1,0.2", "--out", str(tmp_path / "f")],
-         "--rho-sweep is an option of fine-mixing; --method fine-purifying does not use it"),
+         "--rho-sweep is an option of fine-mixing; this run (--method fine-purifying) does not "
+         "use it"),
         (["purify", "--suspect", str(suspect), "--indicator", "drift", "--out",
           str(tmp_path / "f")],
-         "--indicator is an option of fine-purifying; --method fine-mixing does not use it"),
+         "--indicator is an option of fine-purifying; this run (--method fine-mixing) does not "
+         "use it"),
         (["purify", "--suspect", str(suspect), "--method", "fine-tune", "--rho", "0.3",
           "--out", str(tmp_path / "f")], "--rho is not used by --method fine-tune"),
         (["purify", "--suspect", str(suspect), "--method", "e-pur", "--epochs", "7", "--out",
@@ -271,8 +273,18 @@ def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
           str(tmp_path / "f")], "--rho and --rho-sweep"),
         (["demo", "--out", str(minilm / "demo_out")], "overlaps the input"),  # it reads MiniLM
         (["purify", "--suspect", str(suspect), "--top-n", "5", "--out", str(tmp_path / "f")],
-         "--top-n is an option of E-PUR (--e-pur or --method e-pur); --method fine-mixing "
-         "without --e-pur does not use it"),
+         "--top-n is an option of E-PUR (--e-pur or --method e-pur); this run (--method "
+         "fine-mixing) does not use it"),
+        # given at its default value still counts as given; options read only in some settings
+        (["purify", "--suspect", str(suspect), "--method", "e-pur", "--epochs", "3", "--out",
+          str(tmp_path / "f")], "--epochs is an option of the clean fine-tune"),
+        (["purify", "--suspect", str(suspect), "--sweep-tolerance", "0.05", "--out",
+          str(tmp_path / "f")], "--sweep-tolerance is an option of the rho sweep"),
+        (["purify", "--suspect", str(suspect), "--e-pur", "--top-n", "5", "--score-threshold",
+          "0.5", "--out", str(tmp_path / "f")], "--top-n and --score-threshold"),
+        (["purify", "--suspect", str(suspect), "--method", "fine-purifying", "--indicator",
+          "drift", "--fisher-at", "pretrained", "--out", str(tmp_path / "f")],
+         "--fisher-at is an option of fine-purifying's Fisher (not computed for --indicator drift)"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

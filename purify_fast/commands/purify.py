@@ -32,41 +32,96 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     p.add_argument("--rho", type=float, default=None,
                    help="fine-mixing reserve ratio (0.5) / fine-purifying reset share (0.3)")
-    p.add_argument("--select", choices=["random", "magnitude"], default="random",
-                   help="fine-mixing: keep coordinates at random (Bernoulli rho) or the rho share "
-                        "with the largest |drift| in each tensor")
+    p.add_argument("--select", choices=["random", "magnitude"], default=None,
+                   help="fine-mixing: keep coordinates at random (Bernoulli rho, the default) or "
+                        "the rho share with the largest |drift| in each tensor")
     p.add_argument("--rho-sweep", default=None, help="comma-separated rhos, e.g. 0.1,0.3,0.5,0.7,0.9")
-    p.add_argument("--sweep-tolerance", type=float, default=0.01,
+    p.add_argument("--sweep-tolerance", type=float, default=None,
                    help="rho sweep: dev accuracy a rho may lose against the suspect (0.01)")
-    p.add_argument("--top-n", type=int, default=200, help="E-PUR: embedding rows reset (200)")
+    p.add_argument("--top-n", type=int, default=None, help="E-PUR: embedding rows reset (200)")
     p.add_argument("--score-threshold", type=float, default=None,
                    help="E-PUR: reset every row scoring at least this instead of --top-n")
-    p.add_argument("--c", type=float, default=20.0,
+    p.add_argument("--c", type=float, default=None,
                    help="E-PUR: frequency floor c in drift / log(max(f, c)) (20)")
     p.add_argument("--e-pur-corpus", default=None,
                    help="E-PUR: clean text whose token counts give the frequencies f (a corpus "
                         "name or a CSV/TSV/JSONL file, its --text-column; labels not needed); "
                         "default: the clean set")
-    p.add_argument("--indicator", default="drift_over_hessian",
+    p.add_argument("--indicator", default=None,
                    choices=["drift_over_hessian", "drift", "inv_hessian", "product"],
                    help="fine-purifying score: drift^2 / Fisher (default), |drift|, 1 / Fisher, "
                         "drift^2 * Fisher")
-    p.add_argument("--fisher-at", choices=["finetuned", "pretrained"], default="finetuned",
-                   help="fine-purifying: diagonal Fisher at the suspect's weights or the "
-                        "pre-trained ones")
-    p.add_argument("--per-example", action="store_true",
+    p.add_argument("--fisher-at", choices=["finetuned", "pretrained"], default=None,
+                   help="fine-purifying: diagonal Fisher at the suspect's weights (default) or "
+                        "the pre-trained ones")
+    p.add_argument("--per-example", action="store_true", default=None,
                    help="fine-purifying: per-example gradients for the Fisher (slower)")
-    p.add_argument("--scope", choices=["global", "per_tensor"], default="global",
-                   help="fine-purifying: one threshold over the whole model, or rho in each tensor")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--scope", choices=["global", "per_tensor"], default=None,
+                   help="fine-purifying: one threshold over the whole model (default), or rho in "
+                        "each tensor")
+    p.add_argument("--epochs", type=int, default=None, help="clean fine-tune epochs (3)")
+    p.add_argument("--lr", type=float, default=None, help="clean fine-tune learning rate (2e-5)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="clean fine-tune batch size (16)")
     p.add_argument("--max-length", type=positive_int, default=64)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="clean fine-tune precision (fp32)")
     p.add_argument("--backend", default=None, help="auto | torch | triton | cpp | cuda")
     p.add_argument("--seed", type=seed_int, default=0)
     add_device_arg(p)
     p.set_defaults(run=run)
+
+
+# Options read by one method or stage only. Their parser default is None, so that one given on
+# the command line (even at its default value) is known, and refused where nothing would read it;
+# the defaults are filled in afterwards.
+OPTION_DEFAULTS = {"select": "random", "sweep_tolerance": 0.01, "top_n": 200, "c": 20.0,
+                   "indicator": "drift_over_hessian", "fisher_at": "finetuned",
+                   "per_example": False, "scope": "global", "epochs": 3, "lr": 2e-5,
+                   "batch_size": 16, "precision": "fp32"}
+
+
+def check_method_options(args) -> None:
+    """Refuse an option the chosen method would ignore without a word (a rho sweep asked of
+    fine-purifying ran at rho 0.3), then fill in the defaults of those not given."""
+    given = lambda name: getattr(args, name) is not None  # noqa: E731
+    method, epur = args.method, args.method == "e-pur" or args.e_pur
+    if args.rho is not None and args.rho_sweep:
+        raise ValueError("--rho and --rho-sweep: the sweep chooses rho among its values; give one "
+                         "of them")
+    if given("top_n") and given("score_threshold"):
+        raise ValueError("--top-n and --score-threshold: E-PUR resets the rows over the "
+                         "threshold, not a count; give one of them")
+    indicator = args.indicator or OPTION_DEFAULTS["indicator"]
+    readers = {  # option -> (who reads it, whether this run does)
+        "select": ("fine-mixing", method == "fine-mixing"),
+        "rho_sweep": ("fine-mixing", method == "fine-mixing"),
+        "sweep_tolerance": ("the rho sweep (--rho-sweep)", bool(args.rho_sweep)),
+        "indicator": ("fine-purifying", method == "fine-purifying"),
+        "scope": ("fine-purifying", method == "fine-purifying"),
+        "fisher_at": ("fine-purifying's Fisher (not computed for --indicator drift)",
+                      method == "fine-purifying" and indicator != "drift"),
+        "per_example": ("fine-purifying's Fisher (not computed for --indicator drift)",
+                        method == "fine-purifying" and indicator != "drift"),
+        "top_n": ("E-PUR (--e-pur or --method e-pur)", epur),
+        "score_threshold": ("E-PUR (--e-pur or --method e-pur)", epur),
+        "c": ("E-PUR (--e-pur or --method e-pur)", epur),
+        "e_pur_corpus": ("E-PUR (--e-pur or --method e-pur)", epur),
+        "epochs": ("the clean fine-tune (fine-mixing, fine-purifying, fine-tune)", method != "e-pur"),
+        "lr": ("the clean fine-tune (fine-mixing, fine-purifying, fine-tune)", method != "e-pur"),
+        "batch_size": ("the clean fine-tune (fine-mixing, fine-purifying, fine-tune)",
+                       method != "e-pur"),
+        "precision": ("the clean fine-tune (fine-mixing, fine-purifying, fine-tune)",
+                      method != "e-pur"),
+    }
+    for name, (owner, read) in readers.items():
+        if given(name) and not read:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} is an option of {owner}; this run (--method {method}"
+                             f"{' with --e-pur' if args.e_pur else ''}) does not use it")
+    for name, default in OPTION_DEFAULTS.items():
+        if not given(name):
+            setattr(args, name, default)
 
 
 def run(args) -> int:
@@ -85,34 +140,7 @@ def run(args) -> int:
     if args.method == "fine-tune" and args.rho is not None:
         raise ValueError("--rho is not used by --method fine-tune (plain clean fine-tuning, "
                          "nothing mixed or reset)")
-    # An option the chosen method does not read would be ignored without a word (a rho sweep
-    # asked of fine-purifying ran at rho 0.3): refuse it instead.
-    if args.rho is not None and args.rho_sweep:
-        raise ValueError("--rho and --rho-sweep: the sweep chooses rho among its values; give one "
-                         "of them")
-    fm, fp, ep = "fine-mixing", "fine-purifying", "E-PUR (--e-pur or --method e-pur)"
-    ft = "the clean fine-tune (fine-mixing, fine-purifying, fine-tune)"
-    used = {fm: args.method == fm, fp: args.method == fp, ep: args.method == "e-pur" or args.e_pur,
-            ft: args.method != "e-pur"}
-    for flag, value, default, owner in (
-            ("--epochs", args.epochs, 3, ft),
-            ("--lr", args.lr, 2e-5, ft),
-            ("--batch-size", args.batch_size, 16, ft),
-            ("--precision", args.precision, "fp32", ft),
-            ("--select", args.select, "random", fm),
-            ("--rho-sweep", args.rho_sweep, None, fm),
-            ("--sweep-tolerance", args.sweep_tolerance, 0.01, fm),
-            ("--indicator", args.indicator, "drift_over_hessian", fp),
-            ("--fisher-at", args.fisher_at, "finetuned", fp),
-            ("--per-example", args.per_example, False, fp),
-            ("--scope", args.scope, "global", fp),
-            ("--top-n", args.top_n, 200, ep),
-            ("--score-threshold", args.score_threshold, None, ep),
-            ("--c", args.c, 20.0, ep),
-            ("--e-pur-corpus", args.e_pur_corpus, None, ep)):
-        if value != default and not used[owner]:
-            raise ValueError(f"{flag} is an option of {owner}; --method {args.method}"
-                             f"{' without --e-pur' if owner == ep else ''} does not use it")
+    check_method_options(args)
     real_in("--lr", args.lr, 0.0, lo_open=True)
     real_in("--sweep-tolerance", args.sweep_tolerance, 0.0)
     real_in("--score-threshold", args.score_threshold, 0.0, optional=True)
@@ -136,7 +164,8 @@ def run(args) -> int:
         suspect, args.pretrained, clean, args.method, tokenizer=tok, e_pur=args.e_pur,
         rho=args.rho, select=args.select, rho_sweep=sweep, sweep_tolerance=args.sweep_tolerance,
         top_n=args.top_n, score_threshold=args.score_threshold, c=args.c, corpus=corpus,
-        indicator=args.indicator, fisher_at=args.fisher_at, per_example=args.per_example, scope=args.scope,
+        indicator=args.indicator, fisher_at=args.fisher_at, per_example=args.per_example,
+        scope=args.scope,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         precision=args.precision, seed=args.seed, backend=args.backend, progress=True)
     report["suspect"] = str(args.suspect)

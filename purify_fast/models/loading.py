@@ -170,13 +170,31 @@ def _fresh_keys_from_checkpoint(model, state: dict) -> frozenset:
             f"with purify_fast.models.load_classifier", UserWarning, stacklevel=3)
         return frozenset()
     prefix = getattr(model, "base_model_prefix", "") or ""
-    fresh = []
+    unmatched = []
     for key, value in state.items():
         # A base model's checkpoint stores "embeddings..." for the task model's "bert.embeddings..."
         stored = key if key in ckpt.tensors else (
             key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else None)
         info = ckpt.tensors.get(stored) if stored else None
         if info is None or tuple(info.shape) != tuple(value.shape):
+            unmatched.append(key)
+    # transformers renames some stored names on load (legacy LayerNorm gamma / beta, converted
+    # checkpoints): a weight whose values equal a stored tensor of its shape was loaded, under
+    # another name. Only a freshly drawn one matches none.
+    by_shape: dict[tuple, list[str]] = {}
+    for name, info in ckpt.tensors.items():
+        by_shape.setdefault(tuple(info.shape), []).append(name)
+    loaded: dict[str, torch.Tensor] = {}
+    fresh = []
+    for key in unmatched:
+        value = state[key]
+        candidates = by_shape.get(tuple(value.shape), []) if value.numel() <= (1 << 24) else []
+        for name in candidates:
+            if name not in loaded:
+                loaded[name] = ckpt.load(name)
+            if torch.equal(loaded[name].to(device=value.device, dtype=value.dtype), value):
+                break
+        else:
             fresh.append(key)
     return frozenset(fresh)
 
