@@ -127,6 +127,19 @@ def _usable(name: str, device: torch.device) -> str:
     return ""
 
 
+def check_name(backend: str | None, name: str = "backend") -> str | None:
+    """``backend`` as an option value (None, "auto" or one of :data:`BACKENDS`), checked when a
+    config is built rather than at the first op call, minutes later; whether it can run on the
+    device is :func:`resolve`'s question."""
+    if backend is None:
+        return None
+    if not isinstance(backend, str) or (backend.lower() != "auto"
+                                        and backend.lower() not in BACKENDS):
+        raise ValueError(f"{name} must be None, 'auto' or one of {', '.join(map(repr, BACKENDS))}; "
+                         f"got {backend!r}")
+    return backend
+
+
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend name an op call runs on.
 

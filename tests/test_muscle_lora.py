@@ -509,3 +509,39 @@ def test_half_precision_base_trains_fp32_factors():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable.values())
     merge_muscle_lora(model)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_train_clean_checks_everything_before_changing_the_model():
+    """A call refused for its data or options leaves the model as it was (it used to be
+    injected first, so the retry failed with 'inject once'); the ablation's own settings are not
+    silently overridden; the reference pool has exactly the size asked for."""
+    from purify_fast.data import TextDataset, load_rotten_tomatoes
+    from purify_fast.defenses.muscle_lora import (
+        MuscleLoRATrainConfig,
+        split_reference_pool,
+        train_clean,
+    )
+    from purify_fast.models import load_classifier
+
+    splits = load_rotten_tomatoes(seed=0, train_size=16, dev_size=20, test_size=8)
+    model, tok = load_classifier("minilm", 2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = MuscleLoRATrainConfig(epochs=1, batch_size=8, max_length=16, progress=False)
+    with pytest.raises(ValueError, match="reference pool needs 96"):
+        train_clean(model, tok, splits.train, splits.dev, config=small)
+    with pytest.raises(ValueError, match="gradient alignment is set by ablation='lora'"):
+        train_clean(model, tok, splits.train, splits.dev, ablation="lora", config=small,
+                    gradient_alignment=True)
+    with pytest.raises(ValueError, match="the MSLR layer is set by ablation='muscle-lora'"):
+        train_clean(model, tok, splits.train, splits.dev, config=small,
+                    inject=MuscleLoRAConfig(use_mslr=False))
+    assert not any(isinstance(m, MultiScaleLoRALinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    trained = train_clean(model, tok, splits.train, splits.dev, config=small, ref_pool_size=8)
+    assert not any(isinstance(m, MultiScaleLoRALinear) for m in trained.modules())  # merged
+
+    three = TextDataset([f"text {i}" for i in range(97)], [i % 3 for i in range(97)], 3)
+    for n, size in ((97, 96), (30, 8), (5, 4)):
+        pool, rest = split_reference_pool(three.take(n), size)
+        assert (len(pool), len(rest)) == (size, n - size)
+        assert sorted(pool.texts + rest.texts) == sorted(three.take(n).texts)

@@ -272,6 +272,8 @@ def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
         (["purify", "--suspect", str(suspect), "--rho", "0.9", "--rho-sweep", "0.3", "--out",
           str(tmp_path / "f")], "--rho and --rho-sweep"),
         (["demo", "--out", str(minilm / "demo_out")], "overlaps the input"),  # it reads MiniLM
+        (["train-clean", "--data", "rotten-tomatoes", "--poison-rate", "0.5", "--out",
+          str(tmp_path / "t")], "--poison-rate is an option of --attack"),
         (["purify", "--suspect", str(suspect), "--top-n", "5", "--out", str(tmp_path / "f")],
          "--top-n is an option of E-PUR (--e-pur or --method e-pur); this run (--method "
          "fine-mixing) does not use it"),

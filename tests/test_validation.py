@@ -83,6 +83,12 @@ def test_one_of():
     (MuscleLoRATrainConfig, "max_raw_grad_ratio", 1.5),
     (MIMICConfig, "student_layers", 0),
     (MIMICConfig, "mine_steps", 0),
+    (MIMICConfig, "epochs", 0),  # it would hand back the untrained student
+    (MIMICConfig, "backend", "gpu"),
+    (MIMICConfig, "mine_hidden", 0),
+    (MIMICConfig, "max_length", 1),
+    (MuscleLoRATrainConfig, "max_length", 1),
+    (MuscleLoRAConfig, "backend", "gpu"),
     (MIMICConfig, "ssl_temperature", 0.0),
     (MIMICConfig, "attn_weight", math.inf),
     (MIMICConfig, "mi_source", "both"),
@@ -131,7 +137,7 @@ def test_configs_name_the_bad_option(make, option, bad):
 @pytest.mark.parametrize("make, values", [
     (TrainConfig, dict(epochs=0, lr=1e-5, warmup_ratio=0.0, clip_norm=None, batch_size=1)),
     (MuscleLoRATrainConfig, dict(epochs=None, lr=None, ref_pool_size=None, max_raw_grad_ratio=1.0)),
-    (MIMICConfig, dict(student_layers=None, epochs=0, attn_weight=0.0, ssl_weight=0.0)),
+    (MIMICConfig, dict(student_layers=None, epochs=1, attn_weight=0.0, ssl_weight=0.0)),
     (MINE, dict(batch_size=2, holdout=0.5, ema=1.0)),
     (FineMixing, dict(rho=0.0, rho_sweep=(0.9, 0.1), sweep_tolerance=0.0)),
     (FinePurifying, dict(rho=1.0, scope="per_tensor", fisher_at="pretrained")),
@@ -152,3 +158,17 @@ def test_rho_sweep_needs_a_list():
             FineMixing(rho_sweep=bad)
     with pytest.raises(ValueError, match=r"rho_sweep value must be in \[0, 1\], got 1.2"):
         FineMixing(rho_sweep=(0.3, 1.2))
+
+
+@pytest.mark.parametrize("make, kwargs, exc, match", [
+    (MIMICConfig, {"student_overrides": [1]}, TypeError, "student_overrides must be a dict"),
+    (MuscleLoRAConfig, {"scales": "124"}, TypeError, "got the string '124'"),
+    (MuscleLoRAConfig, {"scales": [0]}, ValueError, "scales must all be positive"),
+    (MuscleLoRAConfig, {"scales": []}, ValueError, "scales is empty"),
+    (MuscleLoRAConfig, {"use_lora": "no"}, TypeError, "use_lora must be True or False"),
+    (MuscleLoRAConfig, {"use_mslr": 1}, TypeError, "use_mslr must be True, False or None"),
+])
+def test_configs_refuse_values_of_the_wrong_kind(make, kwargs, exc, match):
+    """Refused when the config is built, not after peft injected LoRA or MINE ran for minutes."""
+    with pytest.raises(exc, match=match):
+        make(**kwargs)

@@ -62,9 +62,11 @@ def add_parser(sub):
     p.add_argument("--ref-pool-size", type=positive_int, default=None)
     p.add_argument("--attack", choices=["badnets", "addsent"], default=None,
                    help="plant this backdoor in the training split first (evaluation runs)")
-    p.add_argument("--poison-rate", type=float, default=0.1)
-    p.add_argument("--target-label", type=target_label_arg, default=1,
-                   help="with --attack: the class the trigger maps to, an index or a class name")
+    p.add_argument("--poison-rate", type=float, default=None,
+                   help="with --attack: share of training examples poisoned (0.1)")
+    p.add_argument("--target-label", type=target_label_arg, default=None,
+                   help="with --attack: the class the trigger maps to, an index or a class name "
+                        "(1)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     add_device_arg(p)
     p.add_argument("--seed", type=seed_int, default=0)
@@ -84,6 +86,12 @@ def run(args) -> int:
     from purify_fast.training import seed_everything
 
     check_output_dir(args.out, args.model, args.data, args.dev)
+    for flag, value in (("--poison-rate", args.poison_rate), ("--target-label", args.target_label)):
+        if value is not None and not args.attack:  # nothing would be poisoned
+            raise ValueError(f"{flag} is an option of --attack (the backdoor planted for an "
+                             f"evaluation run); without --attack nothing reads it")
+    args.poison_rate = 0.1 if args.poison_rate is None else args.poison_rate
+    args.target_label = 1 if args.target_label is None else args.target_label
     test = None
     if args.data in CORPORA:
         splits = load_splits(args.data, seed=args.seed, train_size=args.train_size,

@@ -49,6 +49,7 @@ from purify_fast.defenses._common import check_tokenizer
 from purify_fast.defenses.mine import MINE, estimate_layer_mi, layer_weights
 from purify_fast.ops.attention_maps import attention_map_loss
 from purify_fast.training import distributed_launch
+from purify_fast.backend import check_name as check_backend_name
 from purify_fast.validation import int_at_least, one_of, real_in
 
 MI_SOURCES = ("teacher", "student")
@@ -89,8 +90,14 @@ class MIMICConfig:
         int_at_least("student_layers", self.student_layers, 1, optional=True)
         # 0 epochs would hand back the freshly initialised student as if it were purified.
         int_at_least("epochs", self.epochs, 1)
-        for name in ("batch_size", "max_length", "mine_steps", "mine_samples", "mi_every"):
+        for name in ("batch_size", "mine_steps", "mine_samples", "mi_every", "mine_hidden"):
             int_at_least(name, getattr(self, name), 1)
+        int_at_least("max_length", self.max_length, 2)  # [CLS] plus one token at least
+        if not isinstance(self.student_overrides, dict):
+            raise TypeError(f"student_overrides must be a dict of config fields, got "
+                            f"{self.student_overrides!r}")
+        # a typo costs nothing here; at the first attention-loss call it came after MINE
+        check_backend_name(self.backend)
         real_in("lr", self.lr, 0.0, lo_open=True)
         real_in("ssl_temperature", self.ssl_temperature, 0.0, lo_open=True, optional=True)
         for name in ("attn_weight", "ssl_weight", "weight_decay"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ class MuscleLoRATrainConfig:
     clip_norm: float | None = 1.0
     precision: str = "auto"
     seed: int = 0
-    gradient_alignment: bool = True
+    gradient_alignment: bool | None = None  # None: on (train_clean sets it from its ablation)
     ref_pool_size: int | None = None
     ref_batch_size: int | None = None
     loss_threshold: float = 0.4
@@ -92,7 +93,7 @@ class MuscleLoRATrainConfig:
         int_at_least("ref_pool_size", self.ref_pool_size, 1, optional=True)
         real_in("max_raw_grad_ratio", self.max_raw_grad_ratio, 0.0, 1.0)
         real_in("clip_norm", self.clip_norm, 0.0, lo_open=True, optional=True)
-        int_at_least("max_length", self.max_length, 1)
+        int_at_least("max_length", self.max_length, 2)  # [CLS]/BOS plus one token at least
         int_at_least("ref_batch_size", self.ref_batch_size, 1, optional=True)
         real_in("weight_decay", self.weight_decay, 0.0)
         real_in("warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
@@ -153,14 +154,44 @@ def split_reference_pool(dev: TextDataset, size: int, seed: int = 0
                          ) -> tuple[TextDataset, TextDataset]:
     """``(reference_pool, remaining_dev)``: a seeded, label-stratified pool of ``size`` examples
     split off the clean dev set; the remainder keeps choosing the best epoch."""
-    if len(dev) <= size:
-        raise ValueError(f"the clean dev set has {len(dev)} examples; the reference pool needs "
+    check_reference_pool(len(dev), size)
+    # Exactly `size` examples, each class in proportion (largest remainders get the rounding):
+    # per-class rounding alone could take the whole dev set and leave nothing to select with.
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(dev.labels):
+        by_class.setdefault(y, []).append(i)
+    for members in by_class.values():
+        rng.shuffle(members)
+    n = len(dev)
+    quota = {c: size * len(m) // n for c, m in by_class.items()}
+    by_remainder = sorted(by_class, key=lambda c: (-(size * len(by_class[c]) % n), c))
+    for c in by_remainder[:size - sum(quota.values())]:
+        quota[c] += 1
+    chosen = sorted(i for c, m in by_class.items() for i in m[:quota[c]])
+    taken = set(chosen)
+    rest = [i for i in range(n) if i not in taken]
+    return (dev.subset(chosen, f"{dev.name}/ref-pool"), dev.subset(rest, f"{dev.name}/select"))
+
+
+def check_reference_pool(dev_size: int, size: int) -> None:
+    if dev_size <= size:
+        raise ValueError(f"the clean dev set has {dev_size} examples; the reference pool needs "
                          f"{size} plus at least one left for model selection (pass a larger dev "
                          f"set or a smaller ref_pool_size, --ref-pool-size on the command line)")
-    frac = size / len(dev)
-    pool, rest = dev.split((frac, 1.0 - frac), seed=seed,
-                           names=[f"{dev.name}/ref-pool", f"{dev.name}/select"])
-    return pool, rest
+
+
+def _check_training_data(train_data: TextDataset, dev_data: TextDataset,
+                         config: MuscleLoRATrainConfig, family: str) -> None:
+    if len(train_data) == 0:
+        raise ValueError(f"train_data {train_data.name!r} is empty")
+    if train_data.num_labels != dev_data.num_labels:
+        raise ValueError(f"train has {train_data.num_labels} labels, dev {dev_data.num_labels}")
+    if len(dev_data) == 0:
+        raise ValueError(f"dev_data {dev_data.name!r} is empty: the best epoch is chosen on it")
+    if config.gradient_alignment is not False:
+        check_reference_pool(len(dev_data),
+                             config.ref_pool_size or (128 if family == "decoder" else 96))
 
 
 def _cycle(loader) -> Iterator[dict]:
@@ -193,10 +224,7 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
     epochs = config.epochs or (5 if decoder else 10)
     lr = config.lr or (1e-5 if decoder else 2e-5)
     pool_size = config.ref_pool_size or (128 if decoder else 96)
-    if len(train_data) == 0:
-        raise ValueError(f"train_data {train_data.name!r} is empty")
-    if train_data.num_labels != dev_data.num_labels:
-        raise ValueError(f"train has {train_data.num_labels} labels, dev {dev_data.num_labels}")
+    _check_training_data(train_data, dev_data, config, family)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameter: inject MuScleLoRA first (inject_muscle_lora)")
@@ -204,7 +232,7 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
     precision = _resolve_precision(config.precision, device)
     seed_everything(config.seed)
 
-    ga = config.gradient_alignment
+    ga = config.gradient_alignment is not False
     if ga:
         pool, select = split_reference_pool(dev_data, pool_size, seed=config.seed)
         ref_loader = make_loader(pool, tokenizer, config.ref_batch_size or config.batch_size,
@@ -350,7 +378,18 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
         if not isinstance(data, TextDataset):  # before any model is loaded
             raise TypeError(f"{what} must be a TextDataset, got {type(data).__name__}")
     use_mslr, ga = ablation_settings(ablation)
+    # The ablation decides these two; a caller's other value would be overridden without a word.
+    chosen = overrides.get("gradient_alignment", config.gradient_alignment if config else None)
+    if chosen is not None and bool(chosen) != ga:
+        raise ValueError(f"gradient alignment is set by ablation={ablation!r} (it {'uses' if ga else 'drops'} "
+                         f"it); choose the ablation ('muscle-lora', 'lora', 'ga+lora', 'lora+mslr') "
+                         f"instead of config.gradient_alignment")
+    if inject is not None and inject.use_mslr is not None and inject.use_mslr != use_mslr:
+        raise ValueError(f"the MSLR layer is set by ablation={ablation!r} (it "
+                         f"{'uses' if use_mslr else 'drops'} it); choose the ablation instead of "
+                         f"inject.use_mslr")
     inject = dataclasses.replace(inject or MuscleLoRAConfig(), use_mslr=use_mslr)
+    overrides.pop("gradient_alignment", None)
     config = dataclasses.replace(config or MuscleLoRATrainConfig(), gradient_alignment=ga,
                                  **overrides)
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
@@ -362,6 +401,9 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
         model, tok = load_classifier(model, train_data.num_labels)
         tokenizer = tokenizer or tok
     check_classifier(model, tokenizer, "model", train_data.num_labels, "train_data")
+    # Everything that would fail in training is checked before the model is changed in place:
+    # a failed call must leave a model that can be passed again.
+    _check_training_data(train_data, dev_data, config, model_family(model))
     seed_everything(config.seed)  # the adapters' random init is part of the seeded run
     inject_muscle_lora(model, inject)
     result = train_muscle_lora(model, tokenizer, train_data, dev_data, config)

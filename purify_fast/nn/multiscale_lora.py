@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from purify_fast import backend as _backend
 from purify_fast.ops.multiscale_lora import MODES, multiscale_lora, normalize_scales
 from purify_fast.reference.multiscale_lora import merged_weight
 from purify_fast.validation import int_at_least, one_of, real_in
@@ -249,14 +250,21 @@ class MuscleLoRAConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None
     use_lora: bool = True
-    use_mslr: bool = True
+    use_mslr: bool | None = None  # None: on (train_clean sets it from its ablation)
     head_inner: int = 16
     head_dropout: float = 0.1
     train_head: bool = False
     backend: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.scales is not None:  # "124", [], [0] refused here, not after peft injected LoRA
+            self.scales = list(normalize_scales(self.scales))
+        for name in ("use_lora", "train_head"):
+            if not isinstance(getattr(self, name), bool):  # "no" would be true
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.use_mslr is not None and not isinstance(self.use_mslr, bool):
+            raise TypeError(f"use_mslr must be True, False or None, got {self.use_mslr!r}")
+        _backend.check_name(self.backend)
         int_at_least("r_in", self.r_in, 1)
         real_in("alpha", self.alpha, 0.0, lo_open=True, optional=True)
         one_of("mode", self.mode, MODES)
@@ -288,7 +296,7 @@ def _defaults(family: str, cfg: MuscleLoRAConfig) -> dict:
         d = {"scales": [1, 2, 3, 4], "alpha": 4.0, "lora_r": 2, "lora_alpha": 8, "targets": _DECODER_QV}
     scales = list(cfg.scales) if cfg.scales is not None else d["scales"]
     r_in = cfg.r_in
-    if not cfg.use_mslr:
+    if cfg.use_mslr is False:
         # Same number of rank rows, one scale: a plain LoRA of rank n·r_in.
         r_in, scales = len(scales) * r_in, [1.0]
     return {"scales": scales, "r_in": r_in, "alpha": cfg.alpha if cfg.alpha is not None else d["alpha"],
