@@ -264,3 +264,41 @@ def test_encoder_backdoor_target_is_the_reference_centroid():
     for bad in ("", (), ("fine", " ")):
         with pytest.raises(ValueError, match="target_text"):
             EncoderBackdoor(target_text=bad)
+
+
+def test_probe_and_plant_refuse_nonsense_and_leave_the_caller_alone(minilm):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from purify_fast.attacks.encoder_backdoor import EncoderBackdoor
+    from purify_fast.data import TextDataset
+    from purify_fast.defenses.mine import MINE
+
+    enc, tok = minilm
+    two = TextDataset(["good film", "bad film", "fine", "awful"], [1, 0, 1, 0], 2)
+    with pytest.raises(ValueError, match="at least 2 examples of 2 classes"):
+        linear_probe(enc, tok, two.take(1), two)
+    with pytest.raises(ValueError, match="test has 3 classes"):
+        linear_probe(enc, tok, two, TextDataset(["x"], [2], 3))
+    with pytest.raises(ValueError, match="target_label 5 is not a class"):
+        linear_probe(enc, tok, two, two, target_label=5)
+    tiny = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=16,
+                                                    num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=32))
+    with pytest.raises(TypeError, match="got the task model"):
+        linear_probe(tiny, tok, two, two)
+    with pytest.raises(ValueError, match="at least 2 are needed"):
+        MINE(holdout=0.9, batch_size=2).estimate(torch.randn(8, 3), torch.randn(8, 3))
+    for bad in ({"lr": -1.0}, {"clean_weight": float("nan")}, {"max_length": 1}):
+        with pytest.raises(ValueError):
+            EncoderBackdoor(**bad)
+    enc.train()
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    attack = EncoderBackdoor(steps=1, batch_size=2, max_length=16, progress=False)
+    for _ in range(2):
+        attack.plant(enc, tok, two)
+    assert enc.training  # its mode given back
+    assert len(attack.history) == 1  # this plant's losses only
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream untouched
+    enc.eval()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from purify_fast.attacks.badnets import BadNets
 from purify_fast.data.text_dataset import TextDataset, make_loader
-from purify_fast.validation import int_at_least
+from purify_fast.validation import int_at_least, real_in
 
 DEFAULT_TARGET_TEXT = "a wonderful , moving and brilliantly acted film ; one of the best of the year ."
 
@@ -103,6 +103,9 @@ class EncoderBackdoor:
     def __post_init__(self):
         int_at_least("steps", self.steps, 1)
         int_at_least("batch_size", self.batch_size, 1)
+        int_at_least("max_length", self.max_length, 2)
+        real_in("lr", self.lr, 0.0, lo_open=True)
+        real_in("clean_weight", self.clean_weight, 0.0)
         refs = [self.target_text] if isinstance(self.target_text, str) else list(self.target_text)
         if not refs or not all(isinstance(t, str) and t.strip() for t in refs):
             raise ValueError("target_text must be a non-empty string or a non-empty sequence of "
@@ -133,18 +136,30 @@ class EncoderBackdoor:
         return refs[0] if len(refs) == 1 else F.normalize(refs.mean(0), dim=-1)
 
     def plant(self, clean_encoder, tokenizer, shadow: TextDataset):
-        """A backdoored copy of ``clean_encoder`` (the clean one is not modified)."""
-        from tqdm.auto import tqdm
-
+        """A backdoored copy of ``clean_encoder`` (the clean one is not modified: weights, mode
+        and the global random state are as before; ``history`` holds this plant's losses)."""
         if not isinstance(shadow, TextDataset) or len(shadow) == 0:
             raise ValueError("shadow must be a non-empty TextDataset of clean sentences")
         device = next(clean_encoder.parameters()).device
+        was_training = clean_encoder.training
         clean = clean_encoder.eval()
-        bd = copy.deepcopy(clean_encoder).train()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                # seeded without reseeding the caller's global generator
+                torch.manual_seed(self.seed)
+                return self._plant(clean, tokenizer, shadow, device)
+        finally:
+            clean_encoder.train(was_training)  # given back as it came
+
+    def _plant(self, clean, tokenizer, shadow: TextDataset, device):
+        from tqdm.auto import tqdm
+
+        bd = copy.deepcopy(clean).train()
+        bd.requires_grad_(True)  # a frozen clean encoder still gives a trainable copy
         target = self.target_embedding(clean, tokenizer).to(device)
         opt = torch.optim.AdamW(bd.parameters(), lr=self.lr, weight_decay=0.0)
         rng = random.Random(self.seed)
-        torch.manual_seed(self.seed)
+        self.history = []  # this plant's losses, not those of an earlier call
         t0 = time.perf_counter()
         bar = tqdm(range(self.steps), desc="encoder backdoor", disable=not self.progress)
         for _step in bar:

@@ -546,6 +546,19 @@ def linear_probe(encoder, tokenizer, train: TextDataset, test: TextDataset,
     ``train``; returns ``{"cacc", "asr", "asr_no_trigger"}`` (ASR: share of ``triggered``
     predicted ``target_label``; ``triggered`` must hold only non-target inputs; ``asr_no_trigger``:
     share of the clean non-target ``test`` inputs predicted ``target_label``)."""
+    if _is_hf(encoder) and getattr(encoder, "base_model", encoder) is not encoder:
+        raise TypeError(f"encoder must be an encoder (AutoModel), got the task model "
+                        f"{type(encoder).__name__}; pass its encoder, model.base_model")
+    if len(train) < 2 or len(set(train.labels)) < 2:
+        raise ValueError(f"the probe's training set needs at least 2 examples of 2 classes, got "
+                         f"{len(train)} example(s) of {len(set(train.labels))} class(es)")
+    for name, data in (("test", test), ("triggered", triggered)):
+        if data is not None and data.num_labels != train.num_labels:
+            raise ValueError(f"{name} has {data.num_labels} classes, the probe's training set "
+                             f"{train.num_labels}")
+    if target_label is not None and not 0 <= target_label < train.num_labels:
+        raise ValueError(f"target_label {target_label} is not a class (0 to "
+                         f"{train.num_labels - 1})")
     x_tr = _features(encoder, tokenizer, train.texts, max_length)
     y_tr = torch.tensor(train.labels)
     mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)

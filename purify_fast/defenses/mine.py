@@ -112,6 +112,8 @@ class MINE:
         real_in("holdout", self.holdout, 0.0, 1.0, lo_open=True, hi_open=True)
         real_in("ema", self.ema, 0.0, 1.0, lo_open=True)
         real_in("lr", self.lr, 0.0, lo_open=True)
+        for name in ("hidden", "depth", "eval_shuffles", "log_every"):
+            int_at_least(name, getattr(self, name), 1)
 
     def estimate(self, x: torch.Tensor, z: torch.Tensor) -> MIEstimate:
         """Train a fresh statistics network on ``(x, z)`` and return the held-out estimate."""
@@ -121,6 +123,10 @@ class MINE:
         n = x.shape[0]
         perm = torch.randperm(n, generator=gen)
         n_eval = max(4, int(round(self.holdout * n)))
+        if n - n_eval < 2:  # the statistics network needs pairs to train on, and their shuffles
+            raise ValueError(f"{n} samples with holdout {self.holdout}: {n_eval} are held out for "
+                             f"the estimate and {n - n_eval} left to train on; at least 2 are "
+                             f"needed (more samples or a smaller holdout)")
         ev, tr = perm[:n_eval], perm[n_eval:]
         xs, zs = _standardise(x, x[tr]).to(device), _standardise(z, z[tr]).to(device)
         x_tr, z_tr, x_ev, z_ev = xs[tr.to(device)], zs[tr.to(device)], xs[ev.to(device)], zs[ev.to(device)]
