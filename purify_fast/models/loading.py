@@ -151,7 +151,8 @@ def pretrained_state(model) -> dict[str, torch.Tensor]:
 
 def _fresh_keys_from_checkpoint(model, state: dict) -> frozenset:
     """Keys of ``state`` that the checkpoint at ``model.config._name_or_path`` does not hold (or
-    holds with another shape), read from the safetensors headers only."""
+    holds with another shape): names from the safetensors headers, values read only for the
+    weights whose name is not found there."""
     import warnings
 
     from purify_fast.checkpoint import Checkpoint, CheckpointError
@@ -188,7 +189,10 @@ def _fresh_keys_from_checkpoint(model, state: dict) -> frozenset:
     fresh = []
     for key in unmatched:
         value = state[key]
-        candidates = by_shape.get(tuple(value.shape), []) if value.numel() <= (1 << 24) else []
+        # A constant (a zero bias as initialised) could equal some stored tensor by chance.
+        informative = value.numel() > 1 and not bool((value == value.reshape(-1)[0]).all())
+        candidates = (by_shape.get(tuple(value.shape), [])
+                      if informative and value.numel() <= (1 << 24) else [])
         for name in candidates:
             if name not in loaded:
                 loaded[name] = ckpt.load(name)
