@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from purify_fast.attacks.encoder_backdoor import mean_pool
+from purify_fast.backend import check_name as check_backend_name
 from purify_fast.data.text_dataset import TextDataset, make_loader
 from purify_fast.defenses._common import check_tokenizer
 from purify_fast.defenses.mine import MINE, estimate_layer_mi, layer_weights
 from purify_fast.ops.attention_maps import attention_map_loss
 from purify_fast.training import distributed_launch
-from purify_fast.backend import check_name as check_backend_name
 from purify_fast.validation import int_at_least, one_of, real_in
 
 MI_SOURCES = ("teacher", "student")
