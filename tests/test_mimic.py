@@ -167,6 +167,9 @@ def test_one_shot_batches_copied_students_and_layer_lists(minilm):
              for make in (lambda: [torch.randn(8, 3, 6, 6) for _ in range(3)],
                           lambda: (torch.randn(8, 3, 6, 6) for _ in range(3)))]
     assert steps == [6, 6]
+    with pytest.raises(ValueError, match="layer 'head' of _TinyCNN gives \\(8, 16\\)"):
+        MIMIC(cfg).fit(_TinyCNN(6), batches=[torch.randn(8, 3, 6, 6)], student=_TinyCNN(6),
+                       teacher_layers=["head"], student_layers=["head"])
     teacher = _TinyCNN(6)
     with pytest.raises(ValueError, match="holds the teacher's weights"):
         MIMIC(cfg).fit(teacher, batches=[torch.randn(8, 3, 6, 6)], student=copy.deepcopy(teacher),

@@ -227,7 +227,15 @@ class _Taps:
             feat = mean_pool(feat, mask) if mask is not None else feat.mean(1)
         elif feat.dim() == 4:
             feat = feat.mean((2, 3))
-        return [self._store[n] for n in self.layer_ids], feat, mask
+        maps = [self._store[n] for n in self.layer_ids]
+        for name, h in zip(self.layer_ids, maps):
+            if not isinstance(h, torch.Tensor) or h.dim() not in (3, 4):
+                # The attention maps sum F² over channels per position: [B, T, C] or [B, C, H, W]
+                shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+                raise ValueError(f"layer {name!r} of {type(self.model).__name__} gives {shape}; "
+                                 f"MIMIC taps maps with positions, [batch, tokens, channels] or "
+                                 f"[batch, channels, height, width]")
+        return maps, feat, mask
 
     def close(self):
         for h in self._hooks:
