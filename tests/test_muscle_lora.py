@@ -496,8 +496,10 @@ def test_half_precision_base_trains_fp32_factors():
     assert bool((layer.lora_l != before).all())
     with torch.no_grad():
         want = layer(x)
+        plain = layer.to_linear()  # what merge_muscle_lora saves
         layer.merge()
         torch.testing.assert_close(layer(x), want, rtol=1.6e-2, atol=1e-2)
+        assert torch.equal(plain.weight, layer.base.weight)  # the same factors as forward
 
     model = tiny_llama(num_labels=2, vocab_size=64).to(torch.bfloat16)
     inject_muscle_lora(model)

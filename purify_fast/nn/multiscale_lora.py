@@ -62,6 +62,8 @@ class MultiScaleLoRALinear(nn.Module):
         # Over a bf16 / fp16 base the factors are fp32 master weights, cast to the base dtype in
         # forward: AdamW steps of ~lr (1e-5) are far below bf16's spacing and would round away
         # (measured: 69 % of the elements of bf16 factors never moved in 8 steps on a tiny LLaMA).
+        # Inject into the model in the dtype it trains in: casting it afterwards (.half()) casts
+        # the factors too.
         dtype = torch.float32 if w.dtype in HALF_DTYPES else w.dtype
         self.lora_l = nn.Parameter(torch.empty(q, base.in_features, dtype=dtype, device=w.device))
         self.lora_r = nn.Parameter(torch.empty(base.out_features, q, dtype=dtype, device=w.device))
@@ -183,8 +185,7 @@ class MultiScaleLoRALinear(nn.Module):
         out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                         device=base.weight.device, dtype=base.weight.dtype)
         w = base.weight if self.merged else merged_weight(
-            base.weight, self.lora_l.detach(), self.lora_r.detach(), self.scales, self.alpha,
-            self.mode)
+            base.weight, *self._factors(), self.scales, self.alpha, self.mode)
         out.weight.copy_(w)
         if base.bias is not None:
             out.bias.copy_(base.bias)
@@ -318,7 +319,9 @@ def is_adapter_param(name: str) -> bool:
 
 def inject_muscle_lora(model: nn.Module, config: MuscleLoRAConfig | None = None) -> nn.Module:
     """Add the MSLR layer and the attention LoRA to ``model`` in place (instances replaced, no
-    class patching) and freeze every other parameter. Returns ``model``."""
+    class patching) and freeze every other parameter. Returns ``model``. Over a bf16 / fp16 model
+    the trainable factors are fp32 (cast in forward): inject into the model in the dtype it
+    trains in, since casting it afterwards casts them too."""
     cfg = config or MuscleLoRAConfig()
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
