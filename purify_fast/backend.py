@@ -130,13 +130,14 @@ def _usable(name: str, device: torch.device) -> str:
 def check_name(backend: str | None, name: str = "backend") -> str | None:
     """``backend`` as an option value (None, "auto" or one of :data:`BACKENDS`), checked when a
     config is built rather than at the first op call, minutes later; whether it can run on the
-    device is :func:`resolve`'s question."""
+    device is :func:`resolve`'s question (which checks names here too)."""
     if backend is None:
         return None
-    if not isinstance(backend, str) or (backend.lower() != "auto"
-                                        and backend.lower() not in BACKENDS):
-        raise ValueError(f"{name} must be None, 'auto' or one of {', '.join(map(repr, BACKENDS))}; "
-                         f"got {backend!r}")
+    if not isinstance(backend, str):
+        raise TypeError(f"{name} must be a str or None, got {type(backend).__name__} {backend!r}")
+    if backend.lower() != "auto" and backend.lower() not in BACKENDS:
+        raise ValueError(f"{name} must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
+                         f"got {backend.lower()!r}")
     return backend
 
 
@@ -150,12 +151,7 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None
     if backend is None:
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
         source = f"the {ENV_VAR} variable"
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__} {backend!r}")
-    backend = backend.lower()
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
-                         f"got {backend!r}")
+    backend = check_name(backend, source).lower()
     kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
     if backend == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)

@@ -642,12 +642,19 @@ class OutputDir:
 SIDE_FILE_MAX_BYTES = 64 << 20
 
 
-def _side_file_verdict(ckpt: Checkpoint, p: Path) -> str | None:
-    """None when ``p`` (an entry of the checkpoint directory) is carried into the output, "" when
-    it is skipped as a matter of course, otherwise why it is left out (for the user to hear)."""
+def _side_file_verdicts(ckpt: Checkpoint) -> list[tuple[Path, str | None]]:
+    """Each entry of the checkpoint directory with None when it is carried into the output, ""
+    when it is skipped as a matter of course, otherwise why it is left out (for the user to
+    hear)."""
+    if not ckpt.path.is_dir():
+        return []
+    shards = {f.name for f in ckpt.files}
+    return [(p, _side_file_verdict(p, shards)) for p in sorted(ckpt.path.iterdir())]
+
+
+def _side_file_verdict(p: Path, shards: set[str]) -> str | None:
     # The weights themselves are written purified; the index and manifest are written anew.
-    if (p.name in (INDEX_NAME, MANIFEST_NAME) or p.name.startswith(".")
-            or p.name in {f.name for f in ckpt.files}):
+    if p.name in (INDEX_NAME, MANIFEST_NAME) or p.name.startswith(".") or p.name in shards:
         return ""
     if p.name == "report.json" or p.name.startswith("purify_fast_"):
         return "a purify_fast report about the suspect (its attack, its ASR), not the output"
@@ -667,23 +674,14 @@ def _side_file_verdict(ckpt: Checkpoint, p: Path) -> str | None:
 
 def side_files(ckpt: Checkpoint) -> list[Path]:
     """Small files next to a checkpoint's weights (config, tokenizer) to carry into the output."""
-    if not ckpt.path.is_dir():
-        return []
-    return sorted(p for p in ckpt.path.iterdir() if _side_file_verdict(ckpt, p) is None)
+    return [p for p, why in _side_file_verdicts(ckpt) if why is None]
 
 
 def side_files_left_out(ckpt: Checkpoint) -> list[str]:
     """``"name: why"`` for every entry next to the weights that :func:`side_files` does not carry
     (subdirectories, other weight files, large or unknown files), so the caller can say so
     instead of the output silently lacking them."""
-    if not ckpt.path.is_dir():
-        return []
-    out = []
-    for p in sorted(ckpt.path.iterdir()):
-        why = _side_file_verdict(ckpt, p)
-        if why:
-            out.append(f"{p.name}: {why}")
-    return out
+    return [f"{p.name}: {why}" for p, why in _side_file_verdicts(ckpt) if why]
 
 
 def write_checkpoint(tensors: dict[str, torch.Tensor], out: str | os.PathLike, *,

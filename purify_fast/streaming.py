@@ -80,7 +80,7 @@ from purify_fast.checkpoint import (
 )
 from purify_fast.fileio import fsync_dir_if_possible
 from purify_fast.ops.weight_space import NUM_BINS
-from purify_fast.validation import int_at_least, one_of, real_in
+from purify_fast.validation import int_at_least, one_of, real_in, seed_value
 
 METHODS = ("mix", "e-pur", "fine-purifying")
 DEFAULT_RHO = {"mix": 0.5, "fine-purifying": 0.1, "e-pur": 0.0}
@@ -141,8 +141,7 @@ class PurifyConfig:
             self.e_pur = True
         int_at_least("top_n", self.top_n, 0)
         real_in("score_threshold", self.score_threshold, 0.0, optional=True)
-        if int_at_least("seed", self.seed, 0) >= 2**32:
-            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        seed_value(self.seed)
         self.special_ids = tuple(sorted({int(i) for i in self.special_ids}))
 
     def record(self) -> dict:

@@ -80,13 +80,16 @@ def seed_int(text: str) -> int:
     numpy), checked at parse time rather than after minutes of training."""
     import argparse
 
+    from purify_fast.validation import seed_value
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**32), got {value}")
-    return value
+    try:
+        return seed_value(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_int(text: str) -> int:

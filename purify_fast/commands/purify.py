@@ -93,26 +93,21 @@ def check_method_options(args) -> None:
         raise ValueError("--top-n and --score-threshold: E-PUR resets the rows over the "
                          "threshold, not a count; give one of them")
     indicator = args.indicator or OPTION_DEFAULTS["indicator"]
+    fm, fp = method == "fine-mixing", method == "fine-purifying"
+    fisher = fp and indicator != "drift"
+    fine_tunes = method != "e-pur"
+    ep_owner = "E-PUR (--e-pur or --method e-pur)"
+    fisher_owner = "fine-purifying's Fisher (not computed for --indicator drift)"
+    ft_owner = "the clean fine-tune (fine-mixing, fine-purifying, fine-tune)"
     readers = {  # option -> (who reads it, whether this run does)
-        "select": ("fine-mixing", method == "fine-mixing"),
-        "rho_sweep": ("fine-mixing", method == "fine-mixing"),
+        "select": ("fine-mixing", fm), "rho_sweep": ("fine-mixing", fm),
         "sweep_tolerance": ("the rho sweep (--rho-sweep)", bool(args.rho_sweep)),
-        "indicator": ("fine-purifying", method == "fine-purifying"),
-        "scope": ("fine-purifying", method == "fine-purifying"),
-        "fisher_at": ("fine-purifying's Fisher (not computed for --indicator drift)",
-                      method == "fine-purifying" and indicator != "drift"),
-        "per_example": ("fine-purifying's Fisher (not computed for --indicator drift)",
-                        method == "fine-purifying" and indicator != "drift"),
-        "top_n": ("E-PUR (--e-pur or --method e-pur)", epur),
-        "score_threshold": ("E-PUR (--e-pur or --method e-pur)", epur),
-        "c": ("E-PUR (--e-pur or --method e-pur)", epur),
-        "e_pur_corpus": ("E-PUR (--e-pur or --method e-pur)", epur),
-        "epochs": ("the clean fine-tune (fine-mixing, fine-purifying, fine-tune)", method != "e-pur"),
-        "lr": ("the clean fine-tune (fine-mixing, fine-purifying, fine-tune)", method != "e-pur"),
-        "batch_size": ("the clean fine-tune (fine-mixing, fine-purifying, fine-tune)",
-                       method != "e-pur"),
-        "precision": ("the clean fine-tune (fine-mixing, fine-purifying, fine-tune)",
-                      method != "e-pur"),
+        "indicator": ("fine-purifying", fp), "scope": ("fine-purifying", fp),
+        "fisher_at": (fisher_owner, fisher), "per_example": (fisher_owner, fisher),
+        "top_n": (ep_owner, epur), "score_threshold": (ep_owner, epur), "c": (ep_owner, epur),
+        "e_pur_corpus": (ep_owner, epur),
+        "epochs": (ft_owner, fine_tunes), "lr": (ft_owner, fine_tunes),
+        "batch_size": (ft_owner, fine_tunes), "precision": (ft_owner, fine_tunes),
     }
     for name, (owner, read) in readers.items():
         if given(name) and not read:

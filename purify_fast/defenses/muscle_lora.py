@@ -190,8 +190,12 @@ def _check_training_data(train_data: TextDataset, dev_data: TextDataset,
     if len(dev_data) == 0:
         raise ValueError(f"dev_data {dev_data.name!r} is empty: the best epoch is chosen on it")
     if config.gradient_alignment is not False:
-        check_reference_pool(len(dev_data),
-                             config.ref_pool_size or (128 if family == "decoder" else 96))
+        check_reference_pool(len(dev_data), _pool_size(config, family))
+
+
+def _pool_size(config: MuscleLoRATrainConfig, family: str) -> int:
+    """The reference pool: the configured size, else 128 for decoders, 96 for encoders."""
+    return config.ref_pool_size or (128 if family == "decoder" else 96)
 
 
 def _cycle(loader) -> Iterator[dict]:
@@ -223,7 +227,7 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
     decoder = family == "decoder"
     epochs = config.epochs or (5 if decoder else 10)
     lr = config.lr or (1e-5 if decoder else 2e-5)
-    pool_size = config.ref_pool_size or (128 if decoder else 96)
+    pool_size = _pool_size(config, family)
     _check_training_data(train_data, dev_data, config, family)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

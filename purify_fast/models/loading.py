@@ -171,14 +171,11 @@ def _fresh_keys_from_checkpoint(model, state: dict) -> frozenset:
             f"with purify_fast.models.load_classifier", UserWarning, stacklevel=3)
         return frozenset()
     prefix = getattr(model, "base_model_prefix", "") or ""
-    unmatched = []
-    for key, value in state.items():
-        # A base model's checkpoint stores "embeddings..." for the task model's "bert.embeddings..."
-        stored = key if key in ckpt.tensors else (
-            key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else None)
-        info = ckpt.tensors.get(stored) if stored else None
-        if info is None or tuple(info.shape) != tuple(value.shape):
-            unmatched.append(key)
+    # A base model's checkpoint stores "embeddings..." for the task model's "bert.embeddings...":
+    # its tensors count under both names (its own first).
+    stored = {**ckpt.under_prefix(prefix + ".").tensors, **ckpt.tensors} if prefix else ckpt.tensors
+    unmatched = [key for key, value in state.items()
+                 if key not in stored or tuple(stored[key].shape) != tuple(value.shape)]
     # transformers renames some stored names on load (legacy LayerNorm gamma / beta, converted
     # checkpoints): a weight whose values equal a stored tensor of its shape was loaded, under
     # another name. Only a freshly drawn one matches none.
