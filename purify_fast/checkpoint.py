@@ -43,7 +43,7 @@ from purify_fast.fileio import atomic_write_bytes, fsync_path
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "purify_manifest.json"
-MANIFEST_VERSION = 2  # 2: input fingerprints sample every tensor's bytes
+MANIFEST_VERSION = 3  # 2: input fingerprints sample every tensor's bytes; 3: start, middle and end
 # A header larger than this is not a real safetensors header (the Rust library caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 # Files next to the weights that a loadable model directory needs (config, tokenizer, ...).
@@ -176,6 +176,7 @@ class Checkpoint:
     sharded: bool
     metadata: dict[str, dict[str, str]] = field(default_factory=dict)  # per shard file name
     header_digest: dict[str, str] = field(default_factory=dict)        # sha256 of each header
+    index_metadata: dict = field(default_factory=dict)  # the index's "metadata" (sharded only)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Checkpoint:
@@ -228,6 +229,8 @@ class Checkpoint:
         if extra:
             raise CheckpointError(f"{index_path}: tensor {extra[0]!r} in "
                                   f"{ckpt.tensors[extra[0]].file.name} is not in the index")
+        meta = index.get("metadata")
+        ckpt.index_metadata = dict(meta) if isinstance(meta, dict) else {}
         return ckpt
 
     @classmethod
@@ -269,11 +272,12 @@ class Checkpoint:
 
     def fingerprint(self) -> dict:
         """What identifies these inputs for resuming: file names, sizes, header digests, and a
-        digest of a 4 KiB sample from the middle of every tensor. Two fine-tunes of one
+        digest of 4 KiB samples from the start, middle and end of every tensor. Two fine-tunes of one
         architecture have identical headers, and a resume must not splice their outputs; a
         sample of every tensor tells them apart even when a fine-tune touched only some tensors
-        (LoRA merged into q/v, a frozen embedding), at ~1 MB of reads for a 7B model, where
-        hashing every byte would read the whole model."""
+        (LoRA merged into q/v, a frozen embedding), at ~3 MB of reads for a 7B model, where
+        hashing every byte would read the whole model. An edit outside the samples goes
+        unnoticed: a resume is for the same files, not a check of them."""
         return {f.name: {"size": f.stat().st_size, "header_sha256": self.header_digest[f.name],
                          "sample_sha256": _sample_digest(f, [self.tensors[k]
                                                              for k in self.keys_in(f)])}
@@ -294,14 +298,18 @@ _SAMPLE_BYTES = 1 << 12
 
 
 def _sample_digest(path: Path, infos: Sequence[TensorInfo]) -> str:
-    """sha256 of up to ``_SAMPLE_BYTES`` from the middle of each tensor's bytes in ``path``."""
+    """sha256 of up to ``_SAMPLE_BYTES`` from the start, the middle and the end of each tensor's
+    bytes in ``path`` (the first rows, where an embedding's special and trigger tokens often are;
+    the last, where a grown vocabulary's new tokens are)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for info in sorted(infos, key=lambda i: i.begin):
             size = info.end - info.begin
-            start = info.data_start + info.begin + max(0, size // 2 - _SAMPLE_BYTES // 2)
-            fh.seek(start)
-            digest.update(fh.read(min(size, _SAMPLE_BYTES)))
+            base = info.data_start + info.begin
+            for offset in sorted({0, max(0, size // 2 - _SAMPLE_BYTES // 2),
+                                  max(0, size - _SAMPLE_BYTES)}):
+                fh.seek(base + offset)
+                digest.update(fh.read(min(size, _SAMPLE_BYTES)))
     return digest.hexdigest()
 
 
@@ -360,12 +368,23 @@ def base_model_prefix(pretrained: Checkpoint, suspect: Checkpoint) -> str | None
     return prefix
 
 
+# The share of the suspect's floating-point weights that may lack a pre-trained counterpart: a new
+# classifier head (and a pooler the base checkpoint lacks) is well under 1 % of any real encoder or
+# decoder; more means the pre-trained model is another model (or names its tensors otherwise), and
+# purifying only the part that matches would silently leave the rest of the suspect (and any
+# backdoor in it) untouched.
+MAX_UNMATCHED_SHARE = 0.05
+
+
 def compare(pretrained: Checkpoint, suspect: Checkpoint, *, allow_new_keys: bool = False,
             base_prefix: str | None = None) -> tuple[list[str], list[str]]:
     """Check two checkpoints describe the same model; returns (shared keys, suspect-only keys).
 
-    Shape or dtype differences are always errors. Keys present on one side only are errors unless
-    ``allow_new_keys`` (a fine-tuned model with a new head: those tensors are kept as they are).
+    Shape differences, and dtype differences other than between two floating-point dtypes (the
+    pre-trained tensor is then cast to the suspect's, as the in-memory defenses do), are always
+    errors. Keys present on one side only are errors unless ``allow_new_keys`` (a fine-tuned model
+    with a new head: those tensors are kept as they are); suspect-only tensors holding more than
+    :data:`MAX_UNMATCHED_SHARE` of its floating-point weights are an error even then.
     ``base_prefix`` says ``pretrained`` is the suspect's base model, already renamed with
     :meth:`Checkpoint.under_prefix` (see :func:`base_model_prefix`): the suspect's tensors outside
     the prefix are its task head, kept as they are, and the base's non-float buffers that the
@@ -380,7 +399,7 @@ def compare(pretrained: Checkpoint, suspect: Checkpoint, *, allow_new_keys: bool
         if other.shape != info.shape:
             raise CheckpointError(f"tensor {key!r}: shape {list(info.shape)} in {info.file} but "
                                   f"{list(other.shape)} in {other.file}")
-        if other.dtype != info.dtype:
+        if other.dtype != info.dtype and not (other.is_float and info.is_float):
             raise CheckpointError(f"tensor {key!r}: dtype {info.dtype} in {info.file} but "
                                   f"{other.dtype} in {other.file}")
         shared.append(key)
@@ -411,6 +430,18 @@ def compare(pretrained: Checkpoint, suspect: Checkpoint, *, allow_new_keys: bool
                               "tensors unchanged and ignore pre-trained-only ones.")
     if not shared:
         raise CheckpointError(f"{pretrained.path} and {suspect.path} share no tensor names")
+    # Even with allow_new_keys: keeping a new head is one thing, keeping most of the model
+    # unpurified (a pre-trained checkpoint of another naming scheme) is another.
+    total = sum(i.numel for i in suspect.tensors.values() if i.is_float)
+    kept = sum(suspect.tensors[k].numel for k in unmatched if suspect.tensors[k].is_float)
+    if kept > MAX_UNMATCHED_SHARE * total:
+        raise CheckpointError(
+            f"{len(unmatched)} suspect tensor(s) ({100 * kept / total:.0f} % of its floating-point "
+            f"weights; e.g. {unmatched[0]!r}) have no counterpart in {pretrained.path}: they would "
+            f"be written unpurified. allow_new_keys (--allow-new-keys) keeps a new head (at most "
+            f"{MAX_UNMATCHED_SHARE:.0%} of the weights), not the rest of the model; is the "
+            f"pre-trained checkpoint the model the suspect was fine-tuned from, saved under the "
+            f"same tensor names?")
     return shared, new
 
 
@@ -646,10 +677,15 @@ def _side_file_verdicts(ckpt: Checkpoint) -> list[tuple[Path, str | None]]:
     """Each entry of the checkpoint directory with None when it is carried into the output, ""
     when it is skipped as a matter of course, otherwise why it is left out (for the user to
     hear)."""
-    if not ckpt.path.is_dir():
-        return []
     shards = {f.name for f in ckpt.files}
-    return [(p, _side_file_verdict(p, shards)) for p in sorted(ckpt.path.iterdir())]
+    if ckpt.path.is_dir():
+        return [(p, _side_file_verdict(p, shards)) for p in sorted(ckpt.path.iterdir())]
+    # A weights file given by itself: the directory around it may be anything (Downloads, /tmp),
+    # so nothing is carried from it, but what a directory argument would have carried is named.
+    why = (f"the suspect was given as the file {ckpt.path.name}, not its directory: pass the "
+           f"directory to carry its config / tokenizer files")
+    return [(p, why if _side_file_verdict(p, shards) is None else "")
+            for p in sorted(ckpt.path.parent.iterdir())]
 
 
 def _side_file_verdict(p: Path, shards: set[str]) -> str | None:

@@ -170,6 +170,7 @@ class PurifyResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     base_prefix: str | None = None  # the pre-trained base model's tensors were paired under it
     kept: list[str] = field(default_factory=list)  # suspect tensors without a counterpart, as they were
+    cast: list[str] = field(default_factory=list)  # pre-trained tensors cast to the suspect's dtype
     # "name: why" for what sits beside the suspect's weights but was not carried into the output
     side_files_left_out: list[str] = field(default_factory=list)
 
@@ -449,8 +450,14 @@ class _Plan:
         if hessian is not None and cfg.method != "fine-purifying":
             raise ValueError(f"a Hessian is only used by fine-purifying, not {cfg.method!r}; "
                              f"drop --hessian")
-        self.processed = [k for k in shared if ft[k].is_float] if cfg.method != "e-pur" else []
+        # An empty tensor has nothing to purify: it is copied as it is.
+        self.processed = ([k for k in shared if ft[k].is_float and ft[k].numel > 0]
+                          if cfg.method != "e-pur" else [])
         self.emb_key = _find_embedding(cfg, ft) if cfg.e_pur else None
+        # Pre-trained tensors of another floating-point dtype (an fp16 base under a bf16
+        # fine-tune) are cast to the suspect's as they are read, as the in-memory defenses do.
+        self.cast = [k for k in shared if pre[k].dtype != ft[k].dtype
+                     and (k in self.processed or k == self.emb_key)]
         if self.emb_key is not None and self.emb_key not in shared_set:
             raise CheckpointError(f"embedding {self.emb_key!r} has no pre-trained counterpart in "
                                   f"{pre.path}")
@@ -476,7 +483,10 @@ class _Plan:
         self.owner = assign_ranks(list(ft.tensors.values()), world_size)
         self.index = None
         if ft.sharded:
-            self.index = {"metadata": {"total_size": sum(i.nbytes for i in ft.tensors.values())},
+            # The suspect's index metadata (transformers also writes total_parameters) is kept;
+            # total_size is recomputed from what is written.
+            self.index = {"metadata": {**ft.index_metadata,
+                                       "total_size": sum(i.nbytes for i in ft.tensors.values())},
                           "weight_map": {k: ft[k].file.name for k in sorted(ft.keys())}}
 
 
@@ -556,7 +566,7 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
             if cfg.e_pur and "reset_rows" not in od.state:
                 t0 = time.perf_counter()
                 try:
-                    rows = epur_rows(pre.load(plan.emb_key).to(device),
+                    rows = epur_rows(pre.load(plan.emb_key).to(device, ft[plan.emb_key].torch_dtype),
                                      ft.load(plan.emb_key).to(device),
                                      freqs, cfg)
                 except (ValueError, TypeError) as exc:
@@ -608,6 +618,8 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
                     if info is not None:
                         load_tensor(info, out=view)
                         bytes_read += info.nbytes
+                if infos[0] is not None and infos[0].dtype != infos[1].dtype:
+                    views[0] = views[0].to(infos[1].torch_dtype)  # see _Plan.cast
                 yield (k, slot, *views)
         return _prefetch(produce)
 
@@ -786,6 +798,7 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
                         resumed=resumed, shards_total=len(plan.layouts), shards_skipped=skipped,
                         threshold=threshold, reset_rows=[int(r) for r in reset_rows],
                         stage_seconds=stages, base_prefix=base_prefix, kept=list(plan.new),
+                        cast=list(plan.cast),
                         side_files_left_out=side_files_left_out(ft))
 
 
@@ -800,6 +813,8 @@ def purify_state_dict(pretrained: dict[str, torch.Tensor], suspect: dict[str, to
     out = {}
     emb_key = None
     ft = dict(suspect)
+    pretrained = {k: (v.to(ft[k].dtype) if k in ft and v.is_floating_point()
+                      and ft[k].is_floating_point() else v) for k, v in pretrained.items()}
     if cfg.e_pur:
         emb_key = cfg.embedding_key or next(
             (k for k, v in ft.items() if k.endswith(EMBEDDING_SUFFIXES) and v.dim() == 2), None)
@@ -812,7 +827,7 @@ def purify_state_dict(pretrained: dict[str, torch.Tensor], suspect: dict[str, to
             e = ft[emb_key].clone()
             e[rows] = pretrained[emb_key][rows]
             ft[emb_key] = e
-    keys = [k for k in ft if k in pretrained and ft[k].is_floating_point()
+    keys = [k for k in ft if k in pretrained and ft[k].is_floating_point() and ft[k].numel()
             and cfg.method != "e-pur"]
     threshold = None
     if cfg.method == "fine-purifying" and cfg.scope == "global":
@@ -839,6 +854,47 @@ def purify_state_dict(pretrained: dict[str, torch.Tensor], suspect: dict[str, to
 
 # --------------------------------------------------------------------------- diagonal Fisher
 
+def fisher_checkpoint_keys(model: torch.nn.Module, ckpt: Checkpoint
+                           ) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """What a :class:`DiskFisher` of ``model`` needs beyond its parameters to cover every
+    floating-point tensor of ``ckpt``, the checkpoint it was loaded from (``purify_checkpoint``
+    wants a Hessian for each): ``(aliases, zeros)`` for DiskFisher's arguments of those names.
+    A tied weight stored under a second name (``lm_head.weight`` beside the embedding) shares the
+    parameter's Fisher; a tensor that gets no gradient (a float buffer such as an old LLaMA's
+    ``rotary_emb.inv_freq``, a frozen parameter) has Fisher 0.
+
+    A checkpoint tensor that is none of these is an error, raised before any batch: transformers
+    renamed or fused it on load (mixture-of-experts weights), so no Fisher key could name it."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    owner_of = {id(p): n for n, p in trainable.items()}
+    every = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    aliases, zeros, unknown = {}, {}, []
+    for key, info in ckpt.tensors.items():
+        if not info.is_float:
+            continue
+        if key in trainable:
+            if tuple(trainable[key].shape) != tuple(info.shape):
+                unknown.append(f"{key} (shape {list(info.shape)} stored, "
+                               f"{list(trainable[key].shape)} loaded)")
+            continue
+        tensor = every.get(key, buffers.get(key))
+        if tensor is None or tuple(tensor.shape) != tuple(info.shape):
+            unknown.append(key)
+        elif id(tensor) in owner_of:
+            aliases[key] = owner_of[id(tensor)]
+        else:
+            zeros[key] = tuple(info.shape)
+    if unknown:
+        raise CheckpointError(
+            f"{len(unknown)} floating-point tensor(s) of {ckpt.path} have no counterpart in the "
+            f"model as transformers loaded it (e.g. {', '.join(unknown[:3])}): it renamed or "
+            f"reshaped them on load (mixture-of-experts weights are fused), so a Fisher keyed by "
+            f"the loaded names could not feed purify-checkpoint. Use purify-checkpoint "
+            f"--indicator drift, which needs no Hessian")
+    return aliases, zeros
+
+
 class DiskFisher:
     """Diagonal Fisher ``H_i = mean over batches of g_i²`` with fp32 accumulators on disk.
 
@@ -857,18 +913,31 @@ class DiskFisher:
     directory, which a new DiskFisher refuses (with its name) until it is removed.
 
     ``names`` maps parameters to checkpoint keys (default: ``model.named_parameters()`` names,
-    which match ``model.state_dict()`` and so ``save_pretrained`` output).
+    which match ``model.state_dict()`` and so ``save_pretrained`` output). ``aliases`` adds
+    entries holding another entry's Fisher (``{alias: parameter name}``: a tied weight the
+    checkpoint stores twice), ``zeros`` entries that stay 0 (``{key: shape}``: a tensor with no
+    gradient, such as a float buffer saved in the checkpoint); see :func:`fisher_checkpoint_keys`.
     """
 
     def __init__(self, model: torch.nn.Module, out_dir: str | os.PathLike, *,
                  max_shard_bytes: int = 2 << 30, names: dict[str, str] | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, aliases: dict[str, str] | None = None,
+                 zeros: dict[str, tuple[int, ...]] | None = None):
         self.model = model
         self.backend = backend
         self.params = [(names.get(n, n) if names else n, p) for n, p in model.named_parameters()
                        if p.requires_grad]
         if not self.params:
             raise ValueError("model has no parameter with requires_grad=True")
+        shapes = {key: tuple(p.shape) for key, p in self.params}
+        self.aliases = dict(aliases or {})
+        bad = [a for a, owner in self.aliases.items() if owner not in shapes or a in shapes]
+        if bad:
+            raise ValueError(f"aliases must map new keys to trainable parameter names: {bad[:3]}")
+        self.zeros = {k: tuple(v) for k, v in (zeros or {}).items()}
+        clash = [k for k in self.zeros if k in shapes or k in self.aliases]
+        if clash:
+            raise ValueError(f"zeros must name new keys: {clash[:3]}")
         self.final = Path(out_dir)
         self.out = self.final.with_name(self.final.name + ".partial")
         self._create_files(max_shard_bytes)
@@ -899,8 +968,11 @@ class DiskFisher:
                                   f"start again")
         groups: list[list[TensorInfo]] = [[]]
         size = 0
-        for name, p in self.params:
-            info = TensorInfo(name, "F32", tuple(p.shape), Path(), 0, p.numel() * 4, 0)
+        shapes = {name: tuple(p.shape) for name, p in self.params}
+        entries = (list(shapes.items()) + [(a, shapes[o]) for a, o in self.aliases.items()]
+                   + list(self.zeros.items()))
+        for name, shape in entries:
+            info = TensorInfo(name, "F32", shape, Path(), 0, math.prod(shape) * 4, 0)
             if groups[-1] and size + info.nbytes > max_shard_bytes:
                 groups.append([])
                 size = 0
@@ -949,8 +1021,10 @@ class DiskFisher:
     def finish(self) -> Path:
         if self.batches == 0:
             raise ValueError("no batch was accumulated: call step() after each backward()")
-        for acc in self.acc.values():
-            acc.div_(self.batches)
+        for key, _ in self.params:
+            self.acc[key].div_(self.batches)
+        for alias, owner in self.aliases.items():
+            self.acc[alias].copy_(self.acc[owner])
         self.acc.clear()
         self._maps.clear()  # unmaps: dirty pages stay in the page cache; fsync makes them durable
         for f in self.ckpt.files:

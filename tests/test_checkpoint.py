@@ -204,10 +204,15 @@ def test_compare_reports_shape_dtype_and_keys(tmp_path):
     s["layer.1.w"] = torch.zeros(24, 15)
     with pytest.raises(CheckpointError, match=r"'layer\.1\.w': shape \[24, 15\].*\[24, 16\]"):
         ck.compare(a, Checkpoint.open(write_checkpoint(s, tmp_path / "b")))
+    # Two floating-point dtypes pair (the pre-trained tensor is cast, as in memory); a float
+    # against an integer tensor does not.
     s = _state()
     s["layer.0.b"] = s["layer.0.b"].float()
-    with pytest.raises(CheckpointError, match=r"'layer\.0\.b': dtype F32.*F16"):
-        ck.compare(a, Checkpoint.open(write_checkpoint(s, tmp_path / "c")))
+    shared, _ = ck.compare(a, Checkpoint.open(write_checkpoint(s, tmp_path / "c")))
+    assert "layer.0.b" in shared
+    s["layer.0.b"] = s["layer.0.b"].to(torch.int32)
+    with pytest.raises(CheckpointError, match=r"'layer\.0\.b': dtype I32.*F16"):
+        ck.compare(a, Checkpoint.open(write_checkpoint(s, tmp_path / "c2")))
     s = _state()
     s["head.weight"] = torch.zeros(2, 16)
     d = Checkpoint.open(write_checkpoint(s, tmp_path / "d"))
@@ -215,6 +220,12 @@ def test_compare_reports_shape_dtype_and_keys(tmp_path):
         ck.compare(a, d)
     shared, new = ck.compare(a, d, allow_new_keys=True)
     assert new == ["head.weight"] and set(shared) == set(_state())
+    # allow_new_keys keeps a head, not most of the model: a pre-trained checkpoint naming its
+    # tensors otherwise would leave the suspect unpurified (the audit saw 4 of 5 tensors kept).
+    s = {(k + "_renamed" if k != "layer.0.b" else k): v for k, v in _state().items()}
+    g = Checkpoint.open(write_checkpoint(s, tmp_path / "g"))
+    with pytest.raises(CheckpointError, match=r"\d+ % of its floating-point weights.*unpurified"):
+        ck.compare(a, g, allow_new_keys=True)
     # A classifier saved by transformers wraps its base model's tensors under a prefix: say so
     # and how to pair them, instead of "share no tensor names".
     wrapped = {"bert." + k: v for k, v in _state().items()}

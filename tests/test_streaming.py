@@ -308,8 +308,8 @@ def test_bad_inputs_fail_before_any_output(model, tmp_path, monkeypatch):
     _no_output(tmp_path)
     # shape / dtype mismatch between the checkpoints
     F = dict(model["F"])
-    F["model.norm.weight"] = F["model.norm.weight"].half()
-    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight': dtype F16 .* F32"):
+    F["model.norm.weight"] = F["model.norm.weight"].to(torch.int32)
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight': dtype I32 .* F32"):
         run(write_checkpoint(F, tmp_path / "dt"), method="mix")
     F = dict(model["F"])
     F["model.norm.weight"] = torch.ones(33)
@@ -452,7 +452,7 @@ def test_fault_after_n_shards_then_resume_is_byte_identical(model, tmp_path):
     # a manifest of another purify_fast version is refused with that reason
     manifest = json.loads((partial / ck.MANIFEST_NAME).read_text())
     (partial / ck.MANIFEST_NAME).write_text(json.dumps({**manifest, "version": 1}))
-    with pytest.raises(CheckpointError, match="manifest version 1, this one writes 2"):
+    with pytest.raises(CheckpointError, match="manifest version 1, this one writes 3"):
         purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", resume=True, **kw)
     (partial / ck.MANIFEST_NAME).write_text(json.dumps(manifest))
     res = purify_checkpoint(model["pre"], model["ft"], tmp_path / "o", resume=True, **kw)
@@ -847,3 +847,188 @@ def test_output_loads_with_transformers(tmp_path):
         want = ops.mix_weights(pre.load(name), ft.load(name), 0.5, seed=4, key=name)
         assert torch.equal(p, want), name
     assert res.shards_total == len(ft.files) > 1
+
+
+# --------------------------------------------------------------------------- unusual checkpoints
+
+def test_fp8_empty_and_index_metadata(model, tmp_path):
+    """An fp8 tensor is checked for NaN (torch has no isfinite for it) and purified; an empty one
+    is copied as it is (nothing to purify); the suspect index's metadata is kept."""
+    P, F = dict(model["P"]), dict(model["F"])
+    for key, value in (("extra.fp8", torch.randn(5, 7)), ("extra.empty", torch.zeros(0))):
+        P[key] = value.to(torch.float8_e4m3fn) if key == "extra.fp8" else value
+        F[key] = (value + 0.5).to(torch.float8_e4m3fn) if key == "extra.fp8" else value
+    pre = write_checkpoint(P, tmp_path / "pre", max_shard_bytes=SHARD)
+    ft = write_checkpoint(F, tmp_path / "ft", max_shard_bytes=SHARD)
+    index = json.loads((ft / ck.INDEX_NAME).read_text())
+    index["metadata"]["total_parameters"] = 12345
+    (ft / ck.INDEX_NAME).write_text(json.dumps(index))
+    out = purify_checkpoint(pre, ft, tmp_path / "o", method="mix", rho=0.5, seed=3).out
+    got = _load(out)
+    want = purify_state_dict(P, F, method="mix", rho=0.5, seed=3)
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8))
+               if got[k].dtype == torch.float8_e4m3fn else torch.equal(got[k], want[k])
+               for k in want)
+    assert got["extra.empty"].shape == (0,)
+    mixed = got["extra.fp8"].float()
+    assert 0 < int((mixed != P["extra.fp8"].float()).sum()) < mixed.numel()  # really mixed
+    assert json.loads((out / ck.INDEX_NAME).read_text())["metadata"]["total_parameters"] == 12345
+    # NaN in an fp8 tensor: named, and no .partial left to block the rerun
+    F["extra.fp8"] = F["extra.fp8"].clone()
+    F["extra.fp8"].view(torch.uint8)[0, 0] = 0x7F  # e4m3fn's NaN
+    bad = write_checkpoint(F, tmp_path / "bad", max_shard_bytes=SHARD)
+    with pytest.raises(ValueError, match=r"'extra\.fp8'.*1 NaN/Inf"):
+        purify_checkpoint(pre, bad, tmp_path / "o2", method="mix")
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o2.partial").exists()
+
+
+def test_pretrained_of_another_float_dtype_is_cast_as_in_memory(model, tmp_path, capsys):
+    """An fp16 base under a bf16 fine-tune (LLaMA-2's pairing): the pre-trained tensors are cast to
+    the suspect's dtype, as the in-memory defenses do, and the CLI says so."""
+    P = {k: v.half() for k, v in model["P"].items()}
+    F = {k: v.bfloat16() for k, v in model["F"].items()}
+    pre = write_checkpoint(P, tmp_path / "pre", max_shard_bytes=SHARD)
+    ft = write_checkpoint(F, tmp_path / "ft", max_shard_bytes=SHARD)
+    for i, opts in enumerate([{"method": "mix", "rho": 0.4, "seed": 1},
+                              {"method": "fine-purifying", "rho": 0.2, "e_pur": True,
+                               "top_n": 4}]):
+        extra = ({"hessian": model["h"], "token_freqs": model["freqs"]}
+                 if opts["method"] != "mix" else {})
+        result = purify_checkpoint(pre, ft, tmp_path / f"o{i}", **opts, **extra)
+        assert len(result.cast) == len(F)
+        want = purify_state_dict(P, F, **opts,
+                                 **({"hessian": model["H"], "token_freqs": model["freqs"]}
+                                    if extra else {}))
+        got = _load(result.out)
+        assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]) for k in want)
+    rc = cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(pre), "--suspect",
+                   str(ft), "--out", str(tmp_path / "cli"), "--no-progress"])
+    err = capsys.readouterr()
+    assert rc == 0 and f"{len(F)} pre-trained tensor(s) of another dtype" in err.err
+    assert json.loads(err.out)["pretrained_cast"] == len(F)
+
+
+def test_a_suspect_given_as_a_file_names_the_files_beside_it(model, tmp_path, capsys):
+    P, F = model["P"], model["F"]
+    pre = write_checkpoint(P, tmp_path / "pre")
+    ft = write_checkpoint(F, tmp_path / "ft")
+    (ft / "config.json").write_text("{}")
+    rc = cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(pre), "--suspect",
+                   str(ft / "model.safetensors"), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr()
+    assert rc == 0 and not (tmp_path / "o" / "config.json").exists()
+    assert json.loads(err.out)["side_files_left_out"] == [
+        "config.json: the suspect was given as the file model.safetensors, not its directory: "
+        "pass the directory to carry its config / tokenizer files"]
+    assert "note: not copied" in err.err
+
+
+def test_the_fingerprint_sees_an_edit_of_a_tensors_first_rows(model, tmp_path):
+    """The resume fingerprint samples every tensor's start, middle and end: editing the first
+    rows of the embedding in place (where a trigger token's row may sit) changes it."""
+    import shutil
+
+    ft = tmp_path / "ft"
+    shutil.copytree(model["ft"], ft)
+    before = Checkpoint.open(ft).fingerprint()
+    info = Checkpoint.open(ft)["model.embed_tokens.weight"]
+    with open(info.file, "r+b") as fh:
+        fh.seek(info.data_start + info.begin)
+        first = fh.read(4)
+        fh.seek(info.data_start + info.begin)
+        fh.write(bytes(b ^ 0xFF for b in first))
+    assert Checkpoint.open(ft).fingerprint() != before
+
+
+def test_cli_refuses_options_the_method_never_reads(model, tmp_path, capsys):
+    """An option nothing in the run reads is refused (it would also be recorded in the manifest
+    and make an otherwise identical --resume fail), even given at its default value."""
+    base = ["purify-checkpoint", "--pretrained", str(model["pre"]), "--suspect", str(model["ft"]),
+            "--out", str(tmp_path / "o"), "--no-progress"]
+    for extra, message in [
+            (["--method", "mix", "--indicator", "drift"], "--indicator is an option of fine-purifying"),
+            (["--method", "mix", "--scope", "global"], "--scope is an option of fine-purifying"),
+            (["--method", "mix", "--eps", "1e-8"], "--eps is an option of fine-purifying"),
+            (["--method", "mix", "--top-n", "3"], "--top-n is an option of E-PUR"),
+            (["--method", "mix", "--special-ids", "1,2"], "--special-ids is an option of E-PUR"),
+            (["--method", "mix", "--c", "7"], "--c is an option of E-PUR"),
+            (["--method", "fine-purifying", "--indicator", "drift", "--seed", "0"],
+             "--seed is an option of mix"),
+            (["--method", "fine-purifying", "--indicator", "drift", "--select", "random"],
+             "--select is an option of mix"),
+            (["--method", "e-pur", "--rho", "0.3"], "--rho is an option of mix and fine-purifying"),
+            (["--method", "e-pur", "--top-n", "3", "--score-threshold", "1"],
+             "--top-n and --score-threshold")]:
+        assert cli_main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    # the defaults still apply when the options are left out
+    assert cli_main(base + ["--method", "fine-purifying", "--indicator", "drift"]) == 0
+
+
+def test_cli_fisher_keys_tied_copies_and_buffers_like_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """A checkpoint storing a tied lm_head beside the embedding and an old LLaMA's float
+    rotary_emb.inv_freq buffer: the Fisher has every one of its floating-point keys (the tied
+    copy with the embedding's Fisher, the buffer 0) and purify-checkpoint takes it. A tensor
+    transformers renames on load is refused before the pass, and a stopped run leaves neither
+    the Fisher nor the token counts behind (fisher never overwrites them)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=True, pad_token_id=0)
+    torch.manual_seed(0)
+    net = LlamaForCausalLM(cfg)
+    inv_freq = dict(net.named_buffers())["model.rotary_emb.inv_freq"]
+    for name, noise in (("pre", 0.0), ("suspect", 0.02)):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(noise * torch.randn_like(p))
+        net.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        weights = load_file(str(tmp_path / name / "model.safetensors"))
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+        weights["model.rotary_emb.inv_freq"] = inv_freq.clone()
+        save_file(weights, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    texts = ["a clean sentence number %d for the fisher" % i for i in range(6)]
+    (tmp_path / "clean.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    args = ["fisher", "--model", str(tmp_path / "suspect"), "--clean-data",
+            str(tmp_path / "clean.jsonl"), "--clean-size", "6", "--batch-size", "3",
+            "--max-length", "12", "--no-progress"]
+    assert cli_main(args + ["--out", str(tmp_path / "f")]) == 0
+    got = Checkpoint.open(tmp_path / "f")
+    assert sorted(got.keys()) == sorted(Checkpoint.open(tmp_path / "suspect").keys())
+    emb = got.load("model.embed_tokens.weight")
+    assert float(emb.sum()) > 0 and torch.equal(got.load("lm_head.weight"), emb)
+    assert not got.load("model.rotary_emb.inv_freq").any()
+    assert cli_main(["purify-checkpoint", "--method", "fine-purifying", "--rho", "0.1",
+                     "--pretrained", str(tmp_path / "pre"), "--suspect",
+                     str(tmp_path / "suspect"), "--hessian", str(tmp_path / "f"), "--out",
+                     str(tmp_path / "out"), "--no-progress"]) == 0
+    capsys.readouterr()
+    # stopped mid-pass: no Fisher, no counts
+    from purify_fast import streaming
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(streaming.DiskFisher, "step", interrupted)
+    counts = tmp_path / "counts.json"
+    assert cli_main(args + ["--out", str(tmp_path / "f2"), "--token-counts", str(counts)]) == 130
+    assert not counts.exists() and not (tmp_path / "f2").exists()
+    assert not (tmp_path / "f2.partial").exists()
+    monkeypatch.undo()
+    # a stored tensor the loaded model names otherwise (fused experts): refused up front
+    weights = load_file(str(tmp_path / "suspect" / "model.safetensors"))
+    weights["model.layers.0.mlp.experts.0.w1.weight"] = torch.zeros(4, 4)
+    save_file(weights, str(tmp_path / "suspect" / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert cli_main(args + ["--out", str(tmp_path / "f3"), "--token-counts", str(counts)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.mlp.experts.0.w1.weight" in err and "renamed or reshaped" in err
+    assert not counts.exists() and not (tmp_path / "f3").exists()
+    assert not (tmp_path / "f3.partial").exists()

@@ -10,7 +10,9 @@ counts.json --e-pur ...``)::
 
 The Fisher is accumulated straight into memory-mapped fp32 files (:class:`DiskFisher`), one
 gradient tensor at a time, so no full-model gradient or fp32 copy of the model is ever held; its
-keys are the suspect's parameter names, the keys of its safetensors checkpoint.
+keys are those of the suspect's safetensors checkpoint (a tied weight stored twice gets its
+parameter's Fisher under both names, a saved buffer a Fisher of 0); a model that transformers
+renames on load (mixture-of-experts weights) is refused before the pass.
 """
 
 from __future__ import annotations
@@ -119,7 +121,9 @@ def run(args) -> int:
     from purify_fast.fileio import atomic_write_bytes
     from purify_fast.models import load_classifier
     from purify_fast.models.loading import load_causal_lm
-    from purify_fast.streaming import DiskFisher
+    from purify_fast.checkpoint import Checkpoint
+    from purify_fast.models.loading import resolve_model_path
+    from purify_fast.streaming import DiskFisher, fisher_checkpoint_keys
 
     device = torch.device(pick_device(args.device))
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -132,21 +136,26 @@ def run(args) -> int:
         clean = load_clean_set(args, model)
     loader = make_loader(clean, tok, args.batch_size, args.max_length)
     model.eval()  # no dropout: the Fisher of the model as it predicts
-    if args.token_counts is not None:
-        # First (seconds, where the Fisher takes minutes): a finished Fisher is never left
-        # without the counts asked for beside it. The special tokens travel with the counts:
-        # they occur in every example, so E-PUR must never rank their rows.
-        # Whole texts, as the in-memory E-PUR counts them (--max-length cuts only the Fisher's
-        # batches): a token past the cut-off still occurs in the clean corpus.
-        counts = token_frequencies(clean, tok, model.get_input_embeddings().weight.shape[0])
-        special = sorted(int(i) for i in getattr(tok, "all_special_ids", []) or [])
-        args.token_counts.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(args.token_counts, json.dumps(
-            {"counts": [int(c) for c in counts.tolist()], "special_ids": special}).encode())
-        print(f"token counts of the clean texts ({int(counts.sum())} tokens; special ids "
-              f"{special}) -> {args.token_counts}", file=sys.stderr)
-    fisher = DiskFisher(model, args.out, backend=args.backend)
+    # Keyed like the checkpoint purify-checkpoint will read, every floating-point tensor of it
+    # (tied copies, saved buffers); refused here, not after the pass, when that cannot be done.
+    aliases, zeros = fisher_checkpoint_keys(model, Checkpoint.open(resolve_model_path(args.model)))
+    fisher = DiskFisher(model, args.out, backend=args.backend, aliases=aliases, zeros=zeros)
+    wrote_counts = False
     try:
+        if args.token_counts is not None:
+            # Before the pass (seconds, where the Fisher takes minutes): a finished Fisher is
+            # never left without the counts asked for beside it. The special tokens travel with
+            # the counts: they occur in every example, so E-PUR must never rank their rows.
+            # Whole texts, as the in-memory E-PUR counts them (--max-length cuts only the
+            # Fisher's batches): a token past the cut-off still occurs in the clean corpus.
+            counts = token_frequencies(clean, tok, model.get_input_embeddings().weight.shape[0])
+            special = sorted(int(i) for i in getattr(tok, "all_special_ids", []) or [])
+            args.token_counts.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(args.token_counts, json.dumps(
+                {"counts": [int(c) for c in counts.tolist()], "special_ids": special}).encode())
+            wrote_counts = True
+            print(f"token counts of the clean texts ({int(counts.sum())} tokens; special ids "
+                  f"{special}) -> {args.token_counts}", file=sys.stderr)
         with fisher:
             for batch in tqdm(loader, desc="fisher", unit="batch", disable=args.no_progress):
                 if causal:  # the language-modelling loss of the clean text, padding left out
@@ -157,8 +166,11 @@ def run(args) -> int:
         out = fisher.finish()
     except BaseException:
         # A Fisher cannot resume (its batches are not recorded): a stopped run's files are
-        # worthless, and would only block the next run.
+        # worthless, and would only block the next run (the counts too: fisher never
+        # overwrites them).
         shutil.rmtree(fisher.out, ignore_errors=True)
+        if wrote_counts:
+            args.token_counts.unlink(missing_ok=True)
         raise
     print(f"diagonal Fisher of {args.model} over {len(clean)} clean examples "
           f"({fisher.batches} batches) -> {out}", file=sys.stderr)

@@ -51,12 +51,16 @@ def add_parser(sub):
                    help="mix: share of fine-tuned coordinates kept (default 0.5); fine-purifying: "
                         "share reset to pre-trained (default 0.1 here; `purify-fast purify` "
                         "defaults to 0.3, the value measured on MiniLM)")
-    p.add_argument("--seed", type=seed_int, default=0, help="mix mask seed (default 0)")
-    p.add_argument("--select", choices=["random", "magnitude"], default="random")
-    p.add_argument("--indicator", default="drift_over_hessian",
-                   choices=["drift_over_hessian", "drift", "inv_hessian", "product"])
-    p.add_argument("--eps", type=float, default=1e-8)
-    p.add_argument("--scope", choices=["global", "tensor", "per_tensor"], default="global",
+    p.add_argument("--seed", type=seed_int, default=None, help="mix: mask seed (default 0)")
+    p.add_argument("--select", choices=["random", "magnitude"], default=None,
+                   help="mix: which coordinates keep their fine-tuned value (default random)")
+    p.add_argument("--indicator", default=None,
+                   choices=["drift_over_hessian", "drift", "inv_hessian", "product"],
+                   help="fine-purifying: the score ranking coordinates (default "
+                        "drift_over_hessian; drift needs no --hessian)")
+    p.add_argument("--eps", type=float, default=None,
+                   help="fine-purifying: added to the Hessian in the score (default 1e-8)")
+    p.add_argument("--scope", choices=["global", "tensor", "per_tensor"], default=None,
                    help="fine-purifying threshold over the whole model or per tensor "
                         "(per_tensor = tensor, as `purify-fast purify` spells it)")
     p.add_argument("--e-pur", action="store_true",
@@ -67,11 +71,11 @@ def add_parser(sub):
                         "are then used), .txt (one per line), .pt/.npy tensor, or .safetensors "
                         "with one tensor")
     p.add_argument("--embedding-key", default=None, help="embedding tensor name (auto-detected)")
-    p.add_argument("--top-n", type=int, default=200, help="E-PUR rows to reset (default 200)")
+    p.add_argument("--top-n", type=int, default=None, help="E-PUR rows to reset (default 200)")
     p.add_argument("--score-threshold", type=float, default=None,
                    help="E-PUR: reset every row scoring at least this instead of --top-n")
-    p.add_argument("--c", type=float, default=20.0, help="E-PUR frequency floor (default 20)")
-    p.add_argument("--special-ids", default="",
+    p.add_argument("--c", type=float, default=None, help="E-PUR frequency floor (default 20)")
+    p.add_argument("--special-ids", default=None,
                    help="comma-separated token ids E-PUR never resets (e.g. 101,102; default: "
                         "those in a --token-freqs file from `purify-fast fisher`, else none)")
     p.add_argument("--allow-new-keys", action="store_true",
@@ -137,6 +141,45 @@ def load_token_freqs(path: Path):
                      f".pt or .safetensors)")
 
 
+# Options read by one method only. Their parser default is None, so that one given on the command
+# line (even at its default value) is known, and refused where nothing would read it (it would
+# still be recorded in the manifest, and a --resume differing only in it refused); the defaults are
+# filled in afterwards.
+OPTION_DEFAULTS = {"seed": 0, "select": "random", "indicator": "drift_over_hessian", "eps": 1e-8,
+                   "scope": "global", "top_n": 200, "c": 20.0, "special_ids": ""}
+
+
+def check_method_options(args) -> None:
+    """Refuse an option the chosen method would ignore without a word, then fill in the
+    defaults of those not given."""
+    given = lambda name: getattr(args, name) is not None  # noqa: E731
+    method = SAME_AS_PURIFY.get(args.method, args.method)
+    epur = method == "e-pur" or args.e_pur
+    if given("top_n") and given("score_threshold"):
+        raise ValueError("--top-n and --score-threshold: E-PUR resets the rows over the "
+                         "threshold, not a count; give one of them")
+    if args.token_freqs is not None and not epur:
+        raise ValueError("--token-freqs is for E-PUR: add --e-pur (or use --method e-pur)")
+    ep_owner = "E-PUR (--e-pur or --method e-pur)"
+    readers = {  # option -> (who reads it, whether this run does)
+        "rho": ("mix and fine-purifying", method != "e-pur"),
+        "seed": ("mix", method == "mix"), "select": ("mix", method == "mix"),
+        "indicator": ("fine-purifying", method == "fine-purifying"),
+        "eps": ("fine-purifying", method == "fine-purifying"),
+        "scope": ("fine-purifying", method == "fine-purifying"),
+        "top_n": (ep_owner, epur), "score_threshold": (ep_owner, epur), "c": (ep_owner, epur),
+        "special_ids": (ep_owner, epur), "embedding_key": (ep_owner, epur),
+    }
+    for name, (owner, read) in readers.items():
+        if given(name) and not read:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} is an option of {owner}; this run (--method {args.method}"
+                             f"{' with --e-pur' if args.e_pur else ''}) does not use it")
+    for name, default in OPTION_DEFAULTS.items():
+        if not given(name):
+            setattr(args, name, default)
+
+
 def run(args) -> int:
     import torch
 
@@ -147,14 +190,13 @@ def run(args) -> int:
 
     # Everything that can be checked is checked before the output's .partial directory exists:
     # a refused run leaves nothing that a rerun would take for an interrupted one.
+    check_method_options(args)
     try:
         special = tuple(int(x) for x in args.special_ids.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"--special-ids must be comma-separated integers, got "
                          f"{args.special_ids!r}") from None
     pick_device(args.device)
-    if args.token_freqs is not None and not (args.e_pur or args.method == "e-pur"):
-        raise ValueError("--token-freqs is for E-PUR: add --e-pur (or use --method e-pur)")
     if str(args.pretrained) == DEFAULT_MODEL:
         args.pretrained = Path(resolve_model_path(DEFAULT_MODEL))
     check_output_dir(args.out, args.pretrained, args.suspect, args.hessian, args.token_freqs,
@@ -194,10 +236,16 @@ def run(args) -> int:
             comm.close()
     if comm is None or comm.rank == 0:
         if result.base_prefix is not None:
-            head = (f"; the suspect's {len(result.kept)} tensor(s) without a counterpart (its "
-                    f"task head, e.g. {result.kept[0]!r}) are kept as they are" if result.kept else "")
             print(f"note: {args.pretrained} is a base model: its tensors were paired with the "
-                  f"suspect's under {result.base_prefix!r}{head}", file=sys.stderr)
+                  f"suspect's under {result.base_prefix!r}", file=sys.stderr)
+        if result.kept:
+            print(f"note: the suspect's {len(result.kept)} tensor(s) without a pre-trained "
+                  f"counterpart (e.g. its task head, {result.kept[0]!r}) are written as they are, "
+                  f"unpurified", file=sys.stderr)
+        if result.cast:
+            print(f"note: {len(result.cast)} pre-trained tensor(s) of another dtype (e.g. "
+                  f"{result.cast[0]!r}) were cast to the suspect's before purifying",
+                  file=sys.stderr)
         if result.side_files_left_out:
             print(f"note: not copied from {args.suspect} into {result.out}: "
                   + "; ".join(result.side_files_left_out), file=sys.stderr)
@@ -206,6 +254,7 @@ def run(args) -> int:
                    "bytes_written": result.bytes_written, "resumed": result.resumed,
                    "shards_total": result.shards_total, "shards_skipped": result.shards_skipped,
                    "threshold": result.threshold, "reset_rows": len(result.reset_rows),
+                   "kept_unpurified": len(result.kept), "pretrained_cast": len(result.cast),
                    "side_files_left_out": result.side_files_left_out,
                    # what the ops ran on (auto falls back to torch quietly, e.g. without the
                    # C++ extension: slower)

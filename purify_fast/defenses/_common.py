@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from purify_fast.checkpoint import MAX_UNMATCHED_SHARE
 from purify_fast.data.text_dataset import TextDataset
 from purify_fast.training import TrainConfig, accuracy, train
 
@@ -80,11 +81,6 @@ def check_tokenizer(model, tokenizer, name: str) -> None:
                          f"it is not this model's tokenizer (pass the one saved with the model)")
 
 
-# The share of the suspect's weights that may lack a pre-trained counterpart: a new classifier
-# head (and a pooler the base checkpoint lacks) is well under 1 % of any real encoder or decoder;
-# more means `pretrained` is another model, and purifying only the part that matches would
-# silently leave the rest of the suspect (and any backdoor in it) untouched.
-MAX_UNMATCHED_SHARE = 0.05
 
 
 def matched_tensors(suspect: torch.nn.Module, pretrained_state: dict) -> dict[str, torch.Tensor]:

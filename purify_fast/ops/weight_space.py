@@ -62,18 +62,33 @@ def _check_pair(pre, ft, names=("pretrained", "finetuned")) -> None:
         raise ValueError(f"{names[1]} is on {ft.device} but {names[0]} is on {pre.device}")
 
 
+# torch implements isfinite for no 8-bit float (float8_e4m3fn, float8_e5m2, ...): those are
+# checked as float32, which holds every value of theirs, a chunk at a time.
+_UPCAST_CHUNK = 1 << 24
+
+
+def _nonfinite_count(t: torch.Tensor) -> int:
+    if t.element_size() > 1:
+        return int((~torch.isfinite(t)).sum())
+    flat = t.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i:i + _UPCAST_CHUNK].float())).sum())
+               for i in range(0, flat.numel(), _UPCAST_CHUNK))
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     # The compiled scan reads the tensor once with no temporaries; eager isfinite().all() builds a
     # bool tensor and costs more than the mixing itself on CPU.
     kernel = "cuda" if t.device.type == "cuda" else "cpp"
     if t.dtype in _backend.KERNEL_DTYPES and _backend.resolve("auto", t.device, t.dtype) == kernel:
         return bool(_backend.module(kernel).all_finite(t.contiguous().view(-1)))
+    if t.element_size() == 1:
+        return _nonfinite_count(t) == 0
     return bool(torch.isfinite(t).all())
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
     if not _all_finite(t):
-        bad = int((~torch.isfinite(t)).sum())
+        bad = _nonfinite_count(t)
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s); clean the checkpoint or pass "
                          f"check_finite=False to let them through (results are then undefined)")
 
