@@ -202,3 +202,65 @@ def test_make_loader_and_frequencies():
         make_loader(d, tok, batch_size=0)
     with pytest.raises(ValueError, match="empty"):
         make_loader(TextDataset([], [], 2), tok)
+
+
+def test_decoder_classifier_and_tokenizer_pad_with_one_id(tmp_path):
+    """A decoder classifier scores the last token before config.pad_token_id: load_classifier
+    gives model and tokenizer one pad id, so a text scores the same alone and in a padded batch;
+    a model object whose config disagrees with its tokenizer is refused by the defenses."""
+    from transformers import AutoTokenizer
+
+    from purify_fast.defenses import purify
+    from purify_fast.models import load_classifier
+    from purify_fast.models.loading import default_model_path, tiny_llama
+
+    texts = ["a fine film", "a long and rather tedious film about nothing much at all"]
+    data = TextDataset(texts, [1, 0], num_labels=2)
+    for case, config_pad, tokenizer_pad in (("no-pad-tokenizer", 5, None), ("both", 2, "[PAD]")):
+        tok = AutoTokenizer.from_pretrained(default_model_path())
+        tok.pad_token = tokenizer_pad
+        net = tiny_llama(vocab_size=len(tok))
+        net.config.pad_token_id = config_pad
+        net.save_pretrained(tmp_path / case)
+        tok.save_pretrained(tmp_path / case)
+        model, tok = load_classifier(tmp_path / case)
+        assert model.config.pad_token_id == tok.pad_token_id is not None, case
+        model.eval()
+        with torch.no_grad():
+            batch = next(iter(make_loader(data, tok, batch_size=2, max_length=32)))
+            together = model(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).logits
+            for i, text in enumerate(texts):
+                alone = model(**tok([text], return_tensors="pt")).logits[0]
+                torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-5)
+    model.config.pad_token_id = 7
+    with pytest.raises(ValueError, match=r"config.pad_token_id is 7 but the tokenizer pads with id 0"):
+        purify(model, model, data, method="fine-tune", tokenizer=tok)
+
+
+def test_saved_datasets_splits_class_names_and_float_labels(tmp_path):
+    """A DatasetDict with several splits is refused unless one is named (taking "train" for a
+    clean or dev set would be silently wrong); the directory of one split loads. ClassLabel
+    names are matched with the model's class names (their orders may differ); a label written
+    "2.0" is class 2 with the model's names too."""
+    import datasets
+
+    from purify_fast.commands import _label_map
+
+    feats = datasets.Features({"text": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["pos", "neu", "neg"])})
+    train = datasets.Dataset.from_dict({"text": ["great", "meh", "awful"], "label": [0, 1, 2]},
+                                       features=feats)
+    dev = datasets.Dataset.from_dict({"text": ["loved it"], "label": [0]}, features=feats)
+    datasets.DatasetDict({"train": train, "validation": dev}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataFileError, match=r"DatasetDict with the splits train, validation"):
+        load_text_file(tmp_path / "dd")
+    assert load_text_file(tmp_path / "dd", split="validation").texts == ["loved it"]
+    assert load_text_file(tmp_path / "dd" / "validation").texts == ["loved it"]
+    model_names = _label_map(["neg", "neu", "pos"])  # the model numbers them the other way
+    d = load_text_file(tmp_path / "dd" / "train", label_map=model_names)
+    assert d.labels == [2, 1, 0]
+    with pytest.raises(DataFileError, match="only partly the model's classes"):
+        load_text_file(tmp_path / "dd" / "train", label_map=_label_map(["neg", "neu", "good"]))
+    (tmp_path / "f.csv").write_text("text,label\ngood,2.0\nbad,0.0\n")
+    assert load_text_file(tmp_path / "f.csv", label_map=model_names, num_labels=3).labels == [2, 0]

@@ -47,6 +47,18 @@ def detect_format(path: str | Path) -> str:
                               f"{', '.join(FORMATS)})")
 
 
+def _whole_number(raw) -> int | None:
+    if isinstance(raw, bool):
+        return None
+    try:
+        number = float(raw.strip()) if isinstance(raw, str) else raw
+    except ValueError:
+        return None
+    if isinstance(number, int):
+        return number
+    return int(number) if isinstance(number, float) and number.is_integer() else None
+
+
 def _label_value(raw, path, line, column, num_labels, label_map):
     if label_map is not None:
         key = raw if not isinstance(raw, str) else raw.strip()
@@ -54,6 +66,9 @@ def _label_value(raw, path, line, column, num_labels, label_map):
             return label_map[key]
         if str(key) in label_map:
             return label_map[str(key)]
+        whole = _whole_number(key)  # "2.0", as spreadsheets and pandas write class 2
+        if whole is not None and str(whole) in label_map:
+            return label_map[str(whole)]
         named = [f"{k}={v}" for k, v in label_map.items() if not str(k).lstrip("-").isdigit()]
         classes = ", ".join(named) if named else ", ".join(sorted(map(str, label_map)))
         raise DataFileError(path, f"label {raw!r} is not one of the classes ({classes})",
@@ -231,7 +246,12 @@ def _read_hf(path: Path, text_column, label_column, num_labels, label_map, name,
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for a bad directory
         raise DataFileError(path, f"cannot load with datasets.load_from_disk: {exc}") from None
     if isinstance(ds, DatasetDict):
-        split = split or ("train" if "train" in ds else next(iter(ds)))
+        if split is None and len(ds) > 1:
+            # Taking "train" would be silently wrong for a clean set or a dev set.
+            raise DataFileError(path, f"is a DatasetDict with the splits {', '.join(ds)}: pass "
+                                      f"one split's directory ({path / next(iter(ds))}, as "
+                                      f"save_to_disk wrote it), or split= in Python")
+        split = split or next(iter(ds))
         if split not in ds:
             raise DataFileError(path, f"has no split {split!r} (splits: {list(ds)})")
         ds = ds[split]
@@ -245,13 +265,27 @@ def _read_hf(path: Path, text_column, label_column, num_labels, label_map, name,
         return _finish(path, rows, 2, name, text_column, label_column)
     names = None
     feat = ds.features.get(label_column)
-    if label_map is None and hasattr(feat, "names"):
-        names = tuple(feat.names)
+    class_names = tuple(feat.names) if hasattr(feat, "names") else None
+    if label_map is None and class_names:
+        names = class_names
         num_labels = num_labels or len(names)
+    by_name = False
+    if label_map is not None and class_names:
+        # The stored integers index the dataset's own ClassLabel names; when the model names
+        # its classes too, the names say which is which (the two orders may differ).
+        known = [n for n in class_names if n in label_map]
+        if known and len(known) < len(class_names):
+            raise DataFileError(path, f"the ClassLabel names of column {label_column!r} "
+                                      f"({', '.join(class_names)}) are only partly the model's "
+                                      f"classes ({', '.join(map(str, label_map))})", None,
+                                label_column)
+        by_name = bool(known)
     rows = []
     # "line" for a saved dataset is the 1-based row number.
     for i, (t, y) in enumerate(zip(ds[text_column], ds[label_column]), start=1):
         t = _check_text(path, i, text_column, t)
+        if by_name and isinstance(y, int) and 0 <= y < len(class_names):
+            y = class_names[y]
         rows.append((i, t, _label_value(y, path, i, label_column, num_labels, label_map)))
     out = _finish(path, rows, num_labels, name, text_column, label_column)
     if names and out.label_names is None:

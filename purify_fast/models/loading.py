@@ -101,10 +101,37 @@ def load_classifier(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, num_
     tok = None
     if tokenizer:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        from purify_fast.data.text_dataset import ensure_pad_token
-
-        ensure_pad_token(tok)
+        align_pad_token(model, tok, fix_config=True)
     return model, tok
+
+
+def align_pad_token(model, tokenizer, *, fix_config: bool = False) -> None:
+    """One pad id for ``model`` and ``tokenizer``. A decoder classifier (LLaMA, Mistral, Qwen2:
+    a ``score`` head) scores the last token before the first ``config.pad_token_id``; if the
+    batches are padded with another id, every shorter sequence of a batch is scored at a pad
+    position (an audit measured logits 0.09-0.10 off on tiny LLaMA / Qwen2 classifiers).
+
+    A tokenizer without a pad token takes the config's (if it names a token) or else eos.
+    A config whose pad id then differs is set to the tokenizer's when ``fix_config`` (our own
+    loading); otherwise, for a decoder classifier, that is an error naming both ids."""
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        pad = getattr(model.config, "pad_token_id", None)
+        if isinstance(pad, int) and 0 <= pad < len(tokenizer):
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad)
+        elif getattr(tokenizer, "eos_token", None):
+            tokenizer.pad_token = tokenizer.eos_token
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None or getattr(model.config, "pad_token_id", None) == pad:
+        return
+    if fix_config:
+        model.config.pad_token_id = pad
+    elif hasattr(model, "score"):
+        raise ValueError(
+            f"the model's config.pad_token_id is {model.config.pad_token_id} but the tokenizer pads "
+            f"with id {pad} ({tokenizer.pad_token!r}): this classifier finds each sequence's last "
+            f"token through config.pad_token_id, so padded batches would be scored at pad "
+            f"positions. Set model.config.pad_token_id = tokenizer.pad_token_id (or load both with "
+            f"purify_fast.models.load_classifier, which does)")
 
 
 def _fresh_keys(info: dict) -> list[str]:
