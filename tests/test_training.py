@@ -41,12 +41,14 @@ def test_the_kept_epoch_is_a_fine_tuned_one_even_when_the_untouched_model_ties()
 
 def test_a_bf16_model_trains_through_fp32_master_weights():
     """A bf16 model's clean fine-tune follows the fp32 one (the steps accumulate in fp32 masters,
-    rounded once per step into the bf16 weights) instead of most coordinates never moving; the
-    model stays bf16 and a caller's gradient hook still applies."""
+    rounded once per step into the bf16 weights) instead of steps below a bf16 weight's spacing
+    being lost; the model stays bf16 and a caller's gradient hook still applies."""
     data = TextDataset(["a good film", "a bad film", "great", "awful"] * 4, [1, 0, 1, 0] * 4, 2)
-    cfg = TrainConfig(epochs=3, lr=1e-4, batch_size=8, max_length=8, progress=False,
+    # 40 steps of ~2e-5 each: together well above a bf16 weight's spacing here (~1e-4),
+    # one by one below half of it
+    cfg = TrainConfig(epochs=20, lr=2e-5, batch_size=8, max_length=8, progress=False,
                       warmup_ratio=0.0, keep_best=False, weight_decay=0.0)
-    runs = {}
+    ends = {}
     for dtype in (torch.float32, torch.bfloat16):
         model, tok = _tiny_classifier()
         start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -55,12 +57,15 @@ def test_a_bf16_model_trains_through_fp32_master_weights():
         emb.register_hook(lambda g: torch.zeros_like(g))  # freeze the embedding by its gradient
         train(model, tok, data, None, cfg)
         assert all(p.dtype == dtype for p in model.parameters())
-        assert torch.equal(emb.float(), start["bert.embeddings.word_embeddings.weight"].to(dtype).float())
-        weights = [k for k, v in model.state_dict().items() if v.dim() == 2 and "embeddings" not in k]
-        moved = sum(int((model.state_dict()[k].float() != start[k].to(dtype).float()).sum())
-                    for k in weights)
-        runs[dtype] = (moved / sum(start[k].numel() for k in weights),
-                       {k: model.state_dict()[k].float() for k in weights})
-    assert runs[torch.bfloat16][0] > 0.5, runs[torch.bfloat16][0]  # was ~0.1 without masters
-    for k, want in runs[torch.float32][1].items():  # the bf16 run ends where the fp32 one does
-        torch.testing.assert_close(runs[torch.bfloat16][1][k], want, rtol=0.02, atol=2e-3)
+        assert torch.equal(emb, start["bert.embeddings.word_embeddings.weight"].to(dtype))
+        ends[dtype] = {k: v.float() for k, v in model.state_dict().items()
+                       if v.dim() == 2 and "embeddings" not in k}
+    # The bf16 run's update (from its rounded start) points where the fp32 run's does: with
+    # fp32 masters only the rounding of the end separates them; without, the many steps below a
+    # weight's spacing are lost (cosine 0.41 on this model before the masters, 0.95 with them).
+    keys = list(ends[torch.float32])
+    moved = {dtype: torch.cat([(ends[dtype][k] - start[k].to(dtype).float()).flatten()
+                               for k in keys]) for dtype in ends}
+    cosine = float(torch.nn.functional.cosine_similarity(moved[torch.bfloat16],
+                                                         moved[torch.float32], dim=0))
+    assert cosine > 0.8, cosine
