@@ -305,3 +305,48 @@ def test_probe_and_plant_refuse_nonsense_and_leave_the_caller_alone(minilm):
     assert len(attack.history) == 1  # this plant's losses only
     assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream untouched
     enc.eval()
+
+
+def test_a_hugging_face_resnet_teacher_with_stages_of_other_resolutions():
+    """METHODS: MIMIC works on HF CNN encoders (ResNet): the student is built from the config
+    (fewer blocks per stage through student_overrides), stages pair by index, and the attention
+    loss averages each stage over its own H x W (the stages differ in resolution). The same
+    encoder by module names, with its ModelOutput as the feature, works too."""
+    from transformers import ResNetConfig, ResNetModel
+
+    from purify_fast.ops.attention_maps import attention_map_loss
+    from purify_fast.reference.attention_maps import attention_row_loss
+
+    torch.manual_seed(0)
+    cfg = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[2, 1],
+                       layer_type="basic", downsample_in_first_stage=True)
+    teacher = ResNetModel(cfg)
+    batches = [{"pixel_values": torch.randn(8, 3, 32, 32)} for _ in range(3)]
+    flip = lambda b: {"pixel_values": torch.flip(b["pixel_values"], dims=[3])}  # noqa: E731
+    mimic = MIMIC(MIMICConfig(epochs=2, lr=3e-3, mine_steps=10, mine_samples=24,
+                              progress=False, warmup_ratio=0.0,
+                              student_overrides={"depths": [1, 1]}))
+    res = mimic.fit(teacher, batches=batches, augment=flip)
+    assert res.teacher_layers == [1, 2] and res.student_layers == [1, 2]
+    assert res.student.config.depths == [1, 1]
+    assert all(torch.isfinite(torch.tensor(h["attn"])) for h in res.history)
+    _check_fresh(teacher, res.student)
+    with pytest.raises(ValueError, match="student_layers sets num_hidden_layers.*depths"):
+        MIMIC(MIMICConfig(student_layers=1, progress=False)).fit(teacher, batches=batches)
+    # by module names: the HF output object stands for the feature (its last_hidden_state)
+    student = ResNetModel(cfg)
+    names = ["encoder.stages.0", "encoder.stages.1"]
+    res = mimic.fit(teacher, batches=batches, student=student, teacher_layers=names,
+                    student_layers=names, augment=flip)
+    assert len(res.history) == 2 * len(batches)
+    # the loss of stages of two resolutions: each stage's own mean over its positions
+    maps_s = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    maps_t = [torch.randn(2, 5, 8, 8), torch.randn(2, 7, 4, 4)]
+    want = sum(w * attention_row_loss(s.flatten(2).transpose(1, 2), t.flatten(2).transpose(1, 2),
+                                      torch.ones(2, s.shape[2] * s.shape[3]), 1e-12).sum()
+               / (2 * s.shape[2] * s.shape[3])
+               for w, s, t in zip((0.3, 0.7), maps_s, maps_t))
+    got = attention_map_loss(maps_s, maps_t, [0.3, 0.7], backend="torch")
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="one mask is given for all layers"):
+        attention_map_loss(maps_s, maps_t, [0.3, 0.7], torch.ones(2, 64))

@@ -153,8 +153,26 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
 
 # --------------------------------------------------------------------------- models
 
+def _hf_depth(model: nn.Module) -> int | None:
+    """How many blocks a Hugging Face encoder's ``hidden_states`` holds after the embedding
+    output: a transformer's layers (``num_hidden_layers``) or a CNN's stages (ResNet
+    ``depths``); None for anything else."""
+    cfg = getattr(model, "config", None)
+    if hasattr(cfg, "num_hidden_layers"):
+        return int(cfg.num_hidden_layers)
+    depths = getattr(cfg, "depths", None)
+    return len(depths) if isinstance(depths, (list, tuple)) else None
+
+
 def _is_hf(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model.config, "num_hidden_layers")
+    return _hf_depth(model) is not None
+
+
+def _hf_width(model: nn.Module) -> int | None:
+    """The width of the final features: ``hidden_size``, or a CNN's last stage's channels."""
+    cfg = model.config
+    sizes = getattr(cfg, "hidden_sizes", None)
+    return getattr(cfg, "hidden_size", None) or (sizes[-1] if sizes else None)
 
 
 def make_student(teacher: nn.Module, num_layers: int | None = None, overrides: dict | None = None,
@@ -168,6 +186,11 @@ def make_student(teacher: nn.Module, num_layers: int | None = None, overrides: d
 
     cfg = copy.deepcopy(teacher.config)
     if num_layers is not None:
+        if not hasattr(cfg, "num_hidden_layers"):
+            raise ValueError(f"student_layers sets num_hidden_layers, which a "
+                             f"{type(cfg).__name__} does not have: make a CNN student smaller "
+                             f"with student_overrides (e.g. {{'depths': [1, 1, 1, 1]}}, fewer "
+                             f"blocks per stage)")
         cfg.num_hidden_layers = int(num_layers)
     for k, v in (overrides or {}).items():
         if not hasattr(cfg, k):
@@ -217,12 +240,24 @@ class _Taps:
                 feat = self.feature_fn(out, batch)
             elif mask is not None:
                 feat = mean_pool(last, mask)
+            elif last.dim() == 4:  # a CNN (ResNet): average over the last stage's H x W
+                feat = last.mean((2, 3))
             else:  # ViT and friends: the [CLS] token
                 feat = last[:, 0]
             return maps, feat, mask
         self._store.clear()
         out = self.model(**batch) if isinstance(batch, dict) else self.model(batch)
-        feat = self.feature_fn(out, batch) if self.feature_fn is not None else out
+        if self.feature_fn is not None:
+            feat = self.feature_fn(out, batch)
+        elif isinstance(out, torch.Tensor):
+            feat = out
+        elif getattr(out, "last_hidden_state", None) is not None:  # a Hugging Face output
+            feat = out.last_hidden_state
+        elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            feat = out[0]
+        else:
+            raise ValueError(f"{type(self.model).__name__} returns {type(out).__name__}, not a "
+                             f"feature tensor: pass feature_fn(output, batch) -> features")
         if feat.dim() == 3:
             feat = mean_pool(feat, mask) if mask is not None else feat.mean(1)
         elif feat.dim() == 4:
@@ -382,7 +417,7 @@ class MIMIC:
         student.to(device).train()
         _check_fresh(teacher, student)
         if _is_hf(teacher) and _is_hf(student):
-            widths = [getattr(m.config, "hidden_size", None) for m in (teacher, student)]
+            widths = [_hf_width(m) for m in (teacher, student)]
             if widths[0] != widths[1]:  # refused here, not after minutes of MINE
                 raise ValueError(f"the student's hidden_size {widths[1]} differs from the "
                                  f"teacher's {widths[0]}: the clone loss compares their features "
@@ -396,7 +431,7 @@ class MIMIC:
             if not (_is_hf(teacher) and _is_hf(student)):
                 raise ValueError("for a plain nn.Module pass teacher_layers and student_layers "
                                  "(module names, paired in order)")
-            pairs = layer_pairs(teacher.config.num_hidden_layers, student.config.num_hidden_layers)
+            pairs = layer_pairs(_hf_depth(teacher), _hf_depth(student))
             teacher_layers = [t for t, _ in pairs]
             student_layers = [s for _, s in pairs]
         if len(teacher_layers) != len(student_layers) or not teacher_layers:
@@ -404,7 +439,7 @@ class MIMIC:
                              f"({len(student_layers)}) must pair up, at least one layer")
         for role, model, ids in (("teacher", teacher, teacher_layers),
                                  ("student", student, student_layers)):
-            depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+            depth = _hf_depth(model)
             bad = [i for i in ids if isinstance(i, int) and depth is not None
                    and not 1 <= i <= depth]
             if bad:  # hidden_states[0] is the embedding output, 1..depth the layers

@@ -103,7 +103,8 @@ def attention_map_loss(student_feats: Sequence[torch.Tensor] | torch.Tensor,
     ``A(F) = normalise(Σ_channels F²)`` over positions with padding masked (math:
     :mod:`purify_fast.reference.attention_maps`). ``student_feats``/``teacher_feats``: paired
     lists (or single tensors) of ``[B, N, C_l]`` token maps or ``[B, C_l, H, W]`` CNN maps; the
-    student's channel count may differ from the teacher's. ``weights``: one float per layer
+    student's channel count may differ from the teacher's, and without a mask each layer may have
+    its own number of positions (a CNN's stages). ``weights``: one float per layer
     (default all 1). ``mask``: ``[B, N]`` for token maps, nonzero on real tokens. Gradients flow
     to every input that requires one (the student's in MIMIC; the teacher is frozen).
     """
@@ -141,31 +142,43 @@ def attention_map_loss(student_feats: Sequence[torch.Tensor] | torch.Tensor,
                              f"but teacher map has {tuple(ft.shape[:2])}")
         if fs.device != ft.device:
             raise ValueError(f"layer {i}: student map is on {fs.device}, teacher map on {ft.device}")
-        if pairs and fs.shape[:2] != pairs[0][0].shape[:2]:
+        if pairs and fs.shape[0] != pairs[0][0].shape[0]:
+            raise ValueError(f"layer {i}: batch {fs.shape[0]} differs from layer 0's "
+                             f"{pairs[0][0].shape[0]}")
+        # One padding mask serves every layer of a transformer; a CNN's stages have their own
+        # resolutions (no mask), each averaged over its own positions.
+        if pairs and mask is not None and fs.shape[:2] != pairs[0][0].shape[:2]:
             raise ValueError(f"layer {i}: (batch, positions) {tuple(fs.shape[:2])} differs from "
-                             f"layer 0's {tuple(pairs[0][0].shape[:2])}")
+                             f"layer 0's {tuple(pairs[0][0].shape[:2])}, and one mask is given "
+                             f"for all layers")
+        if pairs and fs.device != pairs[0][0].device:
+            raise ValueError(f"layer {i} is on {fs.device}, layer 0 on {pairs[0][0].device}")
         pairs.append((fs, ft))
     B, N = pairs[0][0].shape[:2]
     device = pairs[0][0].device
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.shape != (B, N):
-            raise ValueError(f"mask must have shape ({B}, {N}) (batch, positions), got "
-                             f"{tuple(mask.shape)}")
-        if mask.device != device:
-            raise ValueError(f"mask is on {mask.device} but the feature maps are on {device}")
-        mask_f = (mask != 0).to(torch.float32).contiguous()
-    else:
-        mask_f = torch.ones(B, N, dtype=torch.float32, device=device)
+    if mask is None:
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for (fs, ft), w in zip(pairs, weights):
+            ones = torch.ones(fs.shape[:2], dtype=torch.float32, device=device)
+            total = total + w * _layer_mse(fs, ft, ones, float(ones.numel()), eps, backend)
+        return total
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.shape != (B, N):
+        raise ValueError(f"mask must have shape ({B}, {N}) (batch, positions), got "
+                         f"{tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the feature maps are on {device}")
+    mask_f = (mask != 0).to(torch.float32).contiguous()
     count = max(float(mask_f.sum()), 1.0)
-
     total = torch.zeros((), dtype=torch.float32, device=device)
     for (fs, ft), w in zip(pairs, weights):
-        name = _backend.resolve(backend, device, _kernel_dtype(fs.dtype, ft.dtype))
-        if name == "torch":
-            mse = ref.attention_row_loss(fs, ft, mask_f, eps).sum() / count
-        else:
-            mse = _LayerMSE.apply(fs, ft, mask_f, count, eps, name)
-        total = total + w * mse
+        total = total + w * _layer_mse(fs, ft, mask_f, count, eps, backend)
     return total
+
+
+def _layer_mse(fs, ft, mask_f, count: float, eps: float, backend) -> torch.Tensor:
+    name = _backend.resolve(backend, fs.device, _kernel_dtype(fs.dtype, ft.dtype))
+    if name == "torch":
+        return ref.attention_row_loss(fs, ft, mask_f, eps).sum() / count
+    return _LayerMSE.apply(fs, ft, mask_f, count, eps, name)
