@@ -83,42 +83,50 @@ __global__ void project_kernel(const T* __restrict__ x, const float* __restrict_
 }
 
 // One thread per output column n, looping over kFillRows rows: rt[:, n] stays in registers
-// (up to 64 values) and the rows' v values are broadcast from shared memory.
+// (up to 64 values) and the rows' v values are broadcast from shared memory. Row blocks are on
+// grid.x (2^31 - 1 blocks; grid.y's 65535 would stop at M = 524,280), column blocks on grid.y,
+// which the kernel strides over so that any N fits too.
 constexpr int kFillRows = 8;
 constexpr int kFillThreads = 256;
+constexpr unsigned kMaxGridY = 65535;
+constexpr int64_t kMaxGridX = 0x7FFFFFFF;
 
 template <typename T>
 __global__ void lowrank_fill_kernel(T* __restrict__ y, const float* __restrict__ v,
                                     const float* __restrict__ rt, const float* __restrict__ b,
                                     int64_t m, int64_t n, int q) {
   __shared__ float vs[kFillRows * 64];
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kFillRows;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kFillRows;
   for (int i = threadIdx.x; i < kFillRows * q; i += blockDim.x) {
     const int64_t gm = m0 + i / q;
     vs[i] = gm < m ? v[gm * q + i % q] : 0.f;
   }
   __syncthreads();
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= n) return;
-  float r[64];
+  for (int64_t cb = blockIdx.y; cb * blockDim.x < n; cb += gridDim.y) {
+    const int64_t col = cb * blockDim.x + threadIdx.x;
+    if (col >= n) break;
+    float r[64];
 #pragma unroll
-  for (int t = 0; t < 64; ++t) r[t] = t < q ? rt[static_cast<int64_t>(t) * n + col] : 0.f;
-  const float bias = b != nullptr ? b[col] : 0.f;
-  for (int i = 0; i < kFillRows; ++i) {
-    const int64_t gm = m0 + i;
-    if (gm >= m) break;
-    float a = bias;
+    for (int t = 0; t < 64; ++t) r[t] = t < q ? rt[static_cast<int64_t>(t) * n + col] : 0.f;
+    const float bias = b != nullptr ? b[col] : 0.f;
+    for (int i = 0; i < kFillRows; ++i) {
+      const int64_t gm = m0 + i;
+      if (gm >= m) break;
+      float a = bias;
 #pragma unroll
-    for (int t = 0; t < 64; ++t) {
-      if (t < q) a += vs[i * q + t] * r[t];
+      for (int t = 0; t < 64; ++t) {
+        if (t < q) a += vs[i * q + t] * r[t];
+      }
+      y[gm * n + col] = from_f32<T>(a);
     }
-    y[gm * n + col] = from_f32<T>(a);
   }
 }
 
 template <typename T>
 cudaError_t launch_project(const void* x, const float* l, const float* s, float* v, int64_t m,
                            int64_t k, int q, cudaStream_t stream) {
+  if (m == 0) return cudaSuccess;  // a zero-block grid is a launch error
+  if ((m + kRows - 1) / kRows > kMaxGridX) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>((m + kRows - 1) / kRows));
   const size_t shmem = sizeof(float) * ((kRows + q) * (kTileK + 1) + kRows * q);
   project_kernel<T><<<grid, kRows * kQLanes, shmem, stream>>>(static_cast<const T*>(x), l, s, v,
@@ -129,8 +137,11 @@ cudaError_t launch_project(const void* x, const float* l, const float* s, float*
 template <typename T>
 cudaError_t launch_fill(void* y, const float* v, const float* rt, const float* b, int64_t m,
                         int64_t n, int q, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((n + kFillThreads - 1) / kFillThreads),
-                  static_cast<unsigned>((m + kFillRows - 1) / kFillRows));
+  if (m == 0 || n == 0) return cudaSuccess;
+  if ((m + kFillRows - 1) / kFillRows > kMaxGridX) return cudaErrorInvalidValue;
+  const int64_t col_blocks = (n + kFillThreads - 1) / kFillThreads;
+  const dim3 grid(static_cast<unsigned>((m + kFillRows - 1) / kFillRows),
+                  static_cast<unsigned>(col_blocks < kMaxGridY ? col_blocks : kMaxGridY));
   lowrank_fill_kernel<T><<<grid, kFillThreads, 0, stream>>>(static_cast<T*>(y), v, rt, b, m, n, q);
   return cudaGetLastError();
 }

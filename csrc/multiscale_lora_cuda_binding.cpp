@@ -4,6 +4,7 @@
 #include "multiscale_lora.h"
 
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -42,6 +43,8 @@ void mslora_project(const at::Tensor& x_in, const at::Tensor& l_in, const at::Te
   TORCH_CHECK(s_in.dim() == 2 && s_in.size(0) == q && s_in.size(1) == q, "s must be [Q, Q]");
   TORCH_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous() && v.size(0) == m &&
                   v.size(1) == q, "v must be a contiguous float32 [M, Q] tensor");
+  // The kernel runs on the current device's stream: make that x's device.
+  const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor l = l_in.to(at::kFloat).contiguous();
   const at::Tensor s = s_in.to(at::kFloat).contiguous();
@@ -60,6 +63,7 @@ void mslora_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional
   TORCH_CHECK(r.dim() == 2 && r.size(0) == n && r.size(1) == q, "r must be [N, Q]");
   TORCH_CHECK(y.is_contiguous() && y.size(0) == m && y.size(1) == n &&
                   y.scalar_type() == x.scalar_type(), "y must be a contiguous [M, N] tensor of x's dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor v = v_in.to(at::kFloat).contiguous();
   const at::Tensor rt = r.to(at::kFloat).t().contiguous();
   at::Tensor bf;

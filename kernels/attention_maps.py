@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from purify_fast.kernels.weight_space import _device_guard
+
 # Position/channel tiles: big enough that the CPU interpreter (one Python-level step per program)
 # stays fast on small test shapes, small enough to keep registers in check on a GPU.
 _MAX_BLOCK_N = 64
@@ -135,10 +137,11 @@ def attention_map_forward(fs: torch.Tensor, ft: torch.Tensor, mask: torch.Tensor
     B, N, CS = fs.shape
     CT = ft.shape[2]
     block_n, block_c = _blocks(N, max(CS, CT))
-    _sq_sum_kernel[(B, triton.cdiv(N, block_n))](fs, ft, mask, gs, gt, N, CS, CT,
-                                                 BLOCK_N=block_n, BLOCK_C=block_c)
     block_row = min(_MAX_BLOCK_ROW, triton.next_power_of_2(max(N, 1)))
-    _row_kernel[(B,)](gs, gt, loss_rows, N, float(eps), BLOCK=block_row)
+    with _device_guard(fs):
+        _sq_sum_kernel[(B, triton.cdiv(N, block_n))](fs, ft, mask, gs, gt, N, CS, CT,
+                                                     BLOCK_N=block_n, BLOCK_C=block_c)
+        _row_kernel[(B,)](gs, gt, loss_rows, N, float(eps), BLOCK=block_row)
 
 
 def attention_map_backward(f: torch.Tensor, g: torch.Tensor, scale: float,
@@ -146,5 +149,6 @@ def attention_map_backward(f: torch.Tensor, g: torch.Tensor, scale: float,
     """``out = scale · g[..., None] · 2 f`` for f [B, N, C] contiguous, g [B, N] fp32."""
     B, N, C = f.shape
     block_n, block_c = _blocks(N, C)
-    _grad_kernel[(B, triton.cdiv(N, block_n))](f, g, out, N, C, float(scale),
-                                               BLOCK_N=block_n, BLOCK_C=block_c)
+    with _device_guard(f):
+        _grad_kernel[(B, triton.cdiv(N, block_n))](f, g, out, N, C, float(scale),
+                                                   BLOCK_N=block_n, BLOCK_C=block_c)

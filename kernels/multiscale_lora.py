@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from purify_fast.backend import triton_interpreting
+from purify_fast.kernels.weight_space import _device_guard
 
 
 @triton.jit
@@ -40,15 +41,15 @@ def _project_kernel(x_ptr, l_ptr, s_ptr, v_ptr, M, K, Q,
                     stride_xm, stride_xk, stride_lq, stride_lk, stride_sj, stride_sk,
                     stride_vm, stride_vq,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """``V[m, j] = Σ_t S[j, t] · Σ_k X[m, k] · L[t, k]`` for ``BLOCK_M`` rows; fp32 throughout.
 
     X [M, K] (fp32/fp16/bf16), L [Q, K] (same dtype), S [Q, Q] fp32, V [M, Q] fp32.
     """
-    pid = tl.program_id(0)
-    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rq = tl.arange(0, BLOCK_Q)
-    rk = tl.arange(0, BLOCK_K)
+    # int64 indices: row·stride (or k·stride of a transposed view) can pass 2**31 elements.
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rq = tl.arange(0, BLOCK_Q).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_Q), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -60,7 +61,11 @@ def _project_kernel(x_ptr, l_ptr, s_ptr, v_ptr, M, K, Q,
             # The CPU interpreter multiplies half-precision dots wrongly; fp32 is exact here.
             x = x.to(tl.float32)
             lt = lt.to(tl.float32)
-        acc += tl.dot(x, lt)
+        if IEEE:
+            # fp32 inputs: fp32 products (the default would be TF32 on NVIDIA GPUs).
+            acc += tl.dot(x, lt, input_precision="ieee")
+        else:
+            acc += tl.dot(x, lt)
     # S is applied as a Q×Q fp32 dot: exact fp32 products for the tiny rank vector.
     st = tl.load(s_ptr + rq[None, :] * stride_sj + rq[:, None] * stride_sk,
                  mask=(rq[None, :] < Q) & (rq[:, None] < Q), other=0.0)
@@ -71,7 +76,7 @@ def _project_kernel(x_ptr, l_ptr, s_ptr, v_ptr, M, K, Q,
 
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, v_ptr, r_ptr, y_ptr, M, N, K, Q,
-                   stride_xm, stride_xk, stride_wn, stride_wk, stride_vm, stride_vq,
+                   stride_xm, stride_xk, stride_wn, stride_wk, stride_b, stride_vm, stride_vq,
                    stride_rn, stride_rq, stride_ym, stride_yn,
                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, GROUP_M: tl.constexpr,
@@ -79,7 +84,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, v_ptr, r_ptr, y_ptr, M, N, K, Q,
     """``Y[m, n] = Σ_k X[m, k]·W[n, k] + b[n] + Σ_j V[m, j]·R[n, j]``, fp32 accumulator, one cast
     on store.
 
-    X [M, K], W [N, K], R [N, Q] in the input dtype (any strides), b [N], V [M, Q] fp32,
+    X [M, K], W [N, K], R [N, Q], b [N] in the input dtype (any strides), V [M, Q] fp32,
     Y [M, N]. Tiles are visited in groups of ``GROUP_M`` row tiles so that neighbouring programs
     share W tiles in L2.
     """
@@ -93,9 +98,10 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, v_ptr, r_ptr, y_ptr, M, N, K, Q,
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    # int64 indices: row·stride (or k·stride of a transposed view) can pass 2**31 elements.
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -112,14 +118,14 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, v_ptr, r_ptr, y_ptr, M, N, K, Q,
             acc += tl.dot(x, wt)
 
     # Epilogue: rank-Q update from the fp32 projections, in fp32 (Q is tiny, so ieee is cheap).
-    rq = tl.arange(0, BLOCK_Q)
+    rq = tl.arange(0, BLOCK_Q).to(tl.int64)
     v = tl.load(v_ptr + rm[:, None] * stride_vm + rq[None, :] * stride_vq,
                 mask=(rm[:, None] < M) & (rq[None, :] < Q), other=0.0)
     rt = tl.load(r_ptr + rn[None, :] * stride_rn + rq[:, None] * stride_rq,
                  mask=(rn[None, :] < N) & (rq[:, None] < Q), other=0.0).to(tl.float32)
     acc += tl.dot(v, rt, input_precision="ieee")
     if HAS_BIAS:
-        b = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rn * stride_b, mask=rn < N, other=0.0).to(tl.float32)
         acc += b[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
@@ -154,11 +160,12 @@ def mslora_project(x: torch.Tensor, lora_l: torch.Tensor, s: torch.Tensor,
     block_m = 64
     block_k = 128 if interp else 64
     grid = (triton.cdiv(m, block_m),)
-    _project_kernel[grid](x, lora_l, s, out, m, k, q,
-                          x.stride(0), x.stride(1), lora_l.stride(0), lora_l.stride(1),
-                          s.stride(0), s.stride(1), out.stride(0), out.stride(1),
-                          BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_Q=_block_q(q),
-                          UPCAST=interp, num_warps=4)
+    with _device_guard(x):
+        _project_kernel[grid](x, lora_l, s, out, m, k, q,
+                              x.stride(0), x.stride(1), lora_l.stride(0), lora_l.stride(1),
+                              s.stride(0), s.stride(1), out.stride(0), out.stride(1),
+                              BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_Q=_block_q(q),
+                              UPCAST=interp, IEEE=x.dtype == torch.float32, num_warps=4)
     return out
 
 
@@ -171,19 +178,22 @@ def mslora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     q = v.shape[1]
     interp = triton_interpreting() and x.device.type == "cpu"
     ieee = x.dtype == torch.float32  # fp32 inputs get fp32 products, as torch.matmul does by default
+    # The bias is read through its stride: a sliced or expanded (stride 0) view is not dense.
     args = (x, weight, bias if bias is not None else x, v, lora_r, out, m, n, k, q,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            bias.stride(0) if bias is not None else 0,
             v.stride(0), v.stride(1), lora_r.stride(0), lora_r.stride(1),
             out.stride(0), out.stride(1))
-    if interp or x.device.type != "cuda":
-        bm, bn, bk = 64, 64, 128
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _linear_kernel[grid](*args, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
-                             BLOCK_K=bk, BLOCK_Q=_block_q(q), GROUP_M=8, UPCAST=interp,
-                             IEEE=ieee)
-    else:
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _linear_kernel_tuned[grid](*args, HAS_BIAS=bias is not None, BLOCK_Q=_block_q(q),
-                                   UPCAST=False, IEEE=ieee)
+    with _device_guard(x):
+        if interp or x.device.type != "cuda":
+            bm, bn, bk = 64, 64, 128
+            grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+            _linear_kernel[grid](*args, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
+                                 BLOCK_K=bk, BLOCK_Q=_block_q(q), GROUP_M=8, UPCAST=interp,
+                                 IEEE=ieee)
+        else:
+            def grid(meta):
+                return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            _linear_kernel_tuned[grid](*args, HAS_BIAS=bias is not None, BLOCK_Q=_block_q(q),
+                                       UPCAST=False, IEEE=ieee)
     return out

@@ -43,6 +43,10 @@ _GPU_EMB_TILE = 4096  # elements of a [rows, cols] tile in the E-PUR row-norm ke
 # Under the interpreter each program instance costs ~1 ms of Python overhead while the work inside
 # is vectorised numpy, so one program should cover as much as memory comfortably allows.
 _INTERP_BLOCK = 1 << 16
+# Launch option of the kernels that add a product (``acc + x*y``): Triton contracts that into one
+# FMA by default, while the CUDA (__fadd_rn/__fmul_rn), C++ (-ffp-contract=off) and reference
+# code round the product and the sum separately.
+_NO_FMA = {"enable_fp_fusion": False}
 
 
 def _interpreting() -> bool:
@@ -208,7 +212,7 @@ def fisher_accumulate_(acc: torch.Tensor, grad: torch.Tensor, scale: float = 1.0
     block = _block(n, _GPU_BLOCK)
     with _device_guard(acc):
         _fisher_kernel[(triton.cdiv(n, block),)](acc, grad, n, float(scale), BLOCK=block,
-                                                 num_warps=_GPU_WARPS)
+                                                 num_warps=_GPU_WARPS, **_NO_FMA)
     return acc
 
 
@@ -401,5 +405,5 @@ def embedding_drift_scores(pre: torch.Tensor, ft: torch.Tensor, freqs: torch.Ten
     with _device_guard(pre):
         _embedding_drift_kernel[(triton.cdiv(n_rows, block_r),)](
             pre, ft, freqs, out, n_rows, float(c), N_COLS=n_cols, BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=_GPU_WARPS)
+            num_warps=_GPU_WARPS, **_NO_FMA)
     return out

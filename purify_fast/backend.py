@@ -141,11 +141,15 @@ def check_name(backend: str | None, name: str = "backend") -> str | None:
     return backend
 
 
-def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
+def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None, *,
+            skip: tuple[str, ...] = ()) -> str:
     """The backend name an op call runs on.
 
     ``backend`` None or "auto" reads ``PURIFY_FAST_BACKEND`` and then picks the fastest usable
     backend for ``device``; a named backend that cannot run raises :class:`BackendUnavailable`.
+    ``skip``: backends whose kernels refuse this call's shape (the MSLR CUDA kernels take rank
+    ``n·r_in <= 64``, say); "auto" passes over them, a backend named explicitly still gets the
+    call and raises its own error.
     """
     source = "backend"
     if backend is None:
@@ -156,7 +160,7 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None
     if backend == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
         for name in order:
-            if kernel_dtype and not _usable(name, device):
+            if kernel_dtype and name not in skip and not _usable(name, device):
                 return name
         return "torch"
     if backend != "torch":

@@ -4,12 +4,15 @@ The CUDA kernels cannot run on a CPU-only CI machine, but they can be compiled: 
 must build with a plain ``nvcc -c -arch=sm_90`` (no torch headers; skipped where nvcc is absent).
 ``csrc/philox.h`` is what both the C++ and the CUDA kernels draw their masks from, so it is built
 once as a small host program and checked against the Random123 known-answer vector and against
-the PyTorch reference generator.
+the PyTorch reference generator. Last, source-level rules for what only a GPU would show: fp32
+``tl.dot`` in IEEE precision, and every launch (Triton or CUDA binding) on its tensors' device.
 """
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -146,3 +149,87 @@ def test_first_word_matches_torch_reference_and_full_generator(philox_exe, k0, k
     for i in idx[:6]:
         full = _run(philox_exe, "full", k0, k1, i & 0xFFFFFFFF, i >> 32, 0, 0)[0].split()
         assert int(full[0], 16) == got[idx.index(i)]
+
+
+# --------------------------------------------------------------------------- source-level rules
+# Properties no CPU run can observe: what the GPU compilers are asked for and on which device.
+
+KERNELS = ROOT / "kernels"
+KERNEL_FILES = sorted(p.name for p in KERNELS.glob("*.py") if p.name != "__init__.py")
+BINDINGS = sorted(p.name for p in CSRC.glob("*_cuda_binding.cpp"))
+
+
+def _tree_with_parents(path: Path) -> ast.AST:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            child.parent = node
+    return tree
+
+
+def _ancestors(node):
+    while hasattr(node, "parent"):
+        yield node, node.parent
+        node = node.parent
+
+
+def _is_tl_dot(node) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "dot" and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "tl")
+
+
+def _ieee(call: ast.Call) -> bool:
+    return any(k.arg == "input_precision" and isinstance(k.value, ast.Constant)
+               and k.value.value == "ieee" for k in call.keywords)
+
+
+@pytest.mark.parametrize("name", KERNEL_FILES)
+def test_every_tl_dot_states_ieee_precision_for_fp32(name):
+    """A ``tl.dot`` without ``input_precision`` runs fp32 inputs in TF32 on NVIDIA GPUs (10-bit
+    mantissa), which the CPU interpreter never shows. Each one must ask for "ieee", or be the
+    half-precision branch of an ``if FLAG:`` whose fp32 branch does."""
+    tree = _tree_with_parents(KERNELS / name)
+    for call in filter(_is_tl_dot, ast.walk(tree)):
+        if _ieee(call):
+            continue
+        guarded = False
+        for child, parent in _ancestors(call):
+            if isinstance(parent, ast.If) and any(child is s for s in parent.orelse):
+                guarded = any(_is_tl_dot(n) and _ieee(n)
+                              for s in parent.body for n in ast.walk(s))
+                break
+        assert guarded, f"{name}:{call.lineno}: tl.dot without input_precision for fp32 inputs"
+
+
+@pytest.mark.parametrize("name", KERNEL_FILES)
+def test_every_triton_launch_is_under_the_device_guard(name):
+    """Triton launches on the current CUDA device, so a tensor on another GPU needs the
+    ``with _device_guard(t):`` that switches to it."""
+    tree = _tree_with_parents(KERNELS / name)
+    launches = [n for n in ast.walk(tree)
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)
+                and isinstance(n.func.value, ast.Name) and n.func.value.id.endswith(
+                    ("_kernel", "_tuned"))]
+    assert launches
+    for call in launches:
+        assert any(isinstance(p, ast.With) and any(
+            isinstance(i.context_expr, ast.Call) and isinstance(i.context_expr.func, ast.Name)
+            and i.context_expr.func.id == "_device_guard" for i in p.items)
+            for _, p in _ancestors(call)), f"{name}:{call.lineno}: launch outside _device_guard"
+
+
+@pytest.mark.parametrize("name", BINDINGS)
+def test_every_cuda_binding_sets_the_device_before_taking_the_stream(name):
+    """The current stream belongs to the current device: each binding function sets a CUDAGuard
+    to its tensors' device before it asks for the stream and launches."""
+    # Top-level functions end with a "}" in column 0; the one-line stream() helper is no user.
+    for body in re.split(r"^}", (CSRC / name).read_text(), flags=re.M):
+        uses = [m.start() for m in re.finditer(r"getCurrentCUDAStream\(\)|\bstream\(\)", body)
+                if not re.match(r"cudaStream_t stream\(\)", body[body.rfind("\n", 0, m.start())
+                                                                 + 1:].lstrip())]
+        if uses:
+            guard = body.find("CUDAGuard")
+            assert 0 <= guard < uses[0], (
+                f"{name}: a function takes the CUDA stream without a CUDAGuard first:\n"
+                f"{body.strip()[:300]}")

@@ -2,6 +2,10 @@
 explicit backward against gradcheck in fp64, the FFT scaling matrix against torch.fft, and bad
 input errors."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -137,6 +141,96 @@ def test_kernels_backward_with_transposed_input(backend):
         xr = x.detach().reshape(xv.shape).requires_grad_(True)
         R.multiscale_lora(xr.reshape(12, 40), w, b, lo, ro, sc, 6.0, "fft").sum().backward()
         torch.testing.assert_close(xv.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", B.available("cpu"))
+def test_strided_and_expanded_bias(backend):
+    """A sliced (stride 2) and an expanded (stride 0) bias give the dense bias's output (the Triton
+    kernel once read the bias as if it were dense)."""
+    x, w, _, lo, ro, sc = _inputs(9, 24, 70, 2, 1, torch.float32)
+    base = torch.randn(2 * 70, generator=torch.Generator().manual_seed(3))
+    for b in (base[::2], torch.tensor([5.0]).expand(70)):
+        assert not b.is_contiguous()
+        y = multiscale_lora(x, w, b, lo, ro, sc, 6.0, mode="fft", backend=backend)
+        ref = R.multiscale_lora(x, w, b.contiguous(), lo, ro, sc, 6.0, "fft")
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# Views whose element offsets pass 2**31 while every stride stays below it, so int32 index·stride
+# products would wrap. The 4 GiB buffer is virtual: only the pages written here become memory.
+_BIG_OFFSETS = r"""
+import sys
+import torch
+from purify_fast.kernels import multiscale_lora as K
+
+try:
+    big = torch.empty(2**31 + 64, dtype=torch.float16)
+except RuntimeError:
+    print("SKIP: cannot reserve a 4 GiB buffer")
+    sys.exit(0)
+g = torch.Generator().manual_seed(0)
+def view(shape, stride, offset):
+    t = big.as_strided(shape, stride, offset)
+    t.copy_(torch.randn(shape, generator=g).half())
+    return t
+S = 2**30
+x = view((3, 3), (S, 1), 0)        # row 2 at 2**31 (row index · stride)
+xt = view((2, 3), (1, S), 8)       # column 2 at 2**31 (k index · stride)
+lt = view((2, 3), (1, S), 16)      # lora_l [Q, K], k index · stride
+w = view((3, 3), (S, 1), 24)       # weight row 2 at 2**31
+r = view((3, 2), (S, 1), 32)       # lora_r row 2 at 2**31
+s = torch.eye(2) * 0.5
+worst = 0.0
+for xx in (x, xt):
+    v = torch.empty(xx.shape[0], 2)
+    K.mslora_project(xx, lt, s, v)
+    ref_v = xx.float() @ lt.float().t() @ s.t()
+    worst = max(worst, float((v - ref_v).abs().max()))
+    y = torch.empty(xx.shape[0], 3, dtype=torch.float16)
+    K.mslora_linear(xx, w, None, v, r, y)
+    ref_y = xx.float() @ w.float().t() + v @ r.float().t()
+    worst = max(worst, float((y.float() - ref_y).abs().max()) / 10)
+print("worst", worst)
+sys.exit(0 if worst < 1e-3 else 1)
+"""
+
+
+@pytest.mark.skipif("triton" not in B.available("cpu"), reason="needs the Triton interpreter")
+def test_triton_offsets_past_2_pow_31(tmp_path):
+    """Row, column and k offsets beyond 2**31 elements address the right memory (int64 indices).
+    In a child process: a wrapped offset reads outside the buffer and may crash."""
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _BIG_OFFSETS], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.stdout.startswith("SKIP"):
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+
+
+def test_auto_backend_skips_a_backend_the_call_does_not_fit(monkeypatch):
+    """resolve(skip=...): "auto" passes over a backend whose kernels refuse the call's shape (the
+    MSLR CUDA kernels take n·r_in <= 64) and an explicit name still reaches it."""
+    fake = (object(), "")
+    monkeypatch.setattr(B, "_cuda", lambda: fake)
+    monkeypatch.setattr(B, "_triton", lambda: fake)
+    monkeypatch.delenv(B.ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    assert B.resolve(None, cuda, torch.float32) == "cuda"
+    assert B.resolve("auto", cuda, torch.float32, skip=("cuda",)) == "triton"
+    assert B.resolve(None, cuda, torch.float16, skip=("cuda", "triton")) == "torch"
+    assert B.resolve("cuda", cuda, torch.float32, skip=("cuda",)) == "cuda"
+    # the op asks to skip cuda exactly when the rank n·r_in passes 64
+    seen = []
+    real = B.resolve
+
+    def spy(backend, device, dtype=None, *, skip=()):
+        seen.append(skip)
+        return real(backend, device, dtype, skip=skip)
+    monkeypatch.setattr(B, "resolve", spy)
+    for r_in in (64, 65):  # one scale: the rank is r_in
+        x, w, b, lo, ro, sc = _inputs(3, 8, 5, 1, r_in, torch.float32)
+        multiscale_lora(x, w, b, lo, ro, sc, 6.0)
+    assert seen == [(), ("cuda",)]
 
 
 def test_auto_backend_and_fp64_fall_back_to_torch():

@@ -783,7 +783,8 @@ def test_threshold_selects_exactly_the_sorted_top_set(device, name):
 # --------------------------------------------------------------------------- GPU lowering
 
 _COMPILE_SM90 = r"""
-import json, re, sys
+import json, linecache, os, re, sys
+import torch
 import triton
 try:
     from triton.backends.compiler import GPUTarget
@@ -792,17 +793,50 @@ except ImportError as exc:
     print("SKIP this triton has no ahead-of-time compile API:", exc); sys.exit(0)
 import purify_fast.kernels.weight_space as ws
 
-def ptx(fn, signature, constexprs, warps=8):
+def ptx(fn, signature, constexprs, warps=8, options=None):
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
                     constexprs=constexprs)
     try:
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, **(options or {})})
     except (RuntimeError, FileNotFoundError) as exc:
         if "ptxas" in str(exc).lower():
             print("SKIP no ptxas:", exc); sys.exit(0)
         raise
     return k.asm["ptx"]
 
+def launch_options(kernel_name, call):
+    # The compile options (launch keywords that are not kernel arguments) a launcher passes.
+    kernel, seen = getattr(ws, kernel_name), {}
+    class Capture:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.update(kwargs)
+    setattr(ws, kernel_name, Capture())
+    os.environ["TRITON_INTERPRET"] = "1"  # only so that the launcher takes CPU tensors
+    try:
+        call()
+    finally:
+        setattr(ws, kernel_name, kernel)
+        del os.environ["TRITON_INTERPRET"]
+    return {k: v for k, v in seen.items() if k not in kernel.arg_names}
+
+def fma_lines(t):
+    # Source lines of weight_space.py that the PTX's fused multiply-adds come from.
+    files = dict(re.findall(r'\.file\s+(\d+)\s+"([^"]+)"', t))
+    where, out = None, set()
+    for line in t.splitlines():
+        m = re.match(r"\s*\.loc\s+(\d+)\s+(\d+)", line)
+        if m:
+            where = (files.get(m.group(1), ""), int(m.group(2)))
+        elif re.search(r"\bfma\.rn(\.ftz)?\.f32", line) and where and where[1] > 0:
+            if where[0].endswith("weight_space.py"):
+                out.add(linecache.getline(where[0], where[1]).strip())
+    return sorted(out)
+
+fisher_opts = launch_options("_fisher_kernel", lambda: ws.fisher_accumulate_(
+    torch.zeros(4), torch.ones(4, dtype=torch.bfloat16)))
+emb_opts = launch_options("_embedding_drift_kernel", lambda: ws.embedding_drift_scores(
+    torch.zeros(2, 3), torch.ones(2, 3), torch.ones(2), 20.0, torch.empty(2)))
 score = {"pre_ptr": "*bf16", "ft_ptr": "*bf16", "h_ptr": "*fp32", "n": "i64", "eps": "fp32"}
 texts = {}
 for thr in ("i32", "u32", "i64"):  # keep_threshold's type follows its value
@@ -812,7 +846,7 @@ for thr in ("i32", "u32", "i64"):  # keep_threshold's type follows its value
 texts["philox"] = ptx(ws._philox_kernel, {"index_ptr": "*i64", "out_ptr": "*i64", "n": "i32",
                                           "k0": "u32", "k1": "i32"}, {"BLOCK": 1024}, 4)
 texts["fisher"] = ptx(ws._fisher_kernel, {"acc_ptr": "*fp32", "grad_ptr": "*bf16", "n": "i64",
-                                          "scale": "fp32"}, {"BLOCK": 2048})
+                                          "scale": "fp32"}, {"BLOCK": 2048}, options=fisher_opts)
 for ind in range(4):
     texts[f"hist {ind}"] = ptx(ws._histogram_kernel, {**score, "hist_ptr": "*i64",
                                "prefix": "i32"}, {"INDICATOR": ind, "LEVEL2": ind == 0,
@@ -822,10 +856,13 @@ for ind in range(4):
                                                         "TAKES_FT": ind % 2 == 0, "BLOCK": 2048})
 texts["embedding"] = ptx(ws._embedding_drift_kernel, {
     "pre_ptr": "*bf16", "ft_ptr": "*bf16", "freq_ptr": "*fp32", "out_ptr": "*fp32",
-    "n_rows": "i32", "c": "fp32"}, {"N_COLS": 4099, "BLOCK_R": 4, "BLOCK_C": 1024})
+    "n_rows": "i32", "c": "fp32"}, {"N_COLS": 4099, "BLOCK_R": 4, "BLOCK_C": 1024},
+    options=emb_opts)
 print(json.dumps({name: {"div_rn": "div.rn.f32" in t,
                          "approx_div": "div.full" in t or "div.approx" in t,
-                         "ftz": bool(re.search(r"\.ftz\b", t))} for name, t in texts.items()}))
+                         "ftz": bool(re.search(r"\.ftz\b", t)),
+                         "fma": len(re.findall(r"\bfma\.rn(\.ftz)?\.f32", t)),
+                         "fma_lines": fma_lines(t)} for name, t in texts.items()}))
 """
 
 
@@ -856,3 +893,9 @@ def test_triton_kernels_lower_for_hopper_with_ieee_division():
             assert not facts["ftz"], name
     for name in ("hist 0", "hist 2", "select 0", "select 2", "embedding"):
         assert report[name]["div_rn"], name
+    # Launched as the launchers launch them, the Fisher update and the E-PUR sum of squares round
+    # the product and the sum separately, like the CUDA/C++ code (an FMA would change the last
+    # bit); the only FMAs left are inside the libdevice logarithm.
+    assert report["fisher"]["fma"] == 0, report["fisher"]["fma_lines"]
+    assert all("tl.log" in line for line in report["embedding"]["fma_lines"]), (
+        report["embedding"]["fma_lines"])

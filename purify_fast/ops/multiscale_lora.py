@@ -183,7 +183,10 @@ def multiscale_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     share one dtype and device; fp32 accumulation inside every backend.
     """
     scales, alpha, r_in = _validate(x, weight, bias, lora_l, lora_r, scales, alpha, mode)
-    name = _backend.resolve(backend, x.device, x.dtype)
+    # The CUDA kernels hold a row's rank vector in registers: n·r_in <= 64
+    # (csrc/multiscale_lora_cuda_binding.cpp); "auto" passes over them for a larger rank.
+    name = _backend.resolve(backend, x.device, x.dtype,
+                            skip=("cuda",) if lora_l.shape[0] > 64 else ())
     x2d = x.reshape(-1, x.shape[-1])
     if name == "torch":
         y = _ReferenceFn.apply(x2d, weight, bias, lora_l, lora_r, scales, alpha, mode)
