@@ -68,6 +68,10 @@ def add_parser(sub):
                    help="with --attack: the class the trigger maps to, an index or a class name "
                         "(1)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--merged-dtype", choices=["model", "fp32"], default="model",
+                   help="dtype of the merged model written: the model's own (default) or fp32, "
+                        "which keeps the whole LoRA update of a bf16 / fp16 model (merged into "
+                        "bf16 weights most of it is rounded away; a warning says how much)")
     add_device_arg(p)
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--backend", default=None, help="MSLR op backend (default auto)")
@@ -76,6 +80,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    import torch
+
     from purify_fast.attacks import make_attack
     from purify_fast.data import CORPORA, load_dataset, load_splits
     from purify_fast.defenses.muscle_lora import MuscleLoRATrainConfig, train_clean
@@ -128,7 +134,7 @@ def run(args) -> int:
                                      max_length=args.max_length, precision=args.precision,
                                      seed=args.seed, ref_pool_size=args.ref_pool_size,
                                      progress=not args.no_progress),
-        return_result=True)
+        return_result=True, merged_dtype=torch.float32 if args.merged_dtype == "fp32" else None)
     report = {"method": args.method, "ablation": args.ablation, "data": args.data,
               "model": args.model, "train_seconds": time.perf_counter() - t0,
               "best_epoch": result.best_epoch, "best_dev_acc": result.best_dev_acc,

@@ -365,11 +365,13 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
                 method: str = "muscle-lora", ablation: str = "muscle-lora",
                 inject: MuscleLoRAConfig | None = None,
                 config: MuscleLoRATrainConfig | None = None, return_result: bool = False,
-                **overrides):
+                merged_dtype: torch.dtype | None = None, **overrides):
     """Train a clean model on possibly poisoned ``train_data`` and return it **merged**: every
     adapter folded into its base layer, the original architecture back (ready for
     ``save_pretrained``). ``ablation``: ``muscle-lora`` (MSLR + LoRA + GA), ``lora``,
     ``ga+lora``, ``lora+mslr``. With ``return_result=True`` returns ``(model, result)``.
+    ``merged_dtype`` casts the model before the merge (``torch.float32`` keeps the whole update
+    of a bf16 model; see :func:`purify_fast.nn.merge_muscle_lora`).
 
     ``model`` may be a model object or a local checkpoint path / ``"minilm"`` (then ``tokenizer``
     may be None and is loaded with it, after seeding with ``config.seed`` so the fresh frozen
@@ -413,6 +415,6 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
     result = train_muscle_lora(model, tokenizer, train_data, dev_data, config)
     result.config["ablation"] = ablation
     result.config["inject"] = dict(model.muscle_lora_config)
-    merge_muscle_lora(model)
+    merge_muscle_lora(model, merged_dtype)
     model.eval()
     return (model, result) if return_result else model

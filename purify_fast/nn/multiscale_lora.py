@@ -366,16 +366,46 @@ def inject_muscle_lora(model: nn.Module, config: MuscleLoRAConfig | None = None)
     return model
 
 
+# A merge that keeps less than this share of the LoRA update (its relative error, in the
+# Frobenius norm) is reported: the merged model is then not the one that was trained.
+MERGE_LOSS_WARN = 0.05
+
+
 @torch.no_grad()
-def merge_muscle_lora(model: nn.Module) -> nn.Module:
+def merge_muscle_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Fold every adapter into its base layer and put plain layers back (in place): the model has
-    its original architecture and parameter names again. Returns ``model``."""
+    its original architecture and parameter names again. Returns ``model``.
+
+    ``dtype`` (e.g. ``torch.float32``) casts the model first. Folded into bf16 / fp16 weights, a
+    LoRA update much smaller than the weights' spacing is mostly rounded away (an audit measured
+    64-71 % of a bf16 tiny LLaMA's q / v update lost); when the merge loses more than
+    :data:`MERGE_LOSS_WARN` of any update, a warning says how much and suggests fp32."""
+    import warnings
+
     from peft.tuners.lora import LoraLayer
 
+    if dtype is not None:
+        model.to(dtype)
+    worst = (0.0, None)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer) and name:
+            base = module.get_base_layer()
+            before = base.weight.detach().float().clone()
+            delta = sum((module.get_delta_weight(a).detach().float()
+                         for a in module.active_adapters if a in module.lora_A),
+                        torch.zeros_like(before))
             module.merge()
-            _set_module(model, name, module.get_base_layer())
+            norm = float(delta.norm())
+            if norm > 0:
+                lost = float((base.weight.detach().float() - before - delta).norm()) / norm
+                worst = max(worst, (lost, name), key=lambda w: w[0])
+            _set_module(model, name, base)
+    if worst[0] > MERGE_LOSS_WARN:
+        dt = next(model.parameters()).dtype
+        warnings.warn(f"merging the LoRA updates into {dt} weights lost up to "
+                      f"{100 * worst[0]:.0f} % of one ({worst[1]}): the merged model is not the "
+                      f"one trained. Merge in fp32 (merge_muscle_lora(model, torch.float32), "
+                      f"train-clean --merged-dtype fp32)", UserWarning, stacklevel=2)
     # Heads first (they own an MSLR layer), then a fresh walk for the remaining MSLR layers.
     for name, module in list(model.named_modules()):
         if isinstance(module, MSLRClassificationHead):
