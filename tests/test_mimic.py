@@ -350,3 +350,17 @@ def test_a_hugging_face_resnet_teacher_with_stages_of_other_resolutions():
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="one mask is given for all layers"):
         attention_map_loss(maps_s, maps_t, [0.3, 0.7], torch.ones(2, 64))
+
+
+def test_cli_distill_checks_its_options_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """A bad option is refused before the teacher is loaded (a typo costs no model load)."""
+    import purify_fast.attacks.encoder_backdoor as eb
+    from purify_fast.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the options were checked")
+    monkeypatch.setattr(eb, "load_encoder", no_load)
+    for extra, message in [(["--student-layers", "0"], "student_layers"),
+                           (["--lr", "-1"], "lr")]:
+        assert main(["distill", "--out", str(tmp_path / "s"), "--no-progress", *extra]) == 2
+        assert message in capsys.readouterr().err, extra

@@ -53,14 +53,15 @@ def run(args) -> int:
         raise ValueError(f"--num-examples must be at least 8 (MINE estimates the layer weights "
                          f"from them), got {args.num_examples}")
     # Errors here (a bad file, option or model) reach the CLI's one handler for user errors,
-    # which also honours PURIFY_FAST_TRACEBACK.
-    teacher, tok = load_encoder(args.teacher, device=pick_device(args.device))
-    kw = {} if args.data in CORPORA else {"text_column": args.text_column, "label_column": None}
-    data = load_dataset(args.data, **kw).take(args.num_examples, seed=args.seed)
+    # which also honours PURIFY_FAST_TRACEBACK. The options first (the config checks them on
+    # construction), the data next, the model last: a typo costs no model load.
     cfg = MIMICConfig(student_layers=args.student_layers, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                       mi_source=args.mi_source, mine_steps=args.mine_steps,
                       backend=args.backend, seed=args.seed, progress=not args.no_progress)
+    kw = {} if args.data in CORPORA else {"text_column": args.text_column, "label_column": None}
+    data = load_dataset(args.data, **kw).take(args.num_examples, seed=args.seed)
+    teacher, tok = load_encoder(args.teacher, device=pick_device(args.device))
     result = MIMIC(cfg).fit(teacher, tok, data)
 
     def write(tmp):
