@@ -208,3 +208,31 @@ def test_purify_e_pur_counts_tokens_in_the_given_corpus(tiny, tmp_path):
     assert main(base + ["--e-pur", "--e-pur-corpus", str(tmp_path / "empty.csv"), "--out",
                         str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_corpus_is_numbered_as_the_models_classes(capsys):
+    """A model trained on a file numbers fresh = 0, rotten = 1 (sorted); the Rotten Tomatoes
+    corpus rotten = 0, fresh = 1: the corpus is renumbered by name (by index CACC was one minus
+    the accuracy and the ASR set the wrong class). Partly other names are refused; wholly other
+    names (NEGATIVE / POSITIVE) go by index, with a note."""
+    from types import SimpleNamespace
+
+    from purify_fast.commands import check_classes_match
+    from purify_fast.data import load_splits
+
+    test = load_splits("rotten-tomatoes", seed=0, test_size=40).test
+    assert test.label_names == ("rotten", "fresh")
+
+    def model(*names):
+        return SimpleNamespace(config=SimpleNamespace(
+            num_labels=len(names), id2label={i: n for i, n in enumerate(names)}))
+    same = check_classes_match(test, model("rotten", "fresh"), "rotten-tomatoes")
+    assert same is test
+    swapped = check_classes_match(test, model("fresh", "rotten"), "rotten-tomatoes")
+    assert swapped.texts == test.texts and swapped.label_names == ("fresh", "rotten")
+    assert swapped.labels == [1 - y for y in test.labels]
+    with pytest.raises(ValueError, match=r"only partly the model's \(fresh, bad\)"):
+        check_classes_match(test, model("fresh", "bad"), "rotten-tomatoes")
+    other = check_classes_match(test, model("NEGATIVE", "POSITIVE"), "rotten-tomatoes")
+    assert other is test
+    assert "taken as the model's (NEGATIVE=0, POSITIVE=1) by index" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
@@ -251,7 +252,6 @@ def record_label_names(model, dataset) -> None:
 def load_file_for_model(path, model, text_column: str = "text", label_column: str = "label"):
     """A user data file whose labels must be the model's classes: out-of-range indices and class
     names the model does not know are errors naming file, line and column."""
-    import sys
 
     from purify_fast.data import load_text_file
 
@@ -265,11 +265,32 @@ def load_file_for_model(path, model, text_column: str = "text", label_column: st
     return data
 
 
-def check_classes_match(data, model, source) -> None:
-    """A corpus with another number of classes than the model's head cannot score it."""
+def check_classes_match(data, model, source):
+    """``data`` (a named corpus) numbered as the model's classes. Another number of classes is an
+    error; the same class names in another order are renumbered (a model trained on a file says
+    fresh = 0, the Rotten Tomatoes corpus rotten = 0: by index, CACC would be one minus the
+    accuracy and the ASR set the wrong class); names only partly the same are an error; wholly
+    other names (NEGATIVE / POSITIVE) are taken by index, with a note."""
+    from purify_fast.data import TextDataset
+
     if data.num_labels != model.config.num_labels:
         raise ValueError(f"{source} has {data.num_labels} classes but the model has "
                          f"{model.config.num_labels}; use data with the model's classes")
+    names = model_class_names(model.config)
+    ours = tuple(data.label_names) if data.label_names else None
+    if names is None or ours is None or ours == names:
+        return data
+    if set(ours) == set(names):
+        order = [names.index(n) for n in ours]
+        return TextDataset(data.texts, [order[y] for y in data.labels], data.num_labels,
+                           data.name, names)
+    if set(ours) & set(names):
+        raise ValueError(f"{source}'s classes ({', '.join(ours)}) are only partly the model's "
+                         f"({', '.join(names)}); use a data file labelled with the model's "
+                         f"class names")
+    print(f"note: {source}'s classes ({class_numbering(ours)}) are taken as the model's "
+          f"({class_numbering(names)}) by index", file=sys.stderr)
+    return data
 
 
 def add_clean_data_args(parser) -> None:
@@ -289,7 +310,6 @@ def load_clean_set(args, model):
 
     if args.clean_data in CORPORA:
         clean = load_splits(args.clean_data, seed=args.seed).dev.take(args.clean_size)
-        check_classes_match(clean, model, args.clean_data)
-        return clean
+        return check_classes_match(clean, model, args.clean_data)
     return load_file_for_model(args.clean_data, model, args.text_column,
                                args.label_column).take(args.clean_size, seed=args.seed)

@@ -43,7 +43,7 @@ def run(args) -> int:
     attack = make_attack(args)
     if args.data in CORPORA:
         test = load_splits(args.data, seed=args.seed, test_size=args.test_size).test
-        check_classes_match(test, model, args.data)
+        test = check_classes_match(test, model, args.data)
     else:  # a user file is all test data: nothing of it is trained on here
         test = load_file_for_model(args.data, model, args.text_column, args.label_column)
         test = test.take(args.test_size, seed=args.seed) if args.test_size < len(test) else test
