@@ -234,7 +234,8 @@ def test_decoder_classifier_and_tokenizer_pad_with_one_id(tmp_path):
                 alone = model(**tok([text], return_tensors="pt")).logits[0]
                 torch.testing.assert_close(together[i], alone, rtol=1e-4, atol=1e-5)
     model.config.pad_token_id = 7
-    with pytest.raises(ValueError, match=r"config.pad_token_id is 7 but the tokenizer pads with id 0"):
+    with pytest.raises(ValueError, match=r"config.pad_token_id is 7 but its batches would be "
+                                         r"padded with id 0"):
         purify(model, model, data, method="fine-tune", tokenizer=tok)
 
 

@@ -219,6 +219,11 @@ def test_purify_leaves_the_callers_tokenizer_alone():
     suspect = tiny_llama(vocab_size=len(tok))
     pretrained = {k: v.clone() for k, v in tiny_llama(vocab_size=len(tok), seed=1).state_dict().items()}
     data = load_rotten_tomatoes(seed=0).dev.take(20)
+    # batches will be padded with eos: the decoder classifier must look for that id
+    with pytest.raises(ValueError, match=r"config.pad_token_id is 0 but its batches would be "
+                                         r"padded with id 102 \(the tokenizer's eos token\)"):
+        purify(suspect, pretrained, data, method="fine-mixing", tokenizer=tok)
+    suspect.config.pad_token_id = tok.eos_token_id
     model, _ = purify(suspect, pretrained, data, method="fine-mixing", tokenizer=tok, epochs=1,
                       max_length=8, batch_size=8)
     assert tok.pad_token is None

@@ -79,9 +79,9 @@ def check_tokenizer(model, tokenizer, name: str) -> None:
     if rows is not None and size > rows:
         raise ValueError(f"the tokenizer has {size} tokens but {name}'s embedding has {rows} rows: "
                          f"it is not this model's tokenizer (pass the one saved with the model)")
-    from purify_fast.models.loading import align_pad_token
+    from purify_fast.models.loading import check_pad_token
 
-    align_pad_token(model, tokenizer)
+    check_pad_token(model, tokenizer, name)
 
 
 

@@ -101,19 +101,17 @@ def load_classifier(name_or_path: str | os.PathLike | None = DEFAULT_MODEL, num_
     tok = None
     if tokenizer:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        align_pad_token(model, tok, fix_config=True)
+        align_pad_token(model, tok)
     return model, tok
 
 
-def align_pad_token(model, tokenizer, *, fix_config: bool = False) -> None:
-    """One pad id for ``model`` and ``tokenizer``. A decoder classifier (LLaMA, Mistral, Qwen2:
-    a ``score`` head) scores the last token before the first ``config.pad_token_id``; if the
-    batches are padded with another id, every shorter sequence of a batch is scored at a pad
-    position (an audit measured logits 0.09-0.10 off on tiny LLaMA / Qwen2 classifiers).
-
-    A tokenizer without a pad token takes the config's (if it names a token) or else eos.
-    A config whose pad id then differs is set to the tokenizer's when ``fix_config`` (our own
-    loading); otherwise, for a decoder classifier, that is an error naming both ids."""
+def align_pad_token(model, tokenizer) -> None:
+    """One pad id for ``model`` and ``tokenizer``, both loaded here. A decoder classifier (LLaMA,
+    Mistral, Qwen2: a ``score`` head) scores the last token before the first
+    ``config.pad_token_id``; if the batches are padded with another id, every shorter sequence of
+    a batch is scored at a pad position (an audit measured logits 0.09-0.10 off on tiny LLaMA /
+    Qwen2 classifiers). A tokenizer without a pad token takes the config's (if it names a token)
+    or else eos; the config then takes the tokenizer's."""
     if getattr(tokenizer, "pad_token_id", None) is None:
         pad = getattr(model.config, "pad_token_id", None)
         if isinstance(pad, int) and 0 <= pad < len(tokenizer):
@@ -121,17 +119,28 @@ def align_pad_token(model, tokenizer, *, fix_config: bool = False) -> None:
         elif getattr(tokenizer, "eos_token", None):
             tokenizer.pad_token = tokenizer.eos_token
     pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None or getattr(model.config, "pad_token_id", None) == pad:
-        return
-    if fix_config:
+    if pad is not None:
         model.config.pad_token_id = pad
-    elif hasattr(model, "score"):
+
+
+def check_pad_token(model, tokenizer, name: str = "model") -> None:
+    """A model object and tokenizer passed in (not loaded here, so not changed here): for a
+    decoder classifier (a ``score`` head), the id its batches will be padded with (the
+    tokenizer's pad, else eos, as batching sets it) must be ``config.pad_token_id``."""
+    if not hasattr(model, "score"):
+        return  # encoders read no pad id to find a token: their outputs do not depend on it
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    config_pad = getattr(model.config, "pad_token_id", None)
+    if pad is not None and config_pad != pad:
         raise ValueError(
-            f"the model's config.pad_token_id is {model.config.pad_token_id} but the tokenizer pads "
-            f"with id {pad} ({tokenizer.pad_token!r}): this classifier finds each sequence's last "
-            f"token through config.pad_token_id, so padded batches would be scored at pad "
-            f"positions. Set model.config.pad_token_id = tokenizer.pad_token_id (or load both with "
-            f"purify_fast.models.load_classifier, which does)")
+            f"the {name}'s config.pad_token_id is {config_pad} but its batches would be padded "
+            f"with id {pad} (the tokenizer's {'pad' if tokenizer.pad_token_id is not None else 'eos'}"
+            f" token): this classifier finds each sequence's last token through "
+            f"config.pad_token_id, so padded batches would be scored at pad positions. Give both "
+            f"one id (model.config.pad_token_id = tokenizer.pad_token_id, or tokenizer.pad_token "
+            f"= ...), or load them with purify_fast.models.load_classifier, which does")
 
 
 def _fresh_keys(info: dict) -> list[str]:
