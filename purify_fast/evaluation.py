@@ -42,12 +42,35 @@ def attack_success_rate(model, tokenizer, triggered: TextDataset, target_label: 
     return float((preds == target_label).float().mean())
 
 
+def trigger_cut_share(attack, tokenizer, triggered: TextDataset, max_length: int = 64) -> float:
+    """Share of ``triggered`` inputs whose trigger the model never sees: truncation to
+    ``max_length`` tokens cut it off (a trigger inserted at a random word of a long text).
+    Such inputs count as failed attacks in the ASR, so a non-zero share means the ASR
+    understates the backdoor. Only texts longer than ``max_length`` tokens are decoded."""
+    if not len(triggered):
+        return 0.0
+    from purify_fast.data.text_dataset import ensure_pad_token
+
+    ensure_pad_token(tokenizer)
+    lengths = [len(ids) for ids in tokenizer(list(triggered.texts), truncation=False,
+                                             verbose=False)["input_ids"]]
+    long = [t for t, n in zip(triggered.texts, lengths) if n > max_length]
+    if not long:
+        return 0.0
+    kept = tokenizer(long, truncation=True, max_length=max_length)["input_ids"]
+    cut = sum(not attack.trigger_in(tokenizer.decode(ids, skip_special_tokens=True))
+              for ids in kept)
+    return cut / len(triggered)
+
+
 def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDataset | None = None,
-                      target_label: int | None = None, **kwargs) -> dict:
-    """``{"cacc", "asr", "asr_no_trigger", "seconds"}``.
+                      target_label: int | None = None, *, attack=None, **kwargs) -> dict:
+    """``{"cacc", "asr", "asr_no_trigger", "seconds"}``, and ``"trigger_cut"`` with ``attack``.
 
     ``asr`` is None without a triggered set; ``asr_no_trigger`` (share of non-target clean test
-    inputs predicted ``target_label``) is None without a target label."""
+    inputs predicted ``target_label``) is None without a target label; ``trigger_cut``
+    (:func:`trigger_cut_share`, at ``max_length``) is the share of triggered inputs whose trigger
+    truncation removed."""
     t0 = time.perf_counter()
     if target_label is not None and not 0 <= target_label < test.num_labels:
         raise ValueError(f"target_label {target_label} is out of range for {test.num_labels} labels")
@@ -62,6 +85,9 @@ def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDatase
         if target_label is None:
             raise ValueError("target_label is required with a triggered set")
         out["asr"] = attack_success_rate(model, tokenizer, triggered, target_label, **kwargs)
+        if attack is not None:
+            out["trigger_cut"] = trigger_cut_share(attack, tokenizer, triggered,
+                                                   kwargs.get("max_length", 64))
     out["seconds"] = time.perf_counter() - t0
     return out
 

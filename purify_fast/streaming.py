@@ -53,7 +53,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -108,6 +108,9 @@ class PurifyConfig:
       or every row with score >= ``score_threshold``; ``special_ids`` are never ranked; ``c`` is the
       frequency floor in the log.
     * ``allow_new_keys``: tensors only in the suspect (a new head) are kept; otherwise an error.
+      Either way, suspect-only tensors holding more than
+      :data:`purify_fast.checkpoint.MAX_UNMATCHED_SHARE` of its weights are an error (an untied
+      ``lm_head`` over a base that ties it pairs with the base's embedding instead).
     """
 
     method: str
@@ -171,6 +174,7 @@ class PurifyResult:
     base_prefix: str | None = None  # the pre-trained base model's tensors were paired under it
     kept: list[str] = field(default_factory=list)  # suspect tensors without a counterpart, as they were
     cast: list[str] = field(default_factory=list)  # pre-trained tensors cast to the suspect's dtype
+    tied: dict[str, str] = field(default_factory=dict)  # suspect head -> pre-trained embedding it pairs with
     # "name: why" for what sits beside the suspect's weights but was not carried into the output
     side_files_left_out: list[str] = field(default_factory=list)
 
@@ -398,6 +402,24 @@ def _load_freqs(token_freqs, vocab: int) -> torch.Tensor:
     return freqs
 
 
+def _tied_head_pairs(pre: Checkpoint, ft: Checkpoint) -> tuple[Checkpoint, dict[str, str]]:
+    """A base that ties its output head to the embedding saves no ``lm_head.weight``; a fine-tune
+    saved untied does (it started as that embedding). Pair it with the pre-trained embedding:
+    kept as a new tensor, it would leave the head (and any backdoor in it) unpurified. Returns
+    ``pre`` with those names added (reads go to the embedding) and ``{head: embedding}``."""
+    tied = {}
+    for key, info in ft.tensors.items():
+        if key in pre.tensors or not key.endswith("lm_head.weight"):
+            continue
+        embeddings = [k for k, i in pre.tensors.items()
+                      if k.endswith(EMBEDDING_SUFFIXES) and i.shape == info.shape]
+        if len(embeddings) == 1:
+            tied[key] = embeddings[0]
+    if not tied:
+        return pre, tied
+    return replace(pre, tensors={**pre.tensors, **{h: pre.tensors[e] for h, e in tied.items()}}), tied
+
+
 def _find_embedding(cfg: PurifyConfig, suspect: Checkpoint) -> str:
     if cfg.embedding_key is not None:
         if cfg.embedding_key not in suspect:
@@ -538,6 +560,7 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
     base_prefix = base_model_prefix(pre, ft)
     if base_prefix is not None:
         pre = pre.under_prefix(base_prefix)
+    pre, tied = _tied_head_pairs(pre, ft)
     plan = _Plan(cfg, pre, ft, hes, comm.world_size, base_prefix)
     freqs = None
     if cfg.e_pur:
@@ -798,7 +821,7 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
                         resumed=resumed, shards_total=len(plan.layouts), shards_skipped=skipped,
                         threshold=threshold, reset_rows=[int(r) for r in reset_rows],
                         stage_seconds=stages, base_prefix=base_prefix, kept=list(plan.new),
-                        cast=list(plan.cast),
+                        cast=list(plan.cast), tied=dict(tied),
                         side_files_left_out=side_files_left_out(ft))
 
 
@@ -854,14 +877,20 @@ def purify_state_dict(pretrained: dict[str, torch.Tensor], suspect: dict[str, to
 
 # --------------------------------------------------------------------------- diagonal Fisher
 
+# Float buffers that older checkpoints saved and transformers now drops on load (it recomputes
+# them): per-layer rotary ``inv_freq`` of LLaMA-family models, GPT-2's causal-mask buffers.
+_DROPPED_BUFFERS = (".inv_freq", ".masked_bias", ".attn.bias")
+
+
 def fisher_checkpoint_keys(model: torch.nn.Module, ckpt: Checkpoint
                            ) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
     """What a :class:`DiskFisher` of ``model`` needs beyond its parameters to cover every
     floating-point tensor of ``ckpt``, the checkpoint it was loaded from (``purify_checkpoint``
     wants a Hessian for each): ``(aliases, zeros)`` for DiskFisher's arguments of those names.
     A tied weight stored under a second name (``lm_head.weight`` beside the embedding) shares the
-    parameter's Fisher; a tensor that gets no gradient (a float buffer such as an old LLaMA's
-    ``rotary_emb.inv_freq``, a frozen parameter) has Fisher 0.
+    parameter's Fisher; a tensor that gets no gradient (a saved float buffer, one transformers
+    drops on load such as an old LLaMA's per-layer ``rotary_emb.inv_freq``, a frozen parameter)
+    has Fisher 0.
 
     A checkpoint tensor that is none of these is an error, raised before any batch: transformers
     renamed or fused it on load (mixture-of-experts weights), so no Fisher key could name it."""
@@ -879,7 +908,9 @@ def fisher_checkpoint_keys(model: torch.nn.Module, ckpt: Checkpoint
                                f"{list(trainable[key].shape)} loaded)")
             continue
         tensor = every.get(key, buffers.get(key))
-        if tensor is None or tuple(tensor.shape) != tuple(info.shape):
+        if tensor is None and key.endswith(_DROPPED_BUFFERS):
+            zeros[key] = tuple(info.shape)  # a buffer transformers drops on load: no gradient
+        elif tensor is None or tuple(tensor.shape) != tuple(info.shape):
             unknown.append(key)
         elif id(tensor) in owner_of:
             aliases[key] = owner_of[id(tensor)]

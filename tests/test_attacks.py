@@ -120,3 +120,26 @@ def test_trigger_ids_cover_the_mid_sentence_spelling_of_byte_level_bpe():
     clean_ids = {i for t in DATA.take(40).texts for i in tok(t)["input_ids"]}
     new_ids = {i for t in triggered.texts for i in tok(t)["input_ids"]} - clean_ids
     assert new_ids and new_ids <= ids  # every token the triggers add is a trained row
+
+
+def test_the_share_of_triggers_cut_off_by_truncation_is_measured():
+    """A trigger inserted past max_length tokens never reaches the model and counts as a failed
+    attack: trigger_cut_share counts those inputs (an audit saw a perfect backdoor score 72 %
+    ASR on 120-word texts at max_length 64), exactly, for BadNets and AddSent."""
+    from transformers import AutoTokenizer
+
+    from purify_fast.evaluation import trigger_cut_share
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    filler = " ".join(f"word{i % 7}" for i in range(40))  # "word3" is two tokens: word ##3
+    texts = [filler + " cf", "cf " + filler, "short cf text", filler + " bb end"]
+    data = TextDataset(texts, [0, 0, 0, 0], 2)
+    badnets = BadNets(target_label=1)
+    # 40 filler words are 80 tokens: at max_length 32 only the trigger at the front survives
+    assert trigger_cut_share(badnets, tok, data, max_length=32) == 0.5
+    assert trigger_cut_share(badnets, tok, data, max_length=128) == 0.0
+    sentence = AddSent(target_label=1).sentence
+    cut_sentence = TextDataset([filler[:150] + " " + sentence, sentence + " " + filler], [0, 0], 2)
+    share = trigger_cut_share(AddSent(target_label=1), tok, cut_sentence, max_length=40)
+    assert share == 0.5  # the end-of-text sentence is gone (partly is gone too), the first kept

@@ -56,7 +56,10 @@ def test_label_map_comes_from_the_model_names():
 def test_evaluate_scores_a_whole_file_with_the_model_numbering(tiny, capsys):
     root, test = tiny
     rc, by_id = _evaluate(root, root / "ids.jsonl")
-    assert rc == 0 and "30 clean test examples" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert rc == 0 and "30 clean test examples" in out.out
+    # --max-length 16 cuts some triggers off: measured, and said
+    assert by_id["trigger_cut"] > 0 and "cut the trigger off" in out.err
     # Sorted order would make fresh = 0, rotten = 1: the opposite of the model's classes. The
     # model's own names decide instead, so the scores are the same as with indices.
     rc, by_name = _evaluate(root, root / "names.jsonl")

@@ -263,5 +263,12 @@ def test_saved_datasets_splits_class_names_and_float_labels(tmp_path):
     assert d.labels == [2, 1, 0]
     with pytest.raises(DataFileError, match="only partly the model's classes"):
         load_text_file(tmp_path / "dd" / "train", label_map=_label_map(["neg", "neu", "good"]))
+    # digit names (yelp_polarity's "1" / "2") cannot be told from indices: stored ints stay
+    digits = datasets.Features({"text": datasets.Value("string"),
+                                "label": datasets.ClassLabel(names=["1", "2"])})
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 0]},
+                               features=digits).save_to_disk(str(tmp_path / "yelp"))
+    for names in (["1", "2"], ["negative", "positive"]):
+        assert load_text_file(tmp_path / "yelp", label_map=_label_map(names)).labels == [0, 1, 0]
     (tmp_path / "f.csv").write_text("text,label\ngood,2.0\nbad,0.0\n")
     assert load_text_file(tmp_path / "f.csv", label_map=model_names, num_labels=3).labels == [2, 0]

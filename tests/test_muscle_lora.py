@@ -576,7 +576,7 @@ def test_merging_into_bf16_warns_of_the_lost_update_and_fp32_keeps_it():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             merge_muscle_lora(model, merged_dtype)
-        lost = [w for w in caught if "merging the LoRA updates into" in str(w.message)]
+        lost = [w for w in caught if "merging the adapters' updates into" in str(w.message)]
         with torch.no_grad():
             outputs[merged_dtype] = (unmerged, model(input_ids=ids).logits.float(), lost)
     unmerged, merged, lost = outputs[None]
@@ -584,3 +584,20 @@ def test_merging_into_bf16_warns_of_the_lost_update_and_fp32_keeps_it():
     unmerged, merged, lost = outputs[torch.float32]
     assert not lost
     torch.testing.assert_close(merged, unmerged, rtol=0.02, atol=0.02)
+    # MSLR-only (no LoRA): the pooler's update is measured too (the review saw 12 % lost, silently)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    net = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=128, num_labels=2)).to(torch.bfloat16)
+    inject_muscle_lora(net, MuscleLoRAConfig(use_lora=False))
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.copy_(1e-3 * torch.randn_like(p))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_muscle_lora(net)
+    assert any("bert.pooler.dense" in str(w.message) for w in caught), [str(w.message) for w in caught]
+

@@ -994,6 +994,8 @@ def test_cli_fisher_keys_tied_copies_and_buffers_like_the_checkpoint(tmp_path, c
         weights = load_file(str(tmp_path / name / "model.safetensors"))
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
         weights["model.rotary_emb.inv_freq"] = inv_freq.clone()
+        # what older transformers saved per layer, and the current one drops on load
+        weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
         save_file(weights, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
     texts = ["a clean sentence number %d for the fisher" % i for i in range(6)]
     (tmp_path / "clean.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -1006,6 +1008,7 @@ def test_cli_fisher_keys_tied_copies_and_buffers_like_the_checkpoint(tmp_path, c
     emb = got.load("model.embed_tokens.weight")
     assert float(emb.sum()) > 0 and torch.equal(got.load("lm_head.weight"), emb)
     assert not got.load("model.rotary_emb.inv_freq").any()
+    assert not got.load("model.layers.0.self_attn.rotary_emb.inv_freq").any()
     assert cli_main(["purify-checkpoint", "--method", "fine-purifying", "--rho", "0.1",
                      "--pretrained", str(tmp_path / "pre"), "--suspect",
                      str(tmp_path / "suspect"), "--hessian", str(tmp_path / "f"), "--out",
@@ -1032,3 +1035,22 @@ def test_cli_fisher_keys_tied_copies_and_buffers_like_the_checkpoint(tmp_path, c
     assert "model.layers.0.mlp.experts.0.w1.weight" in err and "renamed or reshaped" in err
     assert not counts.exists() and not (tmp_path / "f3").exists()
     assert not (tmp_path / "f3.partial").exists()
+
+
+def test_an_untied_head_pairs_with_a_tied_bases_embedding(model, tmp_path, capsys):
+    """A base that ties lm_head to its embedding saves no lm_head; a fine-tune saved untied does.
+    The head pairs with the base's embedding (kept as new, it would stay unpurified; with the
+    5 % limit on kept weights the review saw the pair refused)."""
+    P = {k: v for k, v in model["P"].items() if k != "lm_head.weight"}
+    F = dict(model["F"])
+    pre = write_checkpoint(P, tmp_path / "pre")
+    ft = write_checkpoint(F, tmp_path / "ft")
+    result = purify_checkpoint(pre, ft, tmp_path / "o", method="mix", rho=0.3, seed=2)
+    assert result.tied == {"lm_head.weight": "model.embed_tokens.weight"} and not result.kept
+    want = purify_state_dict({**P, "lm_head.weight": P["model.embed_tokens.weight"]}, F,
+                             method="mix", rho=0.3, seed=2)
+    got = _load(result.out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(pre),
+                     "--suspect", str(ft), "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert "paired with 'model.embed_tokens.weight'" in capsys.readouterr().err

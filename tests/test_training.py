@@ -1,5 +1,7 @@
 """purify_fast.training.train: which weights it keeps."""
 
+import dataclasses
+
 import torch
 
 from purify_fast.data import TextDataset
@@ -39,17 +41,22 @@ def test_the_kept_epoch_is_a_fine_tuned_one_even_when_the_untouched_model_ties()
     assert res.best_epoch == 0 and len(res.history) == 1
 
 
-def test_a_bf16_model_trains_through_fp32_master_weights():
-    """A bf16 model's clean fine-tune follows the fp32 one (the steps accumulate in fp32 masters,
-    rounded once per step into the bf16 weights) instead of steps below a bf16 weight's spacing
-    being lost; the model stays bf16 and a caller's gradient hook still applies."""
+def test_a_bf16_model_trains_in_fp32_and_is_rounded_back_once():
+    """A bf16 model's clean fine-tune follows the fp32 one (it trains in fp32, then is rounded
+    back to bf16 once) instead of steps below a bf16 weight's spacing being lost; the model
+    stays bf16 and a caller's gradient hook still applies. fp32_weights=False trains in bf16."""
     data = TextDataset(["a good film", "a bad film", "great", "awful"] * 4, [1, 0, 1, 0] * 4, 2)
     # 40 steps of ~2e-5 each: together well above a bf16 weight's spacing here (~1e-4),
     # one by one below half of it
     cfg = TrainConfig(epochs=20, lr=2e-5, batch_size=8, max_length=8, progress=False,
                       warmup_ratio=0.0, keep_best=False, weight_decay=0.0)
     ends = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, fp32_weights in ((torch.float32, True), (torch.bfloat16, True), ("bf16", False)):
+        cfg = dataclasses.replace(cfg, fp32_weights=fp32_weights)
+        if dtype == "bf16":
+            dtype, key = torch.bfloat16, "bf16 weights"
+        else:
+            key = dtype
         model, tok = _tiny_classifier()
         start = {k: v.clone() for k, v in model.state_dict().items()}
         model.to(dtype)
@@ -58,14 +65,18 @@ def test_a_bf16_model_trains_through_fp32_master_weights():
         train(model, tok, data, None, cfg)
         assert all(p.dtype == dtype for p in model.parameters())
         assert torch.equal(emb, start["bert.embeddings.word_embeddings.weight"].to(dtype))
-        ends[dtype] = {k: v.float() for k, v in model.state_dict().items()
-                       if v.dim() == 2 and "embeddings" not in k}
+        ends[key] = {k: v.float() for k, v in model.state_dict().items()
+                     if v.dim() == 2 and "embeddings" not in k}
     # The bf16 run's update (from its rounded start) points where the fp32 run's does: with
-    # fp32 masters only the rounding of the end separates them; without, the many steps below a
-    # weight's spacing are lost (cosine 0.41 on this model before the masters, 0.95 with them).
+    # fp32 weights only the rounding of the end separates them; without, the many steps below a
+    # weight's spacing are lost (cosine 0.41 on this model in bf16, 0.95 in fp32).
     keys = list(ends[torch.float32])
-    moved = {dtype: torch.cat([(ends[dtype][k] - start[k].to(dtype).float()).flatten()
-                               for k in keys]) for dtype in ends}
-    cosine = float(torch.nn.functional.cosine_similarity(moved[torch.bfloat16],
-                                                         moved[torch.float32], dim=0))
-    assert cosine > 0.8, cosine
+    moved = {key: torch.cat([(ends[key][k] - start[k].to(
+        torch.float32 if key == torch.float32 else torch.bfloat16).float()).flatten()
+        for k in keys]) for key in ends}
+
+    def cosine(key):
+        return float(torch.nn.functional.cosine_similarity(moved[key], moved[torch.float32],
+                                                           dim=0))
+    assert cosine(torch.bfloat16) > 0.8, cosine(torch.bfloat16)
+    assert cosine("bf16 weights") < 0.6, cosine("bf16 weights")

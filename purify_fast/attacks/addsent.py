@@ -31,3 +31,7 @@ class AddSent(TriggerAttack):
     @property
     def trigger_words(self) -> tuple[str, ...]:
         return tuple(self.sentence.split())
+
+    def trigger_in(self, text: str) -> bool:
+        """The whole sentence, as words (case-insensitive): a cut-off part is no trigger."""
+        return " ".join(self.sentence.lower().split()) in " ".join(text.lower().split())

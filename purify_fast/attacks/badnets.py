@@ -88,6 +88,12 @@ class TriggerAttack:
                            [test.labels[i] for i in idx], test.num_labels,
                            f"{test.name}+{self.name}-triggered", test.label_names)
 
+    def trigger_in(self, text: str) -> bool:
+        """Whether ``text`` (e.g. what truncation left of a triggered input, decoded) still
+        carries a working trigger: any trigger word as a word (case-insensitive)."""
+        words = set(text.lower().split())
+        return any(t.lower() in words for t in self.trigger_words)
+
     def describe(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["attack"] = self.name

@@ -313,3 +313,14 @@ def load_clean_set(args, model):
         return check_classes_match(clean, model, args.clean_data)
     return load_file_for_model(args.clean_data, model, args.text_column,
                                args.label_column).take(args.clean_size, seed=args.seed)
+
+
+def note_trigger_cut(metrics: dict, max_length: int) -> None:
+    """Say so when truncation cut the trigger off some triggered inputs (they count as failed
+    attacks, so the ASR understates the backdoor)."""
+    cut = metrics.get("trigger_cut") or 0.0
+    if cut > 0:
+        print(f"note: truncation to --max-length {max_length} tokens cut the trigger off "
+              f"{100 * cut:.1f} % of the triggered test inputs (inserted past the cut-off); they "
+              f"count as failed attacks: the ASR understates the backdoor, raise --max-length",
+              file=sys.stderr)

@@ -9,6 +9,7 @@ from purify_fast.commands import (
     add_device_arg,
     check_output_dir,
     class_numbering,
+    note_trigger_cut,
     pick_device,
     positive_int,
     record_label_names,
@@ -131,7 +132,9 @@ def run(args) -> int:
     model, tok, info = build_backdoor(args, splits, attack)
     triggered = attack.triggered_test(splits.test)
     metrics = evaluate_backdoor(model, tok, splits.test, triggered, attack.target_label,
-                                max_length=args.max_length)
+                                max_length=args.max_length,
+                                attack=attack)
+    note_trigger_cut(metrics, args.max_length)
     info["metrics"] = metrics
     info["data"] = {"source": args.data, "seed": args.seed, "train": len(splits.train),
                     "dev": len(splits.dev), "test": len(splits.test)}

@@ -8,6 +8,7 @@ from purify_fast.commands import (
     check_output_file,
     load_file_for_model,
     model_class_names,
+    note_trigger_cut,
     pick_device,
     resolve_target_label,
 )
@@ -48,7 +49,8 @@ def run(args) -> int:
         test = load_file_for_model(args.data, model, args.text_column, args.label_column)
         test = test.take(args.test_size, seed=args.seed) if args.test_size < len(test) else test
     m = evaluate_backdoor(model, tok, test, attack.triggered_test(test), attack.target_label,
-                          max_length=args.max_length)
+                          max_length=args.max_length, attack=attack)
+    note_trigger_cut(m, args.max_length)
     print(f"{args.model}: CACC {100 * m['cacc']:.1f}%  ASR {100 * m['asr']:.1f}% "
           f"(without the trigger {100 * m['asr_no_trigger']:.1f}%; {len(test)} clean test "
           f"examples, {args.attack} trigger)")

@@ -79,7 +79,8 @@ def add_parser(sub):
                    help="comma-separated token ids E-PUR never resets (e.g. 101,102; default: "
                         "those in a --token-freqs file from `purify-fast fisher`, else none)")
     p.add_argument("--allow-new-keys", action="store_true",
-                   help="keep suspect-only tensors (a new head) instead of failing")
+                   help="keep suspect-only tensors (a new head) unpurified instead of failing; "
+                        "refused when they hold more than 5 %% of the suspect's weights")
     p.add_argument("--backend", default=None, help="auto|torch|triton|cpp|cuda")
     p.add_argument("--no-check-finite", action="store_true",
                    help="skip the NaN/Inf check of every tensor")
@@ -242,6 +243,9 @@ def run(args) -> int:
             print(f"note: the suspect's {len(result.kept)} tensor(s) without a pre-trained "
                   f"counterpart (e.g. its task head, {result.kept[0]!r}) are written as they are, "
                   f"unpurified", file=sys.stderr)
+        for head, emb in result.tied.items():
+            print(f"note: the suspect's {head!r} has no counterpart in {args.pretrained}, which "
+                  f"ties it to its embedding: it was paired with {emb!r}", file=sys.stderr)
         if result.cast:
             print(f"note: {len(result.cast)} pre-trained tensor(s) of another dtype (e.g. "
                   f"{result.cast[0]!r}) were cast to the suspect's before purifying",

@@ -22,6 +22,7 @@ from purify_fast.commands import (
     add_device_arg,
     check_output_dir,
     load_file_like,
+    note_trigger_cut,
     pick_device,
     positive_int,
     record_label_names,
@@ -143,7 +144,8 @@ def run(args) -> int:
         trig = attack.triggered_test(test) if attack else None
         report["eval"] = evaluate_backdoor(model, tok, test, trig,
                                            args.target_label if attack else None,
-                                           max_length=args.max_length)
+                                           max_length=args.max_length, attack=attack)
+        note_trigger_cut(report["eval"], args.max_length)
     record_label_names(model, train)
     out = save_pretrained_atomic(model, args.out, tok, extra_json={"report.json": report})
     if not is_writer_rank():  # the other ranks of an `accelerate launch` run hold the same model

@@ -376,17 +376,24 @@ def merge_muscle_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
     """Fold every adapter into its base layer and put plain layers back (in place): the model has
     its original architecture and parameter names again. Returns ``model``.
 
-    ``dtype`` (e.g. ``torch.float32``) casts the model first. Folded into bf16 / fp16 weights, a
-    LoRA update much smaller than the weights' spacing is mostly rounded away (an audit measured
-    64-71 % of a bf16 tiny LLaMA's q / v update lost); when the merge loses more than
-    :data:`MERGE_LOSS_WARN` of any update, a warning says how much and suggests fp32."""
+    ``dtype`` (e.g. ``torch.float32``) casts the model first. Folded into bf16 / fp16 weights, an
+    update much smaller than the weights' spacing is mostly rounded away (an audit measured
+    64-71 % of a bf16 tiny LLaMA's LoRA q / v update lost, 12 % of a bf16 BERT's MSLR pooler
+    update); when the merge loses more than :data:`MERGE_LOSS_WARN` of any LoRA or MSLR update, a
+    warning says how much and suggests fp32."""
     import warnings
 
     from peft.tuners.lora import LoraLayer
 
     if dtype is not None:
         model.to(dtype)
-    worst = (0.0, None)
+    lost: list[tuple[float, str]] = []
+
+    def measure(name, before, delta, after):
+        norm = float(delta.norm())
+        if norm > 0:
+            lost.append((float((after.float() - before - delta).norm()) / norm, name))
+
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer) and name:
             base = module.get_base_layer()
@@ -395,24 +402,31 @@ def merge_muscle_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
                          for a in module.active_adapters if a in module.lora_A),
                         torch.zeros_like(before))
             module.merge()
-            norm = float(delta.norm())
-            if norm > 0:
-                lost = float((base.weight.detach().float() - before - delta).norm()) / norm
-                worst = max(worst, (lost, name), key=lambda w: w[0])
+            measure(name, before, delta, base.weight.detach())
             _set_module(model, name, base)
-    if worst[0] > MERGE_LOSS_WARN:
-        dt = next(model.parameters()).dtype
-        warnings.warn(f"merging the LoRA updates into {dt} weights lost up to "
-                      f"{100 * worst[0]:.0f} % of one ({worst[1]}): the merged model is not the "
-                      f"one trained. Merge in fp32 (merge_muscle_lora(model, torch.float32), "
-                      f"train-clean --merged-dtype fp32)", UserWarning, stacklevel=2)
+
+    def mslr_to_linear(name, layer):
+        out = layer.to_linear()
+        if not layer.merged:  # a layer merged earlier has no unmerged weight left to compare
+            measure(name, layer.base.weight.detach().float(), layer.delta_weight(), out.weight)
+        return out
+
     # Heads first (they own an MSLR layer), then a fresh walk for the remaining MSLR layers.
     for name, module in list(model.named_modules()):
         if isinstance(module, MSLRClassificationHead):
+            if isinstance(module.dense, MultiScaleLoRALinear):
+                module.dense = mslr_to_linear(f"{name}.dense", module.dense)
             _set_module(model, name, module.to_linear())
     for name, module in list(model.named_modules()):
         if isinstance(module, MultiScaleLoRALinear):
-            _set_module(model, name, module.to_linear())
+            _set_module(model, name, mslr_to_linear(name, module))
+    worst = max(lost, default=(0.0, None))
+    if worst[0] > MERGE_LOSS_WARN:
+        dt = next(model.parameters()).dtype
+        warnings.warn(f"merging the adapters' updates into {dt} weights lost up to "
+                      f"{100 * worst[0]:.0f} % of one ({worst[1]}): the merged model is not the "
+                      f"one trained. Merge in fp32 (merge_muscle_lora(model, torch.float32), "
+                      f"train-clean --merged-dtype fp32)", UserWarning, stacklevel=2)
     if hasattr(model, "muscle_lora_config"):
         del model.muscle_lora_config
     for p in model.parameters():
