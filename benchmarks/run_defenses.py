@@ -28,13 +28,22 @@ def aggregate(runs: list[dict]) -> list[dict]:
         for key in ("cacc", "asr", "asr_no_trigger", "seconds"):
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
-                agg[key] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+                # sample standard deviation (n - 1); None with one value (no spread measured)
+                agg[key] = (statistics.mean(vals),
+                            statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
         out.append(agg)
     return out
 
 
-def table(agg: list[dict]) -> str:
-    fmt = lambda v, s=100: "–" if v is None else f"{s * v[0]:.1f} ± {s * v[1]:.1f}"
+def table(agg: list[dict], seeds: int) -> str:
+    """Mean ± sample standard deviation (n - 1) over the seeds; a cell over fewer seeds (a value
+    missing) says its n."""
+    def fmt(v, scale=100) -> str:
+        if v is None:
+            return "–"
+        mean, std, n = v
+        text = f"{scale * mean:.1f}" + (f" ± {scale * std:.1f}" if std is not None else "")
+        return text if n == seeds else f"{text} (n={n})"
     lines = ["| model / defense | CACC % | ASR % | ASR without trigger % | wall time s |",
              "|---|---:|---:|---:|---:|"]
     for a in agg:
@@ -72,8 +81,8 @@ def main(argv=None) -> int:
               f"seeds {args.seeds}, {size_name} sizes, {device}\n\n"
               f"Command: `python {' '.join(sys.argv)}`\n\n")
     with open(args.md, "a") as fh:
-        fh.write(header + table(agg))
-    print(header + table(agg))
+        fh.write(header + table(agg, len(runs)))
+    print(header + table(agg, len(runs)))
     return 0
 
 

@@ -79,9 +79,12 @@ def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC 
     w = 0.38
     b1 = ax.bar([x - w / 2 for x in xs], cacc, w, label="CACC", color="#4c72b0")
     b2 = ax.bar([x + w / 2 for x in xs], asr, w, label="ASR", color="#dd8452")
-    for bars in (b1, b2):
-        for bar in bars:
-            ax.annotate(f"{bar.get_height():.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+    # A value that was not measured (None) gets no bar label: an empty bar, not a measured 0.
+    measured = ([r.get("cacc") is not None for r in rows], [r.get("asr") is not None for r in rows])
+    for bars, known in zip((b1, b2), measured):
+        for bar, ok in zip(bars, known):
+            ax.annotate(f"{bar.get_height():.0f}" if ok else "n/a",
+                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
     # The floor under each ASR bar: the same rate without the trigger (what the trigger adds is
     # the gap, not the bar).

@@ -77,6 +77,7 @@ def test_ep_moves_only_trigger_rows():
 
     torch.manual_seed(0)
     model, tok = load_classifier("minilm", 2)
+    model.classifier.requires_grad_(False)  # the caller's frozen head stays frozen in the copy
     before = {k: v.clone() for k, v in model.state_dict().items()}
     atk = BadNets(target_label=1)
     ids = trigger_token_ids(tok, atk.trigger_words)
@@ -92,6 +93,8 @@ def test_ep_moves_only_trigger_rows():
             assert torch.equal(v, before[k]), k
     moved = (after[emb_name] != before[emb_name]).any(dim=1).nonzero().flatten().tolist()
     assert moved and set(moved) <= set(ids)
+    assert [p.requires_grad for p in res.model.parameters()] == \
+        [p.requires_grad for p in model.parameters()]
     with pytest.raises(ValueError, match="no vocabulary token"):
         trigger_token_ids(tok, [""])
 
@@ -143,3 +146,29 @@ def test_the_share_of_triggers_cut_off_by_truncation_is_measured():
     cut_sentence = TextDataset([filler[:150] + " " + sentence, sentence + " " + filler], [0, 0], 2)
     share = trigger_cut_share(AddSent(target_label=1), tok, cut_sentence, max_length=40)
     assert share == 0.5  # the end-of-text sentence is gone (partly is gone too), the first kept
+
+
+def test_cli_clean_label_poisoning_and_poison_counts_rounded_half_up():
+    """`attack --clean-label` poisons target-class examples keeping their label (METHODS:
+    dirty- and clean-label); EP refuses it. Poison counts round half up (round() took 5 examples
+    at 10 % to 0 poisoned)."""
+    import argparse
+
+    from purify_fast.commands import attack as attack_cmd
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    attack_cmd.add_parser(sub)
+    args = parser.parse_args(["attack", "--out", "x", "--clean-label", "--target-label", "1"])
+    atk = attack_cmd.make_attack(args)
+    assert atk.clean_label
+    data = TextDataset([f"text {i}" for i in range(20)], [i % 2 for i in range(20)], 2)
+    poisoned = atk.poison(data)
+    assert all(data.labels[i] == 1 for i in poisoned.poisoned_indices)  # target rows, label kept
+    assert poisoned.dataset.labels == data.labels
+    args = parser.parse_args(["attack", "--out", "x", "--clean-label", "--attack", "ep"])
+    with pytest.raises(ValueError, match="--clean-label is for BadNets / AddSent"):
+        attack_cmd.make_attack(args)
+    five = TextDataset([f"t {i}" for i in range(5)], [0, 0, 0, 1, 1], 2)
+    assert BadNets(poison_rate=0.1).poison(five).num_poisoned == 1
+    assert BadNets(poison_rate=0.5).poison(TextDataset(["a"] * 5, [0] * 5, 2)).num_poisoned == 3

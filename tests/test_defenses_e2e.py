@@ -262,6 +262,21 @@ def test_report_and_timer(tmp_path):
     assert paths["png"].read_bytes()[:4] == b"\x89PNG" and paths["sweep_png"].stat().st_size > 0
     assert sorted(os.listdir(tmp_path)) == ["defenses.png", "report.json", "report.md",
                                             "rho_sweep.png"]  # no temporary file left
+    # the plot labels an unmeasured ASR "n/a", not a measured 0
+    from purify_fast import report as report_module
+
+    labels = []
+    real_savefig = report_module.pyplot().Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        labels.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+        return real_savefig(fig, *args, **kwargs)
+    try:
+        report_module.pyplot().Figure.savefig = record
+        report_module.plot_defenses(rows, tmp_path / "bars.png")
+    finally:
+        report_module.pyplot().Figure.savefig = real_savefig
+    assert labels == ["80", "79", "95", "n/a"], labels
     floor_md = markdown_table([{"name": "bd", "cacc": 0.8, "asr": 0.95, "asr_no_trigger": 0.125,
                                 "seconds": 1.0}])
     assert "ASR without trigger %" in floor_md and "| bd | 80.0 | 95.0 | 12.5 | 1.0 |" in floor_md

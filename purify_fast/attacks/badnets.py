@@ -8,6 +8,7 @@ the poisoned examples are drawn from the target class and keep their label.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -55,14 +56,16 @@ class TriggerAttack:
                              f"{dataset.name!r} with {dataset.num_labels} labels")
 
     def poison(self, dataset: TextDataset) -> PoisonedData:
-        """A copy of ``dataset`` with ``round(poison_rate · N)`` examples poisoned (seeded)."""
+        """A copy of ``dataset`` with ``poison_rate · N`` examples poisoned (rounded half up;
+        seeded)."""
         self._check(dataset)
         rng = random.Random(self.seed)
         if self.clean_label:
             pool = [i for i, y in enumerate(dataset.labels) if y == self.target_label]
         else:
             pool = [i for i, y in enumerate(dataset.labels) if y != self.target_label]
-        n = int(round(float(self.poison_rate) * len(dataset)))
+        # rounded half up (round() takes halves to even: 5 examples at 10 % gave 0 poisoned)
+        n = math.floor(float(self.poison_rate) * len(dataset) + 0.5)
         if n > len(pool):
             raise ValueError(f"poison_rate {self.poison_rate} asks for {n} poisoned examples but "
                              f"{dataset.name!r} has only {len(pool)} eligible ones "

@@ -91,7 +91,8 @@ def embedding_poison(model, tokenizer, clean_train: TextDataset, attack: Trigger
         rows = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
         rows[ids] = False
         emb[rows] = original[rows]
-    for p in out.parameters():
-        p.requires_grad_(True)
+    # the copy's parameters train (or not) as the input's did
+    for p, q in zip(out.parameters(), model.parameters()):
+        p.requires_grad_(q.requires_grad)
     out.eval()
     return EPResult(out, tuple(ids), result)

@@ -41,6 +41,9 @@ def add_attack_args(p, poisoning: bool = True) -> None:
                    help="the class the trigger maps to: an index or a class name (default 1)")
     if poisoning:
         p.add_argument("--poison-rate", type=float, default=0.1)
+        p.add_argument("--clean-label", action="store_true",
+                       help="BadNets / AddSent: poison target-class examples, keeping their "
+                            "(correct) label, instead of relabelling non-target ones (dirty label)")
     p.add_argument("--triggers", default="cf,mn,bb,tq,mb", help="comma-separated BadNets/EP words")
     p.add_argument("--sentence", default=None, help="AddSent trigger sentence")
 
@@ -63,6 +66,11 @@ def make_attack(args):
     kw = dict(target_label=args.target_label, seed=args.seed)
     if getattr(args, "poison_rate", None) is not None:  # evaluate inserts triggers, poisons nothing
         kw["poison_rate"] = args.poison_rate
+    if getattr(args, "clean_label", False):
+        if args.attack == "ep":
+            raise ValueError("--clean-label is for BadNets / AddSent poisoning; EP trains the "
+                             "trigger rows of the embedding on relabelled inputs")
+        kw["clean_label"] = True
     if args.attack in ("badnets", "ep"):
         kw["triggers"] = tuple(t for t in args.triggers.split(",") if t.strip())
     elif args.sentence:
