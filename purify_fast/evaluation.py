@@ -42,24 +42,33 @@ def attack_success_rate(model, tokenizer, triggered: TextDataset, target_label: 
     return float((preds == target_label).float().mean())
 
 
-def trigger_cut_share(attack, tokenizer, triggered: TextDataset, max_length: int = 64) -> float:
+def trigger_cut_share(attack, tokenizer, triggered: TextDataset, max_length: int = 64
+                      ) -> float | None:
     """Share of ``triggered`` inputs whose trigger the model never sees: truncation to
     ``max_length`` tokens cut it off (a trigger inserted at a random word of a long text).
     Such inputs count as failed attacks in the ASR, so a non-zero share means the ASR
-    understates the backdoor. Only texts longer than ``max_length`` tokens are decoded."""
+    understates the backdoor. A trigger is seen when one of its occurrences
+    (``attack.trigger_spans``) ends within the characters the kept tokens cover (a fast
+    tokenizer's offsets; None, not measured, with a slow tokenizer); only texts longer than
+    ``max_length`` tokens are looked at."""
     if not len(triggered):
         return 0.0
     from purify_fast.data.text_dataset import ensure_pad_token
 
+    if not getattr(tokenizer, "is_fast", False):
+        return None
     ensure_pad_token(tokenizer)
     lengths = [len(ids) for ids in tokenizer(list(triggered.texts), truncation=False,
                                              verbose=False)["input_ids"]]
     long = [t for t, n in zip(triggered.texts, lengths) if n > max_length]
     if not long:
         return 0.0
-    kept = tokenizer(long, truncation=True, max_length=max_length)["input_ids"]
-    cut = sum(not attack.trigger_in(tokenizer.decode(ids, skip_special_tokens=True))
-              for ids in kept)
+    offsets = tokenizer(long, truncation=True, max_length=max_length,
+                        return_offsets_mapping=True)["offset_mapping"]
+    cut = 0
+    for text, spans in zip(long, offsets):
+        kept_end = max((end for _, end in spans), default=0)  # special tokens are (0, 0)
+        cut += not any(end <= kept_end for _, end in attack.trigger_spans(text))
     return cut / len(triggered)
 
 

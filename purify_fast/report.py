@@ -79,7 +79,7 @@ def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC 
     w = 0.38
     b1 = ax.bar([x - w / 2 for x in xs], cacc, w, label="CACC", color="#4c72b0")
     b2 = ax.bar([x + w / 2 for x in xs], asr, w, label="ASR", color="#dd8452")
-    # A value that was not measured (None) gets no bar label: an empty bar, not a measured 0.
+    # A value that was not measured (None) is labelled n/a: an empty bar, not a measured 0.
     measured = ([r.get("cacc") is not None for r in rows], [r.get("asr") is not None for r in rows])
     for bars, known in zip((b1, b2), measured):
         for bar, ok in zip(bars, known):

@@ -45,9 +45,11 @@ once, and the finished files are directly a ``--hessian`` input for :func:`purif
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import queue
+import re
 import shutil
 import struct
 import threading
@@ -402,12 +404,25 @@ def _load_freqs(token_freqs, vocab: int) -> torch.Tensor:
     return freqs
 
 
+def _ties_embeddings(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint's ``config.json`` says its output head is its input embedding."""
+    root = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    try:
+        return json.loads((root / "config.json").read_text()).get("tie_word_embeddings") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _tied_head_pairs(pre: Checkpoint, ft: Checkpoint) -> tuple[Checkpoint, dict[str, str]]:
-    """A base that ties its output head to the embedding saves no ``lm_head.weight``; a fine-tune
-    saved untied does (it started as that embedding). Pair it with the pre-trained embedding:
-    kept as a new tensor, it would leave the head (and any backdoor in it) unpurified. Returns
-    ``pre`` with those names added (reads go to the embedding) and ``{head: embedding}``."""
+    """A base that ties its output head to the embedding (its ``config.json`` says
+    ``tie_word_embeddings: true``) saves no ``lm_head.weight``; a fine-tune saved untied does (it
+    started as that embedding). Pair it with the pre-trained embedding: kept as a new tensor, it
+    would leave the head (and any backdoor in it) unpurified. A base that just has no head (an
+    ``AutoModel`` of an untied family) pairs nothing. Returns ``pre`` with those names added
+    (reads go to the embedding) and ``{head: embedding}``."""
     tied = {}
+    if not _ties_embeddings(pre):
+        return pre, tied
     for key, info in ft.tensors.items():
         if key in pre.tensors or not key.endswith("lm_head.weight"):
             continue
@@ -895,6 +910,8 @@ def fisher_checkpoint_keys(model: torch.nn.Module, ckpt: Checkpoint
     A checkpoint tensor that is none of these is an error, raised before any batch: transformers
     renamed or fused it on load (mixture-of-experts weights), so no Fisher key could name it."""
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # what the model class says transformers ignores on load (GPT-2: attn.bias, crossattention.bias)
+    ignored = getattr(type(model), "_keys_to_ignore_on_load_unexpected", None) or []
     owner_of = {id(p): n for n, p in trainable.items()}
     every = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())
@@ -908,7 +925,8 @@ def fisher_checkpoint_keys(model: torch.nn.Module, ckpt: Checkpoint
                                f"{list(trainable[key].shape)} loaded)")
             continue
         tensor = every.get(key, buffers.get(key))
-        if tensor is None and key.endswith(_DROPPED_BUFFERS):
+        if tensor is None and (key.endswith(_DROPPED_BUFFERS)
+                               or any(re.search(p, key) for p in ignored)):
             zeros[key] = tuple(info.shape)  # a buffer transformers drops on load: no gradient
         elif tensor is None or tuple(tensor.shape) != tuple(info.shape):
             unknown.append(key)

@@ -48,8 +48,9 @@ class TrainConfig:
     # A bf16 / fp16 model trains in fp32 (cast back at the end): an AdamW step of ~lr is far
     # below a bf16 weight's spacing (2**-8 of its size), so most coordinates would never move
     # (an audit measured 11 % of a bf16 tiny LLaMA's weights changed by a clean fine-tune where
-    # fp32 changed all). Costs 16 bytes per parameter instead of 8; False trains in the model's
-    # own dtype. ``precision="bf16"`` still computes in bf16 (autocast).
+    # fp32 changed all). The whole model is held in fp32 while it trains (frozen weights too:
+    # twice their memory) and computes in fp32 unless ``precision="bf16"`` (autocast); False
+    # trains in the model's own dtype, steps below its spacing lost.
     fp32_weights: bool = True
 
     def __post_init__(self):
@@ -148,6 +149,28 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     """
     config = dataclasses.replace(config, **overrides) if config and overrides else (
         config or TrainConfig(**overrides))
+    # See TrainConfig.fp32_weights. Cast in place (the Parameter objects, and the caller's
+    # gradient hooks on them, stay; AdamW's state is created at the first step) and before any
+    # data-parallel wrapping, which then broadcasts and syncs the fp32 weights. Cast back
+    # whatever happens: a failed call must not leave the caller an fp32 model.
+    dtypes = {}
+    if config.fp32_weights and any(p.dtype in (torch.bfloat16, torch.float16)
+                                   for p in model.parameters() if p.requires_grad):
+        dtypes = {t: t.dtype for t in (*model.parameters(), *model.buffers())
+                  if t.is_floating_point()}
+        for t in dtypes:
+            t.data = t.data.float()
+    try:
+        return _train(model, tokenizer, train_data, dev_data, config)
+    finally:
+        for t, dtype in dtypes.items():  # back to the model's own dtypes, rounded once
+            t.data = t.data.to(dtype)
+            if isinstance(t, torch.nn.Parameter):
+                t.grad = None  # an fp32 gradient left by a failed step would not fit
+
+
+def _train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | None,
+           config: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -163,15 +186,6 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     seed_everything(config.seed)
     loader = make_loader(train_data, tokenizer, config.batch_size, config.max_length,
                          shuffle=True, seed=config.seed)
-    # See TrainConfig.fp32_weights. Cast in place (the Parameter objects, and the caller's
-    # gradient hooks on them, stay) and before any data-parallel wrapping, which then
-    # broadcasts and syncs the fp32 weights.
-    dtypes = None
-    if config.fp32_weights and any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
-        dtypes = {t: t.dtype for t in (*model.parameters(), *model.buffers())}
-        for t in dtypes:
-            if t.is_floating_point():
-                t.data = t.data.float()
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
@@ -240,9 +254,6 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         result.history.append(row)
     if best_state is not None and result.best_epoch != config.epochs:
         model.load_state_dict(best_state)
-    if dtypes is not None:  # back to the model's own dtypes, rounded once
-        for t, dtype in dtypes.items():
-            t.data = t.data.to(dtype)
     if dev_data is not None and not config.keep_best:
         result.best_epoch = config.epochs
         result.best_dev_acc = result.history[-1]["dev_acc"] if result.history else None

@@ -136,11 +136,14 @@ def test_the_share_of_triggers_cut_off_by_truncation_is_measured():
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     filler = " ".join(f"word{i % 7}" for i in range(40))  # "word3" is two tokens: word ##3
-    texts = [filler + " cf", "cf " + filler, "short cf text", filler + " bb end"]
-    data = TextDataset(texts, [0, 0, 0, 0], 2)
+    # punctuation next to a kept trigger (the review saw "cf , a film" counted as cut), a
+    # natural "CF" in the kept part (not the trigger as inserted) beside a cut one
+    texts = [filler + " cf", "cf , " + filler, "short cf text", filler + " bb end",
+             "CF " + filler + " mn"]
+    data = TextDataset(texts, [0] * 5, 2)
     badnets = BadNets(target_label=1)
     # 40 filler words are 80 tokens: at max_length 32 only the trigger at the front survives
-    assert trigger_cut_share(badnets, tok, data, max_length=32) == 0.5
+    assert trigger_cut_share(badnets, tok, data, max_length=32) == 0.6
     assert trigger_cut_share(badnets, tok, data, max_length=128) == 0.0
     sentence = AddSent(target_label=1).sentence
     cut_sentence = TextDataset([filler[:150] + " " + sentence, sentence + " " + filler], [0, 0], 2)

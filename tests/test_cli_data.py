@@ -234,6 +234,8 @@ def test_a_corpus_is_numbered_as_the_models_classes(capsys):
     swapped = check_classes_match(test, model("fresh", "rotten"), "rotten-tomatoes")
     assert swapped.texts == test.texts and swapped.label_names == ("fresh", "rotten")
     assert swapped.labels == [1 - y for y in test.labels]
+    upper = check_classes_match(test, model("Fresh", "ROTTEN"), "rotten-tomatoes")  # no case
+    assert upper.labels == swapped.labels
     with pytest.raises(ValueError, match=r"only partly the model's \(fresh, bad\)"):
         check_classes_match(test, model("fresh", "bad"), "rotten-tomatoes")
     other = check_classes_match(test, model("NEGATIVE", "POSITIVE"), "rotten-tomatoes")

@@ -270,5 +270,11 @@ def test_saved_datasets_splits_class_names_and_float_labels(tmp_path):
                                features=digits).save_to_disk(str(tmp_path / "yelp"))
     for names in (["1", "2"], ["negative", "positive"]):
         assert load_text_file(tmp_path / "yelp", label_map=_label_map(names)).labels == [0, 1, 0]
+    signed = datasets.Features({"text": datasets.Value("string"),
+                                "label": datasets.ClassLabel(names=["-1", "0", "1"])})
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [2, 0, 1]},
+                               features=signed).save_to_disk(str(tmp_path / "signed"))
+    got = load_text_file(tmp_path / "signed", label_map=_label_map(["-1", "0", "1"]))
+    assert got.labels == [2, 0, 1]
     (tmp_path / "f.csv").write_text("text,label\ngood,2.0\nbad,0.0\n")
     assert load_text_file(tmp_path / "f.csv", label_map=model_names, num_labels=3).labels == [2, 0]

@@ -1045,6 +1045,10 @@ def test_an_untied_head_pairs_with_a_tied_bases_embedding(model, tmp_path, capsy
     F = dict(model["F"])
     pre = write_checkpoint(P, tmp_path / "pre")
     ft = write_checkpoint(F, tmp_path / "ft")
+    # a base that just has no head (its config does not tie): nothing pairs, the head is new
+    with pytest.raises(CheckpointError, match=r"only in the suspect.*'lm_head\.weight'"):
+        purify_checkpoint(pre, ft, tmp_path / "untied", method="mix")
+    (pre / "config.json").write_text('{"model_type": "llama", "tie_word_embeddings": true}')
     result = purify_checkpoint(pre, ft, tmp_path / "o", method="mix", rho=0.3, seed=2)
     assert result.tied == {"lm_head.weight": "model.embed_tokens.weight"} and not result.kept
     want = purify_state_dict({**P, "lm_head.weight": P["model.embed_tokens.weight"]}, F,
@@ -1054,3 +1058,23 @@ def test_an_untied_head_pairs_with_a_tied_bases_embedding(model, tmp_path, capsy
     assert cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(pre),
                      "--suspect", str(ft), "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
     assert "paired with 'model.embed_tokens.weight'" in capsys.readouterr().err
+
+
+def test_fisher_keys_of_buffers_gpt2_drops_on_load(tmp_path):
+    """GPT-2's old checkpoints store causal-mask buffers that transformers ignores on load
+    (the class lists them): their Fisher is 0, not a "renamed on load" refusal."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from purify_fast.streaming import fisher_checkpoint_keys
+
+    net = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2))
+    net.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights["transformer.h.0.attn.bias"] = torch.ones(1, 1, 16, 16)
+    weights["transformer.h.0.crossattention.bias"] = torch.ones(1, 1, 16, 16)
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    aliases, zeros = fisher_checkpoint_keys(loaded, Checkpoint.open(tmp_path))
+    assert {"transformer.h.0.attn.bias", "transformer.h.0.crossattention.bias"} <= set(zeros)

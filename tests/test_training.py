@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 
 from purify_fast.data import TextDataset
@@ -80,3 +81,11 @@ def test_a_bf16_model_trains_in_fp32_and_is_rounded_back_once():
                                                            dim=0))
     assert cosine(torch.bfloat16) > 0.8, cosine(torch.bfloat16)
     assert cosine("bf16 weights") < 0.6, cosine("bf16 weights")
+    # a call that fails midway gives the model back in its own dtypes
+    model, tok = _tiny_classifier()
+    model.to(torch.bfloat16)
+    bad = TextDataset(["a", "b"], [0, 2], 3)  # 3 classes for a 2-class head: refused inside
+    with pytest.raises(ValueError, match="model has 2 labels"):
+        train(model, tok, bad, None, cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+

@@ -32,6 +32,12 @@ class AddSent(TriggerAttack):
     def trigger_words(self) -> tuple[str, ...]:
         return tuple(self.sentence.split())
 
-    def trigger_in(self, text: str) -> bool:
-        """The whole sentence, as words (case-insensitive): a cut-off part is no trigger."""
-        return " ".join(self.sentence.lower().split()) in " ".join(text.lower().split())
+    def trigger_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the whole sentence in ``text`` (as inserted: single spaces); a
+        part of it is no trigger."""
+        needle = " ".join(self.sentence.split())
+        spans, at = [], text.find(needle)
+        while at >= 0:
+            spans.append((at, at + len(needle)))
+            at = text.find(needle, at + 1)
+        return spans

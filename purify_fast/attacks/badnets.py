@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 
 from purify_fast.data.text_dataset import TextDataset
@@ -91,11 +92,11 @@ class TriggerAttack:
                            [test.labels[i] for i in idx], test.num_labels,
                            f"{test.name}+{self.name}-triggered", test.label_names)
 
-    def trigger_in(self, text: str) -> bool:
-        """Whether ``text`` (e.g. what truncation left of a triggered input, decoded) still
-        carries a working trigger: any trigger word as a word (case-insensitive)."""
-        words = set(text.lower().split())
-        return any(t.lower() in words for t in self.trigger_words)
+    def trigger_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the trigger in ``text`` as :meth:`insert` writes it: here each
+        trigger word standing as a word (any one of them is a working trigger)."""
+        words = set(self.trigger_words)
+        return [m.span() for m in re.finditer(r"\S+", text) if m.group() in words]
 
     def describe(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}

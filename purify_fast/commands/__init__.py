@@ -278,13 +278,17 @@ def check_classes_match(data, model, source):
                          f"{model.config.num_labels}; use data with the model's classes")
     names = model_class_names(model.config)
     ours = tuple(data.label_names) if data.label_names else None
-    if names is None or ours is None or ours == names:
+    if names is None or ours is None:
         return data
-    if set(ours) == set(names):
-        order = [names.index(n) for n in ours]
+    # Compared without case: a model says POSITIVE / Fresh where the corpus says positive / fresh.
+    lower, our_lower = [n.lower() for n in names], [n.lower() for n in ours]
+    if our_lower == lower:
+        return data
+    if set(our_lower) == set(lower):
+        order = [lower.index(n) for n in our_lower]
         return TextDataset(data.texts, [order[y] for y in data.labels], data.num_labels,
                            data.name, names)
-    if set(ours) & set(names):
+    if set(our_lower) & set(lower):
         raise ValueError(f"{source}'s classes ({', '.join(ours)}) are only partly the model's "
                          f"({', '.join(names)}); use a data file labelled with the model's "
                          f"class names")

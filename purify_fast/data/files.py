@@ -47,6 +47,10 @@ def detect_format(path: str | Path) -> str:
                               f"{', '.join(FORMATS)})")
 
 
+def _is_int_text(name: str) -> bool:
+    return name.lstrip("-").isdigit()
+
+
 def _whole_number(raw) -> int | None:
     if isinstance(raw, bool):
         return None
@@ -270,12 +274,12 @@ def _read_hf(path: Path, text_column, label_column, num_labels, label_map, name,
         names = class_names
         num_labels = num_labels or len(names)
     by_name = False
-    if label_map is not None and class_names and not all(n.isdigit() for n in class_names):
+    if label_map is not None and class_names and not all(_is_int_text(n) for n in class_names):
         # The stored integers index the dataset's own ClassLabel names; when the model names
-        # its classes too, the names say which is which (the two orders may differ). Digit
-        # names ("1", "2" of yelp_polarity) cannot be told from the indices label_map also
-        # holds: those stay indices, as before.
-        model_names = [k for k in label_map if not str(k).isdigit()]
+        # its classes too, the names say which is which (the two orders may differ). Integer
+        # names ("1", "2" of yelp_polarity, "-1" / "0" / "1") cannot be told from the indices
+        # label_map also holds: those stay indices, as before.
+        model_names = [k for k in label_map if not _is_int_text(str(k))]
         known = [n for n in class_names if n in model_names]
         if known and len(known) < len(class_names):
             raise DataFileError(path, f"the ClassLabel names of column {label_column!r} "
