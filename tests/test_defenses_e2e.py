@@ -383,3 +383,23 @@ def test_a_plainly_loaded_pretrained_model_keeps_its_random_head_out_of_the_mix(
                                                        num_attention_heads=2, intermediate_size=64))
     with pytest.warns(UserWarning, match="a freshly initialised task head included"):
         assert set(pretrained_state(scratch)) == set(scratch.state_dict())
+
+
+def test_e_pur_breaks_ties_by_row_index(monkeypatch):
+    """Rows tied at the n-th score: the lowest row indices go back, as purify-checkpoint's E-PUR
+    picks them (topk picked an arbitrary subset: the review saw rows 2001, 2000 of four tied)."""
+    from transformers import AutoTokenizer
+
+    from purify_fast.models.loading import default_model_path, tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    suspect = tiny_llama(vocab_size=len(tok))
+    suspect.config.pad_token_id = tok.pad_token_id
+    pre = {k: v.clone() for k, v in tiny_llama(vocab_size=len(tok), seed=1).state_dict().items()}
+    scores = torch.zeros(len(tok))
+    scores[[2003, 2002, 2001, 2000]] = 0.5   # four tied
+    scores[100] = 1.0                        # one above them
+    monkeypatch.setattr(EPur, "scores", lambda self, *a, **k: scores.clone())
+    data = load_rotten_tomatoes(seed=0).dev.take(4)
+    _, rep = EPur(top_n=3).apply(suspect, pre, tok, data)
+    assert rep["reset_ids"] == [100, 2000, 2001]

@@ -79,10 +79,13 @@ class EPur:
         rankable = torch.isfinite(s)
         if self.score_threshold is not None:
             rows = torch.nonzero(rankable & (s >= float(self.score_threshold))).flatten()
-            rows = rows[torch.argsort(s[rows], descending=True)]
+            rows = rows[torch.sort(s[rows], descending=True, stable=True).indices]
         else:
+            # Ties at the n-th score break by row index, as purify-checkpoint's E-PUR does
+            # (topk would pick an arbitrary subset of tied rows).
             k = min(self.top_n, int(rankable.sum()))
-            rows = torch.topk(torch.where(rankable, s, -torch.inf), k).indices
+            order = torch.sort(torch.where(rankable, s, -torch.inf), descending=True, stable=True)
+            rows = order.indices[:k]
         model = copy.deepcopy(suspect)
         with torch.no_grad():
             model.get_input_embeddings().weight[rows] = pre[rows]

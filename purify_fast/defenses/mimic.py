@@ -71,8 +71,8 @@ class MIMICConfig:
     max_length: int = 64
     attn_weight: float = 1.0
     ssl_weight: float = 0.1
-    # NT-Xent τ; None: 0.05 for text views (SimCSE), 0.5 when fit() gets an image ``augment``
-    # (SimCLR), as METHODS.md §5 gives them.
+    # NT-Xent τ; None: 0.5 when fit() gets an image ``augment`` (SimCLR, as METHODS.md §5 gives
+    # it), 0.05 for text dropout views (METHODS names no τ for text: SimCSE's usual value).
     ssl_temperature: float | None = None
     mi_source: str = "teacher"
     mi_every: int = 1                      # epochs between student MI re-estimates
