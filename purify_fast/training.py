@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -91,6 +92,38 @@ def distributed_launch() -> bool:
     import os
 
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world_size() -> int:
+    """Processes in this launch (``WORLD_SIZE``, 1 when not launched by accelerate/torchrun)."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def scheduler_steps(epochs: int, batches: int, *, per_rank: bool = False) -> int:
+    """How often a stage steps its LR schedule: accelerate's scheduler wrapper steps it once per
+    process for each optimizer step, and each of N processes takes ceil(batches / N) steps per
+    epoch of a loader accelerate shards (with ``per_rank``, ``batches`` is already this
+    process's count). A schedule of ``epochs * batches`` steps ran out early whenever N did not
+    divide the batches (the last steps at lr 0; an audit saw half the epochs of a 4-batch run)."""
+    n = world_size()
+    steps = batches if per_rank else math.ceil(batches / n)
+    return max(1, epochs * steps * n)
+
+
+def rank_dropout_seed(seed: int, accelerator) -> None:
+    """After the stage is wrapped: each process draws its own dropout masks (the same seed on
+    every rank gave every rank the same masks); data order has its own shared generator."""
+    if accelerator is not None:
+        torch.manual_seed(seed + accelerator.process_index)
+
+
+def release_stage(accelerator, net) -> None:
+    """Take accelerate's wrappers off the caller's model (a mixed-precision launch patches its
+    forward with autocast, which would stay for every later evaluation)."""
+    if accelerator is not None:
+        accelerator.unwrap_model(net, keep_fp32_wrapper=False)
 
 
 def autocast(device: torch.device, precision: str):
@@ -191,7 +224,7 @@ def _train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | No
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
-    total = max(1, config.epochs * len(loader))
+    total = scheduler_steps(config.epochs, len(loader))
     sched = get_linear_schedule_with_warmup(opt, int(config.warmup_ratio * total), total)
     eval_kw = dict(batch_size=config.eval_batch_size, max_length=config.max_length,
                    precision=config.precision)
@@ -200,10 +233,9 @@ def _train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | No
     if distributed_launch():
         from purify_fast.distributed import prepare_stage
 
-        # ``total`` counts the unsharded batches; accelerate's scheduler wrapper steps the
-        # schedule once per process for each optimizer step, so the decay still ends at ``total``.
         accelerator, net, opt, loader, sched = prepare_stage(model, opt, loader, scheduler=sched)
         device = accelerator.device
+        rank_dropout_seed(config.seed, accelerator)
 
     result = TrainResult()
     start = time.perf_counter()
@@ -257,6 +289,7 @@ def _train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | No
     if dev_data is not None and not config.keep_best:
         result.best_epoch = config.epochs
         result.best_dev_acc = result.history[-1]["dev_acc"] if result.history else None
+    release_stage(accelerator, net)
     model.eval()
     result.seconds = time.perf_counter() - start
     return result

@@ -89,3 +89,20 @@ def test_a_bf16_model_trains_in_fp32_and_is_rounded_back_once():
         train(model, tok, bad, None, cfg)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
+
+
+def test_the_lr_schedule_spans_the_steps_a_multi_process_stage_takes(monkeypatch):
+    """accelerate steps a stage's schedule once per process per optimizer step, and each of N
+    processes takes ceil(B / N) steps per epoch: 4 batches on 2 processes over 4 epochs is 16
+    schedule steps (as on one process), 15 batches on 2 processes 16 per epoch, not 15 (the
+    audit saw the last step at lr 0, and half the epochs of a 4-batch run on 4 processes)."""
+    from purify_fast.training import scheduler_steps
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert scheduler_steps(4, 4) == 16 and scheduler_steps(0, 4) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert scheduler_steps(4, 4) == 16
+    assert scheduler_steps(1, 15) == 16
+    assert scheduler_steps(2, 5, per_rank=True) == 20  # MIMIC's batches=: already per rank
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert scheduler_steps(4, 4) == 16 and scheduler_steps(1, 5) == 8

@@ -49,7 +49,7 @@ from purify_fast.data.text_dataset import TextDataset, make_loader
 from purify_fast.defenses._common import check_tokenizer
 from purify_fast.defenses.mine import MINE, estimate_layer_mi, layer_weights
 from purify_fast.ops.attention_maps import attention_map_loss
-from purify_fast.training import distributed_launch
+from purify_fast.training import distributed_launch, release_stage, scheduler_steps
 from purify_fast.validation import int_at_least, one_of, real_in
 
 MI_SOURCES = ("teacher", "student")
@@ -458,7 +458,9 @@ class MIMIC:
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_batches = _count(data, cfg.batch_size)
-        total = max(1, cfg.epochs * n_batches)
+        # batches= is this process's share already (see the module docstring); a TextDataset is
+        # sharded by accelerate each epoch
+        total = scheduler_steps(cfg.epochs, n_batches, per_rank=not isinstance(data, TextDataset))
         warm = int(cfg.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / max(1, warm)) * max(0.0, 1 - s / total) if warm else
@@ -475,8 +477,6 @@ class MIMIC:
 
             from purify_fast.distributed import prepare_stage
 
-            # ``total`` counts the unsharded batches: accelerate steps the schedule once per
-            # process per optimizer step, so the decay still ends at ``total``.
             accelerator, step_fn, opt, sched = prepare_stage(step_fn, opt, scheduler=sched)
             device = accelerator.device
             teacher.to(device)
@@ -485,7 +485,8 @@ class MIMIC:
             result.mi, result.weights = mi, weights
 
         rng_state = torch.random.get_rng_state()
-        torch.manual_seed(cfg.seed)
+        # each process its own dropout views (the same seed gave every rank the same masks)
+        torch.manual_seed(cfg.seed + (accelerator.process_index if accelerator is not None else 0))
         step = 0
         try:
             for epoch in range(cfg.epochs):
@@ -537,6 +538,7 @@ class MIMIC:
             torch.random.set_rng_state(rng_state)
             t_taps.close()
             s_taps.close()
+        release_stage(accelerator, step_fn)
         student.eval()
         result.seconds = time.perf_counter() - t0
         return result

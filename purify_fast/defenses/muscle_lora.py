@@ -53,6 +53,9 @@ from purify_fast.training import (
     autocast,
     distributed_launch,
     model_device,
+    rank_dropout_seed,
+    release_stage,
+    scheduler_steps,
     seed_everything,
 )
 from purify_fast.validation import int_at_least, one_of, real_in
@@ -251,7 +254,7 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
     opt = torch.optim.AdamW([g for g in ({"params": decay, "weight_decay": config.weight_decay},
                                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]],
                             lr=lr)
-    total = max(1, epochs * len(loader))
+    total = scheduler_steps(epochs, len(loader))
     sched = get_linear_schedule_with_warmup(opt, int(config.warmup_ratio * total), total)
     eval_kw = {"batch_size": config.eval_batch_size, "max_length": config.max_length,
                    "precision": precision}
@@ -272,6 +275,7 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
         if ga:
             ref_iter = _cycle(loaders[1])
         device = accelerator.device
+        rank_dropout_seed(config.seed, accelerator)
 
     def to_dev(batch):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -347,6 +351,7 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
                 p.copy_(b)
     if not config.keep_best:
         result.best_epoch, result.best_dev_acc = epochs, result.history[-1]["dev_acc"]
+    release_stage(accelerator, net)
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
