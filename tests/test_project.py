@@ -50,6 +50,26 @@ def test_gpu_suite_plans_every_op_family():
         assert name in ops, out
 
 
+def test_gpu_suite_self_check_and_outputs_run_here(tmp_path, monkeypatch):
+    """What the GPU session would meet first, checked on the CPU: the self-check (it crashed
+    comparing fp32 with fp64 scores whenever a kernel backend existed) runs on the cpp backend
+    and passes, multi-scale LoRA included; results default to $OUT (where the device tool
+    fetches them); pytest's arguments are shell-quoted, with the GPU cases by default."""
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "benchmarks" / "gpu_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_suite", suite)  # its dataclasses look themselves up
+    spec.loader.exec_module(suite)
+    if "cpp" in __import__("purify_fast.backend", fromlist=["x"]).available("cpu"):
+        assert suite.self_check(["cpp"], lambda msg: None, device="cpu") == {"cpp": "ok"}
+    monkeypatch.setenv("OUT", str(tmp_path))
+    args = suite.parse_args([])
+    assert args.out == str(tmp_path / "RESULTS_gpu.md")
+    assert shlex.split(args.pytest_args) == ["-k", "cuda or triton or gpu"]
+
+
 def test_muscle_lora_summary_keeps_scalings_and_attacks_apart(tmp_path):
     # benchmarks/run_muscle_lora.py --summarize writes the tables of results_muscle_lora.md: runs
     # of the two MSLR scalings and of the two attacks must never be averaged together.
