@@ -635,10 +635,9 @@ def test_cli_fisher_feeds_purify_checkpoint(tmp_path, capsys):
     assert "already exists; the Fisher needs a new directory" in capsys.readouterr().err
 
 
-def test_cli_fisher_of_a_causal_lm_feeds_purify_checkpoint(tmp_path, capsys):
-    """A LLaMA language model (untied lm_head) as the suspect: the Fisher is that of its own
-    next-token loss on the clean text, with every checkpoint key (lm_head included), and
-    purify-checkpoint takes it. A bare encoder (no loss of its own) is refused up front."""
+def _llama_lm_pair(root, tie: bool, edit=None):
+    """A tiny LLaMA language model saved twice, as ``root/pre`` and (with a small drift)
+    ``root/suspect``, with the offline MiniLM tokenizer; ``edit(path, net)`` after each save."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from purify_fast.models.loading import default_model_path
@@ -646,15 +645,25 @@ def test_cli_fisher_of_a_causal_lm_feeds_purify_checkpoint(tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(default_model_path())
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                      tie_word_embeddings=False, pad_token_id=0)
+                      tie_word_embeddings=tie, pad_token_id=0)
     torch.manual_seed(0)
     net = LlamaForCausalLM(cfg)
     for name, noise in (("pre", 0.0), ("suspect", 0.02)):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(noise * torch.randn_like(p))
-        net.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
+        net.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        if edit is not None:
+            edit(root / name, net)
+    return tok, net
+
+
+def test_cli_fisher_of_a_causal_lm_feeds_purify_checkpoint(tmp_path, capsys):
+    """A LLaMA language model (untied lm_head) as the suspect: the Fisher is that of its own
+    next-token loss on the clean text, with every checkpoint key (lm_head included), and
+    purify-checkpoint takes it. A bare encoder (no loss of its own) is refused up front."""
+    tok, net = _llama_lm_pair(tmp_path, tie=False)
     texts = ["a clean sentence number %d for the fisher" % i for i in range(6)]
     (tmp_path / "clean.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     rc = cli_main(["fisher", "--model", str(tmp_path / "suspect"), "--out", str(tmp_path / "f"),
@@ -974,29 +983,16 @@ def test_cli_fisher_keys_tied_copies_and_buffers_like_the_checkpoint(tmp_path, c
     transformers renames on load is refused before the pass, and a stopped run leaves neither
     the Fisher nor the token counts behind (fisher never overwrites them)."""
     from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from purify_fast.models.loading import default_model_path
-
-    tok = AutoTokenizer.from_pretrained(default_model_path())
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                      tie_word_embeddings=True, pad_token_id=0)
-    torch.manual_seed(0)
-    net = LlamaForCausalLM(cfg)
-    inv_freq = dict(net.named_buffers())["model.rotary_emb.inv_freq"]
-    for name, noise in (("pre", 0.0), ("suspect", 0.02)):
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(noise * torch.randn_like(p))
-        net.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-        weights = load_file(str(tmp_path / name / "model.safetensors"))
+    def stored_as_older_checkpoints_did(path, net):
+        weights = load_file(str(path / "model.safetensors"))
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+        inv_freq = dict(net.named_buffers())["model.rotary_emb.inv_freq"]
         weights["model.rotary_emb.inv_freq"] = inv_freq.clone()
         # what older transformers saved per layer, and the current one drops on load
         weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
-        save_file(weights, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tok, net = _llama_lm_pair(tmp_path, tie=True, edit=stored_as_older_checkpoints_did)
     texts = ["a clean sentence number %d for the fisher" % i for i in range(6)]
     (tmp_path / "clean.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     args = ["fisher", "--model", str(tmp_path / "suspect"), "--clean-data",

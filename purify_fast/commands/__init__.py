@@ -328,3 +328,19 @@ def note_trigger_cut(metrics: dict, max_length: int) -> None:
               f"{100 * cut:.1f} % of the triggered test inputs (inserted past the cut-off); they "
               f"count as failed attacks: the ASR understates the backdoor, raise --max-length",
               file=sys.stderr)
+
+
+def refuse_unread_options(args, readers: dict, defaults: dict) -> None:
+    """Refuse an option given on the command line that nothing in this run reads, then fill in
+    the defaults of those not given. ``readers``: option -> (who reads it, whether this run
+    does); the options' parser defaults are None, so one given even at its default value is
+    known."""
+    for name, (owner, read) in readers.items():
+        if getattr(args, name) is not None and not read:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} is an option of {owner}; this run (--method {args.method}"
+                             f"{' with --e-pur' if args.e_pur else ''}) does not use it")
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+

@@ -118,11 +118,10 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from purify_fast.data.text_dataset import make_loader, token_frequencies
+    from purify_fast.checkpoint import Checkpoint
     from purify_fast.fileio import atomic_write_bytes
     from purify_fast.models import load_classifier
-    from purify_fast.models.loading import load_causal_lm
-    from purify_fast.checkpoint import Checkpoint
-    from purify_fast.models.loading import resolve_model_path
+    from purify_fast.models.loading import load_causal_lm, resolve_model_path
     from purify_fast.streaming import DiskFisher, fisher_checkpoint_keys
 
     device = torch.device(pick_device(args.device))

@@ -13,6 +13,7 @@ from purify_fast.commands import (
     load_clean_set,
     pick_device,
     positive_int,
+    refuse_unread_options,
     seed_int,
 )
 from purify_fast.validation import int_at_least, real_in
@@ -109,14 +110,7 @@ def check_method_options(args) -> None:
         "epochs": (ft_owner, fine_tunes), "lr": (ft_owner, fine_tunes),
         "batch_size": (ft_owner, fine_tunes), "precision": (ft_owner, fine_tunes),
     }
-    for name, (owner, read) in readers.items():
-        if given(name) and not read:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} is an option of {owner}; this run (--method {method}"
-                             f"{' with --e-pur' if args.e_pur else ''}) does not use it")
-    for name, default in OPTION_DEFAULTS.items():
-        if not given(name):
-            setattr(args, name, default)
+    refuse_unread_options(args, readers, OPTION_DEFAULTS)
 
 
 def run(args) -> int:

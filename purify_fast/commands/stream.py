@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from purify_fast.commands import seed_int
+from purify_fast.commands import refuse_unread_options, seed_int
 
 
 # `purify-fast purify`'s spellings of the same choices, accepted here so one vocabulary works
@@ -171,14 +171,7 @@ def check_method_options(args) -> None:
         "top_n": (ep_owner, epur), "score_threshold": (ep_owner, epur), "c": (ep_owner, epur),
         "special_ids": (ep_owner, epur), "embedding_key": (ep_owner, epur),
     }
-    for name, (owner, read) in readers.items():
-        if given(name) and not read:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} is an option of {owner}; this run (--method {args.method}"
-                             f"{' with --e-pur' if args.e_pur else ''}) does not use it")
-    for name, default in OPTION_DEFAULTS.items():
-        if not given(name):
-            setattr(args, name, default)
+    refuse_unread_options(args, readers, OPTION_DEFAULTS)
 
 
 def run(args) -> int:
