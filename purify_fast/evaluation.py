@@ -53,11 +53,9 @@ def trigger_cut_share(attack, tokenizer, triggered: TextDataset, max_length: int
     ``max_length`` tokens are looked at."""
     if not len(triggered):
         return 0.0
-    from purify_fast.data.text_dataset import ensure_pad_token
-
     if not getattr(tokenizer, "is_fast", False):
         return None
-    ensure_pad_token(tokenizer)
+    # unpadded encodings: no pad token needed (batching, not this, gives a tokenizer one)
     lengths = [len(ids) for ids in tokenizer(list(triggered.texts), truncation=False,
                                              verbose=False)["input_ids"]]
     long = [t for t, n in zip(triggered.texts, lengths) if n > max_length]

@@ -252,7 +252,6 @@ def record_label_names(model, dataset) -> None:
 def load_file_for_model(path, model, text_column: str = "text", label_column: str = "label"):
     """A user data file whose labels must be the model's classes: out-of-range indices and class
     names the model does not know are errors naming file, line and column."""
-
     from purify_fast.data import load_text_file
 
     label_map = model_label_map(model.config)

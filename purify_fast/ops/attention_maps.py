@@ -154,26 +154,25 @@ def attention_map_loss(student_feats: Sequence[torch.Tensor] | torch.Tensor,
         if pairs and fs.device != pairs[0][0].device:
             raise ValueError(f"layer {i} is on {fs.device}, layer 0 on {pairs[0][0].device}")
         pairs.append((fs, ft))
-    B, N = pairs[0][0].shape[:2]
     device = pairs[0][0].device
     if mask is None:
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        for (fs, ft), w in zip(pairs, weights):
-            ones = torch.ones(fs.shape[:2], dtype=torch.float32, device=device)
-            total = total + w * _layer_mse(fs, ft, ones, float(ones.numel()), eps, backend)
-        return total
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.shape != (B, N):
-        raise ValueError(f"mask must have shape ({B}, {N}) (batch, positions), got "
-                         f"{tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but the feature maps are on {device}")
-    mask_f = (mask != 0).to(torch.float32).contiguous()
-    count = max(float(mask_f.sum()), 1.0)
+        # each layer averaged over its own positions (a CNN's stages differ in resolution)
+        masks = [torch.ones(fs.shape[:2], dtype=torch.float32, device=device) for fs, _ in pairs]
+        layer_masks = [(m, float(m.numel())) for m in masks]
+    else:
+        B, N = pairs[0][0].shape[:2]
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.shape != (B, N):
+            raise ValueError(f"mask must have shape ({B}, {N}) (batch, positions), got "
+                             f"{tuple(mask.shape)}")
+        if mask.device != device:
+            raise ValueError(f"mask is on {mask.device} but the feature maps are on {device}")
+        mask_f = (mask != 0).to(torch.float32).contiguous()
+        layer_masks = [(mask_f, max(float(mask_f.sum()), 1.0))] * len(pairs)
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for (fs, ft), w in zip(pairs, weights):
-        total = total + w * _layer_mse(fs, ft, mask_f, count, eps, backend)
+    for (fs, ft), w, (mask_l, count) in zip(pairs, weights, layer_masks):
+        total = total + w * _layer_mse(fs, ft, mask_l, count, eps, backend)
     return total
 
 
