@@ -259,14 +259,16 @@ _TRAIN = textwrap.dedent("""
 """)
 
 
-def _two_ranks(tmp_path, name: str, source: str, *args) -> tuple[dict, dict]:
+def _two_ranks(tmp_path, name: str, source: str, *args,
+               mixed_precision: str = "no") -> tuple[dict, dict]:
     """Write ``source`` as a stage script, run it on 2 gloo CPU processes under
-    ``accelerate launch`` (``sys.argv[1]`` = ``tmp_path``), and load what each rank saved there
-    as ``rank{R}.pt``."""
+    ``accelerate launch`` (``sys.argv[1]`` = ``tmp_path``; ``--mixed_precision`` as given), and
+    load what each rank saved there as ``rank{R}.pt``."""
     script = tmp_path / f"{name}.py"
     script.write_text(source)
     argv = accelerate_launch_argv(script, [tmp_path, *args], num_processes=2, cpu=True,
-                                  main_process_port=_free_port())
+                                  main_process_port=_free_port(),
+                                  mixed_precision=mixed_precision)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -446,3 +448,130 @@ def test_an_input_error_on_another_rank_removes_the_partial(model, tmp_path):
     purify_checkpoint_local(model["pre"], model["ft"], tmp_path / "out", world_size=2,
                             method="mix", rho=0.5)
     assert (tmp_path / "out").is_dir()
+
+
+_RANK_STAGES = textwrap.dedent("""
+    import os, sys, torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+    import purify_fast
+    from purify_fast.data import TextDataset
+    from purify_fast.defenses.mimic import MIMIC, MIMICConfig, make_student
+    from purify_fast.defenses.muscle_lora import train_muscle_lora
+    from purify_fast.models.loading import default_model_path
+    from purify_fast.nn import MuscleLoRAConfig, inject_muscle_lora
+    from purify_fast.training import train
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    ARCH = dict(vocab_size=tok.vocab_size, hidden_size=32, num_attention_heads=2,
+                intermediate_size=64, hidden_dropout_prob=0.5)
+    # every text is 8 tokens long: each rank's batches of 4 have the same shape, and so do the
+    # dropout masks drawn on them
+    texts = [("a good and lovely film %d" if i % 2 else "a bad and dull film %d") % i
+             for i in range(32)]
+    data = TextDataset(texts, [i % 2 for i in range(32)], 2, "toy")
+    probe = tok(["a good and lovely film 1", "a bad and dull film 2"], return_tensors="pt")
+
+    def watch(model, dropout):
+        # the first mask ``dropout`` draws in training mode, and the dtypes the Linear layers
+        # compute in while training
+        seen = {"training": set()}
+
+        def on_dropout(mod, args, out):
+            if mod.training and "mask" not in seen:
+                seen["mask"] = out == 0
+
+        def on_linear(mod, args, out):
+            if mod.training:
+                seen["training"].add(str(out.dtype))
+
+        hooks = [dropout.register_forward_hook(on_dropout)]
+        hooks += [m.register_forward_hook(on_linear) for m in model.modules()
+                  if isinstance(m, torch.nn.Linear)]
+        return seen, hooks
+
+    def done(seen, hooks, model=None):
+        for h in hooks:
+            h.remove()
+        seen["training"] = sorted(seen["training"])
+        if model is not None:
+            # a later evaluation of the caller's model: what its Linear layers compute in, and
+            # whether autocast is on inside its forward
+            after = set()
+            hooks = [m.register_forward_hook(lambda m, a, o: after.add(
+                         (str(o.dtype), torch.is_autocast_enabled("cpu"))))
+                     for m in model.modules() if isinstance(m, torch.nn.Linear)]
+            model.eval()
+            with torch.no_grad():
+                model(**probe)
+            for h in hooks:
+                h.remove()
+            seen["after"] = sorted(after)
+        return seen
+
+    out = {"world": int(os.environ.get("WORLD_SIZE", "1")), "package": purify_fast.__file__}
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**ARCH, num_hidden_layers=1, num_labels=2))
+    seen, hooks = watch(model, model.bert.embeddings.dropout)
+    train(model, tok, data, None, epochs=1, lr=1e-3, batch_size=4, progress=False)
+    out["train"] = done(seen, hooks, model)
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**ARCH, num_hidden_layers=1, num_labels=2))
+    inject_muscle_lora(model, MuscleLoRAConfig(alpha=1.0))
+    seen, hooks = watch(model, model.bert.embeddings.dropout)
+    train_muscle_lora(model, tok, data.take(16, seed=0), data.take(16, seed=1), epochs=1,
+                      lr=1e-3, batch_size=4, ref_pool_size=8, progress=False, keep_best=False)
+    out["muscle_lora"] = done(seen, hooks, model)
+
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(**ARCH, num_hidden_layers=2))
+    student = make_student(teacher, 1, None, 0)
+    seen, hooks = watch(student, student.embeddings.dropout)
+    MIMIC(MIMICConfig(student_layers=1, epochs=1, batch_size=4, lr=1e-3, max_length=16,
+                      mine_steps=5, mine_samples=16, progress=False)
+          ).fit(teacher, tok, data.take(16), student=student)
+    out["mimic"] = done(seen, hooks)
+
+    torch.save(out, os.path.join(sys.argv[1], "rank%s.pt" % os.environ.get("RANK", "0")))
+""")
+
+
+@pytest.fixture(scope="module")
+def bf16_stages(tmp_path_factory):
+    """train(), MuScleLoRA's trainer and MIMIC, one after another in one
+    `accelerate launch --mixed_precision bf16` of 2 gloo CPU processes: what each rank saw."""
+    from pathlib import Path
+
+    import purify_fast
+
+    ranks = _two_ranks(tmp_path_factory.mktemp("bf16_stages"), "rank_stages", _RANK_STAGES,
+                       mixed_precision="bf16")
+    for r in ranks:  # the launched ranks ran the purify_fast under test (PYTHONPATH reached them)
+        assert Path(r["package"]).resolve() == Path(purify_fast.__file__).resolve()
+    return ranks
+
+
+@pytest.mark.parametrize("stage", ["train", "muscle_lora", "mimic"])
+def test_each_rank_draws_its_own_dropout_masks(bf16_stages, stage):
+    """Each rank reseeds torch with seed + its process index once the stage is wrapped
+    (training.rank_dropout_seed; MIMIC seeds its loop the same way): the first dropout mask the
+    model's embedding dropout draws in a training step differs between the two ranks. Every
+    rank used to seed alike and draw the very same masks."""
+    m0, m1 = (r[stage]["mask"] for r in bf16_stages)
+    assert m0.shape == m1.shape == (4, 8, 32)  # same-shaped batches: comparable masks
+    assert 0.3 < m0.float().mean() < 0.7 and 0.3 < m1.float().mean() < 0.7  # p = 0.5
+    assert not torch.equal(m0, m1), f"{stage}: both ranks drew the same dropout mask"
+
+
+@pytest.mark.parametrize("stage", ["train", "muscle_lora"])
+def test_a_bf16_launch_leaves_the_callers_model_computing_in_fp32(bf16_stages, stage):
+    """Under `--mixed_precision bf16` accelerate patches the prepared model's forward with bf16
+    autocast; the stage takes it off at the end (training.release_stage), so a later evaluation
+    of the caller's model, outside any autocast, runs its matmuls in fp32. The patch used to stay
+    (every later evaluation in bf16)."""
+    for rank, r in enumerate(bf16_stages):
+        # the launch did train in bf16: the Linear layers computed in bf16 during the stage
+        assert r[stage]["training"] == ["torch.bfloat16"], (rank, r[stage]["training"])
+        # afterwards: no autocast inside the forward, every Linear output fp32
+        assert r[stage]["after"] == [("torch.float32", False)], (rank, r[stage]["after"])
