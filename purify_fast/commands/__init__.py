@@ -270,30 +270,71 @@ def check_classes_match(data, model, source):
     fresh = 0, the Rotten Tomatoes corpus rotten = 0: by index, CACC would be one minus the
     accuracy and the ASR set the wrong class); names only partly the same are an error; wholly
     other names (NEGATIVE / POSITIVE) are taken by index, with a note."""
-    from purify_fast.data import TextDataset
-
     if data.num_labels != model.config.num_labels:
         raise ValueError(f"{source} has {data.num_labels} classes but the model has "
                          f"{model.config.num_labels}; use data with the model's classes")
-    names = model_class_names(model.config)
+    order = _class_order(data, model.config, source)
+    return data if order is None else _renumbered(data, order, model_class_names(model.config))
+
+
+def _class_order(data, config, source) -> list[int] | None:
+    """``order[y]``: the model's index of ``data``'s class ``y``, when the model (``config``) names
+    the same classes in another order; None when ``data`` is taken as it is (same order, no names
+    on one side, or wholly other names: by index, with a note). Partly the same names: an error."""
+    names = model_class_names(config)
     ours = tuple(data.label_names) if data.label_names else None
     if names is None or ours is None:
-        return data
+        return None
     # Compared without case: a model says POSITIVE / Fresh where the corpus says positive / fresh.
     lower, our_lower = [n.lower() for n in names], [n.lower() for n in ours]
     if our_lower == lower:
-        return data
+        return None
     if set(our_lower) == set(lower):
-        order = [lower.index(n) for n in our_lower]
-        return TextDataset(data.texts, [order[y] for y in data.labels], data.num_labels,
-                           data.name, names)
+        return [lower.index(n) for n in our_lower]
     if set(our_lower) & set(lower):
         raise ValueError(f"{source}'s classes ({', '.join(ours)}) are only partly the model's "
                          f"({', '.join(names)}); use a data file labelled with the model's "
                          f"class names")
     print(f"note: {source}'s classes ({class_numbering(ours)}) are taken as the model's "
           f"({class_numbering(names)}) by index", file=sys.stderr)
-    return data
+    return None
+
+
+def _renumbered(data, order, names):
+    from purify_fast.data import TextDataset
+
+    return TextDataset(data.texts, [order[y] for y in data.labels], data.num_labels, data.name,
+                       names)
+
+
+def number_as_model(datasets, model_path, source) -> list:
+    """Training data (train, dev, test in one numbering; None entries stay None) numbered as the
+    classes of the checkpoint ``model_path`` that ``attack`` / ``train-clean`` fine-tune on it.
+    Read from its config before its weights load: ``--target-label`` and the poisoning need the
+    numbering first. By index, a checkpoint that names its classes fresh = 0, rotten = 1 (trained
+    on a file of names, numbered in sorted order) fine-tuned on the Rotten Tomatoes corpus
+    (rotten = 0) has its class 0 taught the other class, and the checkpoint written gets names
+    (:func:`record_label_names`) that contradict what it does. The rules are
+    :func:`check_classes_match`'s, except that another number of classes is no error: the head is
+    then drawn afresh (``load_classifier``) and the data's numbering stands, as it does for a
+    model with no class names (``LABEL_0``, ...; the offline MiniLM)."""
+    from transformers import AutoConfig
+
+    from purify_fast.models.loading import quiet_loading, resolve_model_path
+
+    datasets = list(datasets)
+    first = next(d for d in datasets if d is not None)
+    with quiet_loading():
+        config = AutoConfig.from_pretrained(resolve_model_path(model_path), local_files_only=True)
+    if config.num_labels != first.num_labels:
+        return datasets
+    order = _class_order(first, config, source)
+    if order is None:
+        return datasets
+    names = model_class_names(config)
+    print(f"note: {source} numbered as the model's classes ({class_numbering(names)}), not in "
+          f"its own order ({class_numbering(first.label_names)})", file=sys.stderr)
+    return [None if d is None else _renumbered(d, order, names) for d in datasets]
 
 
 def add_clean_data_args(parser) -> None:

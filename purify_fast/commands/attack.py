@@ -129,9 +129,10 @@ def run(args) -> int:
     real_in("--ep-lr", args.ep_lr, 0.0, lo_open=True)
     int_at_least("--epochs", args.epochs, 0)
     args.device = pick_device(args.device)
-    splits = load_data(args)
+    splits = _load_data_as_model(args)
     names = splits.train.label_names
     given = args.target_label
+    # An index is the model's class (the checkpoint written keeps its numbering), as in evaluate.
     args.target_label = resolve_target_label(given, names, splits.num_labels, args.data)
     if names and isinstance(given, int):  # a file's class names are numbered in sorted order
         print(f"note: --target-label {given} is the class {names[given]!r} "
@@ -152,3 +153,15 @@ def run(args) -> int:
           f"ASR {100 * metrics['asr']:.1f}% (without the trigger "
           f"{100 * metrics['asr_no_trigger']:.1f}%)")
     return 0
+
+
+def _load_data_as_model(args):
+    """:func:`load_data`, numbered as ``--model``'s classes when it names the same classes in
+    another order (see ``purify_fast.commands.number_as_model``): the fine-tune, the scores, the
+    ``--target-label`` and the names the checkpoint is written with then all agree."""
+    from purify_fast.commands import number_as_model
+    from purify_fast.data import DataSplits
+
+    splits = load_data(args)
+    return DataSplits(*number_as_model((splits.train, splits.dev, splits.test), args.model,
+                                       args.data))

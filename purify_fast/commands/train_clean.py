@@ -23,6 +23,7 @@ from purify_fast.commands import (
     check_output_dir,
     load_file_like,
     note_trigger_cut,
+    number_as_model,
     pick_device,
     positive_int,
     record_label_names,
@@ -114,6 +115,10 @@ def run(args) -> int:
         train = load_dataset(args.data, text_column=args.text_column,
                              label_column=args.label_column)
         dev = load_file_like(args.dev, train, args.text_column, args.label_column)
+    # As --model numbers its classes (when it names the same ones in another order): the
+    # fine-tune, --target-label (an index is the model's class), the scores and the names the
+    # checkpoint is written with (record_label_names) then agree.
+    train, dev, test = number_as_model((train, dev, test), args.model, args.data)
     attack = None
     if args.attack:
         args.target_label = resolve_target_label(args.target_label, train.label_names,
