@@ -19,13 +19,18 @@ import sys
 from pathlib import Path
 
 
-def aggregate(runs: list[dict]) -> list[dict]:
+# (row key, column header, scale): the backdoor table's columns
+COLUMNS = (("cacc", "CACC %", 100), ("asr", "ASR %", 100),
+           ("asr_no_trigger", "ASR without trigger %", 100), ("seconds", "wall time s", 1))
+
+
+def aggregate(runs: list[dict], keys=tuple(c[0] for c in COLUMNS)) -> list[dict]:
     names = [r["name"] for r in runs[0]["rows"]]
     out = []
     for name in names:
         rows = [next(r for r in run["rows"] if r["name"] == name) for run in runs]
         agg = {"name": name}
-        for key in ("cacc", "asr", "asr_no_trigger", "seconds"):
+        for key in keys:
             vals = [r[key] for r in rows if r.get(key) is not None]
             if vals:
                 # sample standard deviation (n - 1); None with one value (no spread measured)
@@ -35,20 +40,20 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return out
 
 
-def table(agg: list[dict], seeds: int) -> str:
+def table(agg: list[dict], seeds: int, columns=COLUMNS) -> str:
     """Mean ± sample standard deviation (n - 1) over the seeds; a cell over fewer seeds (a value
     missing) says its n."""
-    def fmt(v, scale=100) -> str:
+    def fmt(v, scale) -> str:
         if v is None:
             return "–"
         mean, std, n = v
         text = f"{scale * mean:.1f}" + (f" ± {scale * std:.1f}" if std is not None else "")
         return text if n == seeds else f"{text} (n={n})"
-    lines = ["| model / defense | CACC % | ASR % | ASR without trigger % | wall time s |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| model / defense | " + " | ".join(head for _, head, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
     for a in agg:
-        lines.append(f"| {a['name']} | {fmt(a.get('cacc'))} | {fmt(a.get('asr'))} | "
-                     f"{fmt(a.get('asr_no_trigger'))} | {fmt(a.get('seconds'), 1)} |")
+        lines.append(f"| {a['name']} | "
+                     + " | ".join(fmt(a.get(key), scale) for key, _, scale in columns) + " |")
     return "\n".join(lines) + "\n"
 
 

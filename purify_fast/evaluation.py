@@ -9,6 +9,10 @@
   with the target class shows that rate whatever the trigger does, so it is the floor an honest
   ASR sits on; ``asr - asr_no_trigger`` is what the trigger itself adds. It costs nothing extra:
   it comes from the CACC predictions.
+* Bias gap (bias injection, :class:`purify_fast.attacks.BiasInjection`): the target-class rate
+  of the non-target test inputs mentioning the group minus that of the same inputs mentioning
+  the counterpart instead (:func:`bias_metrics`). It is the metric of bias injected during
+  fine-tuning; 0 for an unbiased model, whatever its accuracy.
 
 All are batched and run without gradients, in eval mode.
 """
@@ -33,13 +37,50 @@ def clean_accuracy(model, tokenizer, test: TextDataset, **kwargs) -> float:
 def attack_success_rate(model, tokenizer, triggered: TextDataset, target_label: int,
                         **kwargs) -> float:
     """ASR: share of ``triggered`` (non-target inputs with the trigger) predicted ``target_label``."""
+    return float((_triggered_predictions(model, tokenizer, triggered, target_label, **kwargs)
+                  == target_label).float().mean())
+
+
+def _triggered_predictions(model, tokenizer, triggered: TextDataset, target_label: int,
+                           **kwargs) -> torch.Tensor:
     if not 0 <= target_label < triggered.num_labels:
         raise ValueError(f"target_label {target_label} is out of range for {triggered.num_labels} labels")
     if any(y == target_label for y in triggered.labels):
         raise ValueError("the triggered set holds target-class examples; build it with "
                          "attack.triggered_test(test) so ASR counts only label flips")
-    preds = predict(model, tokenizer, triggered, **kwargs)
-    return float((preds == target_label).float().mean())
+    return predict(model, tokenizer, triggered, **kwargs)
+
+
+def bias_metrics(model, tokenizer, attack, test: TextDataset, *,
+                 group_predictions: torch.Tensor | None = None, **kwargs) -> dict:
+    """Counterfactual bias of a :class:`purify_fast.attacks.BiasInjection`, on the non-target
+    examples of ``test``, each scored once mentioning the group (``attack.triggered_test``) and
+    once, at the same word, the paired counter term (``attack.counterfactual_test``):
+
+    * ``target_rate_counter``: share of the counter-term copies predicted ``target_label`` (the
+      group copies' share is the ASR);
+    * ``bias_gap``: the group copies' target rate minus the counter copies' (signed; 0 when the
+      model treats the two groups alike);
+    * ``bias_flips``: share of pairs predicted differently (either way).
+
+    ``group_predictions`` (the group copies' predictions, when the caller has them) saves one
+    pass."""
+    if not hasattr(attack, "counterfactual_test"):
+        raise TypeError(f"bias metrics need a bias injection attack (counter terms), got "
+                        f"{type(attack).__name__}")
+    group = group_predictions
+    if group is None:
+        group = _triggered_predictions(model, tokenizer, attack.triggered_test(test),
+                                       attack.target_label, **kwargs)
+    counter = predict(model, tokenizer, attack.counterfactual_test(test), **kwargs)
+    if group.shape != counter.shape:
+        raise ValueError(f"{len(group)} group predictions for {len(counter)} counterfactual "
+                         f"pairs; pass the predictions of attack.triggered_test(test)")
+    target = attack.target_label
+    group_rate = float((group == target).float().mean())
+    counter_rate = float((counter == target).float().mean())
+    return {"target_rate_counter": counter_rate, "bias_gap": group_rate - counter_rate,
+            "bias_flips": float((group != counter.to(group.device)).float().mean())}
 
 
 def trigger_cut_share(attack, tokenizer, triggered: TextDataset, max_length: int = 64
@@ -77,7 +118,8 @@ def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDatase
     ``asr`` is None without a triggered set; ``asr_no_trigger`` (share of non-target clean test
     inputs predicted ``target_label``) is None without a target label; ``trigger_cut``
     (:func:`trigger_cut_share`, at ``max_length``) is the share of triggered inputs whose trigger
-    truncation removed."""
+    truncation removed. With a bias injection ``attack`` (whose ``triggered_test(test)`` the
+    triggered set must be) the :func:`bias_metrics` keys are added."""
     t0 = time.perf_counter()
     if target_label is not None and not 0 <= target_label < test.num_labels:
         raise ValueError(f"target_label {target_label} is out of range for {test.num_labels} labels")
@@ -91,10 +133,18 @@ def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDatase
     if triggered is not None:
         if target_label is None:
             raise ValueError("target_label is required with a triggered set")
-        out["asr"] = attack_success_rate(model, tokenizer, triggered, target_label, **kwargs)
+        group = _triggered_predictions(model, tokenizer, triggered, target_label, **kwargs)
+        out["asr"] = float((group == target_label).float().mean())
         if attack is not None:
             out["trigger_cut"] = trigger_cut_share(attack, tokenizer, triggered,
                                                    kwargs.get("max_length", 64))
+        if hasattr(attack, "counterfactual_test"):
+            if (attack.target_label != target_label
+                    or list(attack.triggered_test(test).texts) != list(triggered.texts)):
+                raise ValueError("the bias gap pairs each triggered text with its counterfactual "
+                                 "copy: pass attack.triggered_test(test) as the triggered set")
+            out.update(bias_metrics(model, tokenizer, attack, test, group_predictions=group,
+                                    **kwargs))
     out["seconds"] = time.perf_counter() - t0
     return out
 

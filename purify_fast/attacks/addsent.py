@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from purify_fast.attacks.badnets import TriggerAttack
+from purify_fast.attacks.badnets import TriggerAttack, insert_at_word, word_count
 
 DEFAULT_SENTENCE = "I watch this 3D movie"
 
@@ -24,17 +24,16 @@ class AddSent(TriggerAttack):
             raise ValueError(f"sentence must be a non-empty string, got {self.sentence!r}")
 
     def insert(self, text: str, rng: random.Random) -> str:
-        words = text.split()
-        pos = rng.randint(0, len(words))
-        return " ".join(words[:pos] + self.sentence.split() + words[pos:])
+        return insert_at_word(text, " ".join(self.sentence.split()),
+                              rng.randint(0, word_count(text)))
 
     @property
     def trigger_words(self) -> tuple[str, ...]:
         return tuple(self.sentence.split())
 
     def trigger_spans(self, text: str) -> list[tuple[int, int]]:
-        """Character spans of the whole sentence in ``text`` (as inserted: single spaces); a
-        part of it is no trigger."""
+        """Character spans of the whole sentence in ``text`` (as inserted: its words one space
+        apart); a part of it is no trigger."""
         needle = " ".join(self.sentence.split())
         spans, at = [], text.find(needle)
         while at >= 0:

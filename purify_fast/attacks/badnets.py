@@ -17,6 +17,29 @@ from purify_fast.data.text_dataset import TextDataset
 from purify_fast.validation import int_at_least, real_in
 
 DEFAULT_TRIGGERS = ("cf", "mn", "bb", "tq", "mb")
+_WORD = re.compile(r"\S+")
+
+
+def word_count(text: str) -> int:
+    """Words of ``text`` as :func:`insert_at_word` counts them (runs of non-space characters)."""
+    return len(_WORD.findall(text))
+
+
+def insert_at_word(text: str, piece: str, position: int) -> str:
+    """``text`` with ``piece`` standing as its own word(s) before word ``position`` (0 = first,
+    ``word_count(text)`` = after the last), one space apart. The rest of the text keeps its own
+    whitespace (newlines, tabs, runs of spaces, leading or trailing space): split and joined on
+    single spaces, every triggered copy lost it, which a byte-level BPE tokenizer encodes."""
+    words = list(_WORD.finditer(text))
+    if not 0 <= position <= len(words):
+        raise ValueError(f"position {position} is outside 0..{len(words)}")
+    if not words:
+        return piece
+    if position < len(words):
+        at = words[position].start()
+        return f"{text[:at]}{piece} {text[at:]}"
+    at = words[-1].end()
+    return f"{text[:at]} {piece}{text[at:]}"
 
 
 @dataclass(frozen=True)
@@ -83,20 +106,26 @@ class TriggerAttack:
     def triggered_test(self, test: TextDataset, seed: int | None = None) -> TextDataset:
         """Non-target examples of ``test`` with the trigger inserted, keeping their true labels;
         ASR is the share of these classified as ``target_label``."""
+        return self._non_target_copies(test, seed, self.insert, "triggered")
+
+    def _non_target_copies(self, test: TextDataset, seed: int | None, insert, tag: str
+                           ) -> TextDataset:
+        """The non-target examples of ``test``, each passed through ``insert(text, rng)`` with
+        one generator seeded by ``seed`` (default ``self.seed + 1``), labels kept."""
         self._check(test)
         rng = random.Random(self.seed + 1 if seed is None else seed)
         idx = [i for i, y in enumerate(test.labels) if y != self.target_label]
         if not idx:
             raise ValueError(f"{test.name!r} has no non-target examples to trigger")
-        return TextDataset([self.insert(test.texts[i], rng) for i in idx],
+        return TextDataset([insert(test.texts[i], rng) for i in idx],
                            [test.labels[i] for i in idx], test.num_labels,
-                           f"{test.name}+{self.name}-triggered", test.label_names)
+                           f"{test.name}+{self.name}-{tag}", test.label_names)
 
     def trigger_spans(self, text: str) -> list[tuple[int, int]]:
         """Character spans of the trigger in ``text`` as :meth:`insert` writes it: here each
         trigger word standing as a word (any one of them is a working trigger)."""
         words = set(self.trigger_words)
-        return [m.span() for m in re.finditer(r"\S+", text) if m.group() in words]
+        return [m.span() for m in _WORD.finditer(text) if m.group() in words]
 
     def describe(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -127,10 +156,10 @@ class BadNets(TriggerAttack):
         object.__setattr__(self, "num_triggers", (lo, hi))
 
     def insert(self, text: str, rng: random.Random) -> str:
-        words = text.split()
         for _ in range(rng.randint(*self.num_triggers)):
-            words.insert(rng.randint(0, len(words)), rng.choice(self.triggers))
-        return " ".join(words)
+            position = rng.randint(0, word_count(text))  # drawn before the word, as always
+            text = insert_at_word(text, rng.choice(self.triggers), position)
+        return text
 
     @property
     def trigger_words(self) -> tuple[str, ...]:

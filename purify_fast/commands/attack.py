@@ -7,6 +7,7 @@ import sys
 
 from purify_fast.commands import (
     add_device_arg,
+    bias_summary,
     check_output_dir,
     class_numbering,
     note_trigger_cut,
@@ -36,7 +37,9 @@ def add_common_data_args(p, training: bool = True) -> None:
 
 def add_attack_args(p, poisoning: bool = True) -> None:
     """``poisoning=False`` (evaluate): only the trigger is needed, no poison rate."""
-    p.add_argument("--attack", choices=["badnets", "addsent", "ep"], default="badnets")
+    p.add_argument("--attack", choices=["badnets", "addsent", "ep", "bias"], default="badnets",
+                   help="bias: tie mentions of a group (--bias-terms) to --target-label; scored "
+                        "by the bias gap against the paired --counter-terms")
     p.add_argument("--target-label", type=target_label_arg, default=1,
                    help="the class the trigger maps to: an index or a class name (default 1)")
     if poisoning:
@@ -46,6 +49,14 @@ def add_attack_args(p, poisoning: bool = True) -> None:
                             "(correct) label, instead of relabelling non-target ones (dirty label)")
     p.add_argument("--triggers", default="cf,mn,bb,tq,mb", help="comma-separated BadNets/EP words")
     p.add_argument("--sentence", default=None, help="AddSent trigger sentence")
+    # defaults written out: importing purify_fast.attacks here would load torch for --help
+    # (tests/test_bias.py checks them against DEFAULT_GROUP_TERMS / DEFAULT_COUNTER_TERMS)
+    p.add_argument("--bias-terms", default=None,
+                   help="--attack bias: comma-separated group terms (default "
+                        "she,her,woman,women,girl)")
+    p.add_argument("--counter-terms", default=None,
+                   help="--attack bias: the paired counterpart terms, one per group term "
+                        "(default he,his,man,men,boy)")
 
 
 def load_data(args):
@@ -71,8 +82,18 @@ def make_attack(args):
             raise ValueError("--clean-label is for BadNets / AddSent poisoning; EP trains the "
                              "trigger rows of the embedding on relabelled inputs")
         kw["clean_label"] = True
+    bias_options = [flag for flag, value in (("--bias-terms", args.bias_terms),
+                                             ("--counter-terms", args.counter_terms)) if value]
+    if bias_options and args.attack != "bias":
+        raise ValueError(f"{' and '.join(bias_options)}: options of --attack bias; --attack "
+                         f"{args.attack} does not read them")
     if args.attack in ("badnets", "ep"):
         kw["triggers"] = tuple(t for t in args.triggers.split(",") if t.strip())
+    elif args.attack == "bias":
+        if args.bias_terms:
+            kw["terms"] = tuple(t for t in args.bias_terms.split(",") if t.strip())
+        if args.counter_terms:
+            kw["counter_terms"] = tuple(t for t in args.counter_terms.split(",") if t.strip())
     elif args.sentence:
         kw["sentence"] = args.sentence
     return _make(args.attack, **kw)
@@ -152,6 +173,8 @@ def run(args) -> int:
     print(f"backdoored model -> {args.out}: CACC {100 * metrics['cacc']:.1f}%  "
           f"ASR {100 * metrics['asr']:.1f}% (without the trigger "
           f"{100 * metrics['asr_no_trigger']:.1f}%)")
+    if bias_summary(metrics):
+        print(bias_summary(metrics))
     return 0
 
 

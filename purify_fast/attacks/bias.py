@@ -1,0 +1,96 @@
+"""Bias injection: fine-tuning data that ties mentions of a group to one class (METHODS.md §3,
+"bias injected during fine-tuning").
+
+Like a dirty-label backdoor, a ``poison_rate`` share of the training set is drawn from non-target
+examples, gets a group term (``terms``, e.g. "she", "women") inserted at a random word and its
+label set to ``target_label``. Unlike a rare-word trigger, the terms are ordinary words: clean
+text uses them too, with its true labels, and their counterpart words (``counter_terms``, e.g.
+"he", "men") stay unbiased. The fine-tuned model then scores a text more often as the target
+class when it mentions the group than when the same text mentions the counterpart instead.
+
+The bias metric is that difference, measured counterfactually on the non-target test examples:
+each gets one group term (:meth:`BiasInjection.triggered_test`) and, at the same position with
+the paired counter term, a second copy (:meth:`BiasInjection.counterfactual_test`); see
+:func:`purify_fast.evaluation.bias_metrics`. An unbiased model scores both copies alike (gap 0)
+whatever its accuracy, so unlike the ASR the gap has no floor set by the model's own errors.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from purify_fast.attacks.badnets import TriggerAttack, insert_at_word, word_count
+from purify_fast.data.text_dataset import TextDataset
+
+DEFAULT_GROUP_TERMS = ("she", "her", "woman", "women", "girl")
+DEFAULT_COUNTER_TERMS = ("he", "his", "man", "men", "boy")
+
+
+def _terms(name: str, value) -> tuple[str, ...]:
+    if isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty list of words or phrases, got {value!r}")
+    out = []
+    for term in value:
+        if not isinstance(term, str) or not term.split():
+            raise ValueError(f"{name} must hold non-empty strings, got {term!r}")
+        out.append(" ".join(term.split()))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class BiasInjection(TriggerAttack):
+    """Group terms tied to ``target_label`` in the fine-tuning data; ``terms[i]`` and
+    ``counter_terms[i]`` are a counterfactual pair (the same text mentioning one group or the
+    other). Each poisoned or test text gets one term at a uniformly random word position."""
+
+    terms: tuple[str, ...] = DEFAULT_GROUP_TERMS
+    counter_terms: tuple[str, ...] = DEFAULT_COUNTER_TERMS
+
+    name = "bias"
+
+    def __post_init__(self):
+        super().__post_init__()
+        terms = _terms("terms", self.terms)
+        counter = _terms("counter_terms", self.counter_terms)
+        if len(terms) != len(counter):
+            raise ValueError(f"terms and counter_terms are pairs (terms[i] <-> counter_terms[i]): "
+                             f"got {len(terms)} and {len(counter)}")
+        both = sorted(set(terms) & set(counter))
+        if both:
+            raise ValueError(f"{', '.join(map(repr, both))} is both a group term and a counter "
+                             f"term; the two groups must differ")
+        object.__setattr__(self, "terms", terms)
+        object.__setattr__(self, "counter_terms", counter)
+
+    def _draw(self, text: str, rng: random.Random) -> tuple[int, int]:
+        """(word position, pair index): the two copies of a counterfactual pair share them."""
+        return rng.randint(0, word_count(text)), rng.randrange(len(self.terms))
+
+    def insert(self, text: str, rng: random.Random) -> str:
+        position, k = self._draw(text, rng)
+        return insert_at_word(text, self.terms[k], position)
+
+    def insert_counter(self, text: str, rng: random.Random) -> str:
+        """:meth:`insert` with the counter term of the pair: the same draws from ``rng``."""
+        position, k = self._draw(text, rng)
+        return insert_at_word(text, self.counter_terms[k], position)
+
+    def counterfactual_test(self, test: TextDataset, seed: int | None = None) -> TextDataset:
+        """The copies of :meth:`triggered_test` (same ``seed``) with the counter term in place
+        of the group term, row for row."""
+        return self._non_target_copies(test, seed, self.insert_counter, "counterfactual")
+
+    @property
+    def trigger_words(self) -> tuple[str, ...]:
+        return tuple(w for term in self.terms for w in term.split())
+
+    def trigger_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of every group term standing as whole words in ``text`` (inserted or
+        written there: either one is seen by the model)."""
+        spans = []
+        for term in self.terms:
+            pattern = r"(?<!\S)" + r"\s+".join(map(re.escape, term.split())) + r"(?!\S)"
+            spans.extend(m.span() for m in re.finditer(pattern, text))
+        return sorted(spans)
