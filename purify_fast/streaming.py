@@ -405,27 +405,56 @@ def _load_freqs(token_freqs, vocab: int) -> torch.Tensor:
 
 
 def _ties_embeddings(ckpt: Checkpoint) -> bool:
-    """Whether the checkpoint's ``config.json`` says its output head is its input embedding."""
+    """Whether the checkpoint's output head is its input embedding, as transformers reads its
+    ``config.json`` (the config alone, no weights): ``tie_word_embeddings`` when given, else the
+    config class's default, True for GPT-2 (the Hub's ``gpt2`` config.json has no such key, and
+    transformers leaves keys equal to the default out when it saves) and False for LLaMA,
+    Mistral, Qwen2. A model type transformers does not know has its config.json read as a
+    generic config (the key when given, else that class's default); no config.json, or one that
+    cannot be read, says nothing: False."""
     root = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     try:
-        return json.loads((root / "config.json").read_text()).get("tie_word_embeddings") is True
-    except (OSError, ValueError, AttributeError):
+        raw = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
         return False
+    if not isinstance(raw, dict):
+        return False
+    from transformers import AutoConfig, PretrainedConfig
+
+    from purify_fast.models.loading import quiet_loading
+
+    try:
+        with quiet_loading():
+            try:
+                # trust_remote_code=False: a config with auto_map is refused, not asked about
+                config = AutoConfig.from_pretrained(str(root), local_files_only=True,
+                                                    trust_remote_code=False)
+            except Exception:  # noqa: BLE001 - an unknown model_type, remote code, a bad field
+                config = PretrainedConfig.from_dict(raw)
+            # Composite models (LLaVA, ...) keep the language model's flag in its text config.
+            text = (config.get_text_config(decoder=True) if hasattr(config, "get_text_config")
+                    else config)
+    except Exception:  # noqa: BLE001 - no config object at all; get_text_config refuses an
+        return raw.get("tie_word_embeddings") is True  # ambiguous composite: the key alone
+    tied = getattr(text, "tie_word_embeddings", None)
+    if tied is None:
+        tied = getattr(config, "tie_word_embeddings", None)
+    return bool(tied)
 
 
 def _tied_head_pairs(pre: Checkpoint, ft: Checkpoint) -> tuple[Checkpoint, dict[str, str]]:
-    """A base that ties its output head to the embedding (its ``config.json`` says
-    ``tie_word_embeddings: true``) saves no ``lm_head.weight``; a fine-tune saved untied does (it
-    started as that embedding). Pair it with the pre-trained embedding: kept as a new tensor, it
-    would leave the head (and any backdoor in it) unpurified. A base that just has no head (an
-    ``AutoModel`` of an untied family) pairs nothing. Returns ``pre`` with those names added
-    (reads go to the embedding) and ``{head: embedding}``."""
+    """A base that ties its output head to the embedding (:func:`_ties_embeddings`: its
+    ``config.json`` as transformers reads it) saves no ``lm_head.weight``; a fine-tune saved
+    untied does (it started as that embedding). Pair it with the pre-trained embedding: kept as
+    a new tensor, it would leave the head (and any backdoor in it) unpurified. A base that just
+    has no head (an ``AutoModel`` of an untied family) pairs nothing. Returns ``pre`` with those
+    names added (reads go to the embedding) and ``{head: embedding}``."""
     tied = {}
-    if not _ties_embeddings(pre):
+    heads = [k for k in ft.tensors if k not in pre.tensors and k.endswith("lm_head.weight")]
+    if not heads or not _ties_embeddings(pre):  # read the config (imports transformers) only then
         return pre, tied
-    for key, info in ft.tensors.items():
-        if key in pre.tensors or not key.endswith("lm_head.weight"):
-            continue
+    for key in heads:
+        info = ft.tensors[key]
         embeddings = [k for k, i in pre.tensors.items()
                       if k.endswith(EMBEDDING_SUFFIXES) and i.shape == info.shape]
         if len(embeddings) == 1:

@@ -278,3 +278,43 @@ def test_saved_datasets_splits_class_names_and_float_labels(tmp_path):
     assert got.labels == [2, 0, 1]
     (tmp_path / "f.csv").write_text("text,label\ngood,2.0\nbad,0.0\n")
     assert load_text_file(tmp_path / "f.csv", label_map=model_names, num_labels=3).labels == [2, 0]
+
+
+def test_saved_dataset_class_names_match_the_models_without_case(tmp_path, capsys):
+    """ClassLabel names that differ from the model's only in case (Positive / Negative against
+    negative / positive) are the same classes, as for a named corpus (check_classes_match): by
+    index the labels were silently swapped. Wholly other names are taken by index, with a note."""
+    import datasets
+
+    from purify_fast.commands import _label_map
+
+    def saved(name, names, labels):
+        feats = datasets.Features({"text": datasets.Value("string"),
+                                   "label": datasets.ClassLabel(names=names)})
+        texts = [f"t{i}" for i in range(len(labels))]
+        datasets.Dataset.from_dict({"text": texts, "label": labels},
+                                   features=feats).save_to_disk(str(tmp_path / name))
+        return tmp_path / name
+
+    model = _label_map(["negative", "positive"])
+    cased = saved("cased", ["Positive", "Negative"], [0, 1, 1])
+    capsys.readouterr()
+    d = load_text_file(cased, label_map=model, num_labels=2)
+    assert d.labels == [1, 0, 0]  # Positive (ClassLabel 0) is the model's positive = 1
+    assert capsys.readouterr().err == ""
+    assert load_text_file(saved("upper", ["NEGATIVE", "POSITIVE"], [0, 1]),
+                          label_map=model).labels == [0, 1]
+    with pytest.raises(DataFileError, match="only partly the model's classes"):
+        load_text_file(saved("partly", ["Positive", "Neutral"], [0, 1]), label_map=model)
+    # wholly other names: by index, and said so
+    other = saved("other", ["good", "bad"], [0, 1, 0])
+    capsys.readouterr()
+    assert load_text_file(other, label_map=model).labels == [0, 1, 0]
+    err = capsys.readouterr().err
+    assert err.startswith("note: ") and "good=0, bad=1" in err and "negative=0, positive=1" in err
+    assert "by index" in err
+    # no class names on the model's side: nothing to compare, no note
+    assert load_text_file(other).labels == [0, 1, 0]
+    assert capsys.readouterr().err == ""
+    with pytest.raises(DataFileError, match="twice"):  # Pos and POS: which one is positive?
+        load_text_file(saved("twice", ["Positive", "POSITIVE"], [0, 1]), label_map=model)

@@ -1056,6 +1056,72 @@ def test_an_untied_head_pairs_with_a_tied_bases_embedding(model, tmp_path, capsy
     assert "paired with 'model.embed_tokens.weight'" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("config, tied", [
+    (None, False),  # no config.json: nothing says the head is the embedding
+    ('{"model_type": "gpt2"}', True),  # the Hub's gpt2 config.json has no such key
+    ('{"model_type": "gpt2", "tie_word_embeddings": false}', False),
+    ('{"model_type": "llama"}', False),  # LlamaConfig's default
+    ('{"model_type": "mistral"}', False),
+    ('{"model_type": "qwen2"}', False),
+    ('{"model_type": "llama", "tie_word_embeddings": true}', True),
+    ('{"model_type": "no-such-model", "tie_word_embeddings": true}', True),
+    ('{"model_type": "no-such-model", "tie_word_embeddings": false}', False),
+    # no key and no class transformers knows: a generic config's default (False in transformers 5,
+    # whose PreTrainedConfig has none; True in 4.x)
+    ('{"model_type": "no-such-model"}', "generic"),
+    # remote code is never run, nor asked about (transformers prompts [y/N] unless told)
+    ('{"model_type": "x", "auto_map": {"AutoConfig": "m.C"}, "tie_word_embeddings": true}', True),
+    ("{not json", False),
+])
+def test_tied_embeddings_read_as_transformers_reads_the_config(tmp_path, capfd, config, tied):
+    """Whether the base ties its head is what transformers makes of its config.json: a key left
+    out means the config class's default (True for GPT-2, False for LLaMA / Mistral / Qwen2), not
+    False; a model type transformers does not know still has its explicit key read."""
+    from transformers import PretrainedConfig
+
+    from purify_fast.streaming import _ties_embeddings
+
+    if tied == "generic":
+        tied = bool(getattr(PretrainedConfig(), "tie_word_embeddings", False))
+    write_checkpoint({"model.embed_tokens.weight": torch.zeros(4, 2)}, tmp_path / "ck")
+    if config is not None:
+        (tmp_path / "ck" / "config.json").write_text(config)
+    capfd.readouterr()
+    assert _ties_embeddings(Checkpoint.open(tmp_path / "ck")) is tied
+    assert "custom code" not in "".join(capfd.readouterr())
+
+
+def test_an_untied_head_pairs_with_a_gpt2_base_whose_config_omits_the_key(tmp_path):
+    """A GPT-2 base whose config.json has no tie_word_embeddings (as the Hub's gpt2; transformers
+    reads it as tied) saves no lm_head: an untied fine-tune's head pairs with its wte (was
+    refused: "only in the suspect", and with allow_new_keys "no counterpart")."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    kw = dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+              eos_token_id=0)
+    base = GPT2LMHeadModel(GPT2Config(**kw))
+    base.save_pretrained(tmp_path / "pre")
+    config = json.loads((tmp_path / "pre" / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (tmp_path / "pre" / "config.json").write_text(json.dumps(config))
+    ft = GPT2LMHeadModel(GPT2Config(**kw, tie_word_embeddings=False))
+    ft.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        ft.lm_head.weight.copy_(base.transformer.wte.weight + 0.01)
+    ft.save_pretrained(tmp_path / "ft")
+    P, F = _load(tmp_path / "pre"), _load(tmp_path / "ft")
+    assert "lm_head.weight" not in P and "lm_head.weight" in F
+    result = purify_checkpoint(tmp_path / "pre", tmp_path / "ft", tmp_path / "o", method="mix",
+                               rho=0.5, seed=1)
+    assert result.tied == {"lm_head.weight": "transformer.wte.weight"} and not result.kept
+    want = purify_state_dict({**P, "lm_head.weight": P["transformer.wte.weight"]}, F,
+                             method="mix", rho=0.5, seed=1)
+    got = _load(result.out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_fisher_keys_of_buffers_gpt2_drops_on_load(tmp_path):
     """GPT-2's old checkpoints store causal-mask buffers that transformers ignores on load
     (the class lists them): their Fisher is 0, not a "renamed on load" refusal."""

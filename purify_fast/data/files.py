@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 from purify_fast.data.text_dataset import TextDataset
@@ -236,6 +237,17 @@ def _read_jsonl(path: Path, text_column, label_column, num_labels, label_map, en
     return _finish(path, rows, num_labels, name, text_column, label_column)
 
 
+def _model_class_name(name: str, model_names) -> str | None:
+    """The model's class name (a key of ``label_map``) that ``name`` is: the same, else the same
+    but for case (the model says POSITIVE / Fresh where the data says positive / fresh, as
+    ``purify_fast.commands.check_classes_match`` compares a named corpus's); None when none is,
+    or when several differ from it only in case."""
+    if name in model_names:
+        return name
+    same = [k for k in model_names if str(k).lower() == name.lower()]
+    return same[0] if len(same) == 1 else None
+
+
 def _read_hf(path: Path, text_column, label_column, num_labels, label_map, name,
              split: str | None) -> TextDataset:
     try:
@@ -273,26 +285,37 @@ def _read_hf(path: Path, text_column, label_column, num_labels, label_map, name,
     if label_map is None and class_names:
         names = class_names
         num_labels = num_labels or len(names)
-    by_name = False
-    if label_map is not None and class_names and not all(_is_int_text(n) for n in class_names):
-        # The stored integers index the dataset's own ClassLabel names; when the model names
-        # its classes too, the names say which is which (the two orders may differ). Integer
-        # names ("1", "2" of yelp_polarity, "-1" / "0" / "1") cannot be told from the indices
-        # label_map also holds: those stay indices, as before.
-        model_names = [k for k in label_map if not _is_int_text(str(k))]
-        known = [n for n in class_names if n in model_names]
+    # The stored integers index the dataset's own ClassLabel names; when the model names its
+    # classes too, the names say which is which (the two orders may differ).
+    model_names = [] if label_map is None else [k for k in label_map if not _is_int_text(str(k))]
+    as_model = {}
+    if model_names and class_names and not all(_is_int_text(n) for n in class_names):
+        # Integer names ("1", "2" of yelp_polarity, "-1" / "0" / "1") cannot be told from the
+        # indices label_map also holds: those stay indices, as before.
+        found = {n: _model_class_name(n, model_names) for n in class_names}
+        known = [n for n, k in found.items() if k is not None]
         if known and len(known) < len(class_names):
             raise DataFileError(path, f"the ClassLabel names of column {label_column!r} "
                                       f"({', '.join(class_names)}) are only partly the model's "
                                       f"classes ({', '.join(map(str, model_names))})", None,
                                 label_column)
-        by_name = bool(known)
+        if len({found[n] for n in known}) < len(known):  # Pos and POS: which one is pos?
+            raise DataFileError(path, f"the ClassLabel names of column {label_column!r} "
+                                      f"({', '.join(class_names)}) name one of the model's "
+                                      f"classes ({', '.join(map(str, model_names))}) twice",
+                                None, label_column)
+        as_model = found if known else {}
+    if model_names and class_names and not as_model:
+        ours = ", ".join(f"{n}={i}" for i, n in enumerate(class_names))
+        theirs = ", ".join(f"{k}={label_map[k]}" for k in sorted(model_names, key=label_map.get))
+        print(f"note: {path}: the ClassLabel names of column {label_column!r} ({ours}) are taken "
+              f"as the model's classes ({theirs}) by index", file=sys.stderr)
     rows = []
     # "line" for a saved dataset is the 1-based row number.
     for i, (t, y) in enumerate(zip(ds[text_column], ds[label_column]), start=1):
         t = _check_text(path, i, text_column, t)
-        if by_name and isinstance(y, int) and 0 <= y < len(class_names):
-            y = class_names[y]
+        if as_model and isinstance(y, int) and 0 <= y < len(class_names):
+            y = as_model[class_names[y]]
         rows.append((i, t, _label_value(y, path, i, label_column, num_labels, label_map)))
     out = _finish(path, rows, num_labels, name, text_column, label_column)
     if names and out.label_names is None:
