@@ -126,6 +126,23 @@ def release_stage(accelerator, net) -> None:
         accelerator.unwrap_model(net, keep_fp32_wrapper=False)
 
 
+@contextlib.contextmanager
+def handing_back(model, stage: dict | None = None):
+    """Around a training stage: the caller's ``model`` goes back to its own train/eval mode when
+    the stage fails (it was left training), and accelerate's wrappers come off on every exit path
+    (:func:`release_stage` of ``stage["accelerator"]`` and ``stage["net"]``, which the stage fills
+    in once it is prepared; a mixed-precision launch patches the forward with autocast)."""
+    stage = {} if stage is None else stage
+    was_training = model.training
+    try:
+        yield stage
+    except BaseException:
+        model.train(was_training)
+        raise
+    finally:
+        release_stage(stage.get("accelerator"), stage.get("net"))
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -237,59 +254,63 @@ def _train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | No
         device = accelerator.device
         rank_dropout_seed(config.seed, accelerator)
 
-    result = TrainResult()
-    start = time.perf_counter()
-    best_state = None
-    if dev_data is not None and config.keep_best:
-        # The dev accuracy before training is recorded, but the untouched weights are a candidate
-        # only when no epoch runs: "keep the best epoch" picks among fine-tuned epochs, and with a
-        # small dev split the untouched suspect often ties or wins by one example, which would
-        # skip the clean fine-tune altogether.
-        acc0 = accuracy(model, tokenizer, dev_data, **eval_kw)
-        result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "steps": 0,
-                               "seconds": 0.0})
-        if config.epochs == 0:
-            result.best_epoch, result.best_dev_acc = 0, acc0
-    model.train()
-    for epoch in range(1, config.epochs + 1):
-        t0, loss_sum, n = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                   disable=not config.progress or (accelerator is not None
-                                                   and not accelerator.is_main_process))
-        net.train()
-        for batch in bar:
-            batch = _to(batch, device)
-            with autocast(device, config.precision):
-                loss = net(**batch).loss
-            if accelerator is not None:
-                accelerator.backward(loss)
-                if config.clip_norm is not None:
-                    accelerator.clip_grad_norm_(params, config.clip_norm)
-            else:
-                loss.backward()
-                if config.clip_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            loss_sum += float(loss.detach()) * len(batch["labels"])
-            n += len(batch["labels"])
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}")
-        # ``steps``: batches this process ran (its shard of the epoch under a multi-process run).
-        row = {"epoch": epoch, "loss": loss_sum / max(n, 1), "dev_acc": None, "steps": len(loader),
-               "seconds": time.perf_counter() - t0}
-        if dev_data is not None:
-            row["dev_acc"] = accuracy(model, tokenizer, dev_data, **eval_kw)
-            if config.keep_best and (best_state is None or row["dev_acc"] > result.best_dev_acc):
-                result.best_epoch, result.best_dev_acc = epoch, row["dev_acc"]
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        result.history.append(row)
-    if best_state is not None and result.best_epoch != config.epochs:
-        model.load_state_dict(best_state)
-    if dev_data is not None and not config.keep_best:
-        result.best_epoch = config.epochs
-        result.best_dev_acc = result.history[-1]["dev_acc"] if result.history else None
-    release_stage(accelerator, net)
+    # the caller's model back in its own mode when training fails, unwrapped whatever happens;
+    # on success it ends in eval mode
+    with handing_back(model, {"accelerator": accelerator, "net": net}):
+        result = TrainResult()
+        start = time.perf_counter()
+        best_state = None
+        if dev_data is not None and config.keep_best:
+            # The dev accuracy before training is recorded, but the untouched weights are a
+            # candidate only when no epoch runs: "keep the best epoch" picks among fine-tuned
+            # epochs, and with a small dev split the untouched suspect often ties or wins by one
+            # example, which would skip the clean fine-tune altogether.
+            acc0 = accuracy(model, tokenizer, dev_data, **eval_kw)
+            result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "steps": 0,
+                                   "seconds": 0.0})
+            if config.epochs == 0:
+                result.best_epoch, result.best_dev_acc = 0, acc0
+        model.train()
+        for epoch in range(1, config.epochs + 1):
+            t0, loss_sum, n = time.perf_counter(), 0.0, 0
+            bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                       disable=not config.progress or (accelerator is not None
+                                                       and not accelerator.is_main_process))
+            net.train()
+            for batch in bar:
+                batch = _to(batch, device)
+                with autocast(device, config.precision):
+                    loss = net(**batch).loss
+                if accelerator is not None:
+                    accelerator.backward(loss)
+                    if config.clip_norm is not None:
+                        accelerator.clip_grad_norm_(params, config.clip_norm)
+                else:
+                    loss.backward()
+                    if config.clip_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                loss_sum += float(loss.detach()) * len(batch["labels"])
+                n += len(batch["labels"])
+                bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+            # ``steps``: batches this process ran (its shard of the epoch under a multi-process
+            # run).
+            row = {"epoch": epoch, "loss": loss_sum / max(n, 1), "dev_acc": None,
+                   "steps": len(loader), "seconds": time.perf_counter() - t0}
+            if dev_data is not None:
+                row["dev_acc"] = accuracy(model, tokenizer, dev_data, **eval_kw)
+                if config.keep_best and (best_state is None
+                                         or row["dev_acc"] > result.best_dev_acc):
+                    result.best_epoch, result.best_dev_acc = epoch, row["dev_acc"]
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            result.history.append(row)
+        if best_state is not None and result.best_epoch != config.epochs:
+            model.load_state_dict(best_state)
+        if dev_data is not None and not config.keep_best:
+            result.best_epoch = config.epochs
+            result.best_dev_acc = result.history[-1]["dev_acc"] if result.history else None
     model.eval()
     result.seconds = time.perf_counter() - start
     return result

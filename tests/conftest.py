@@ -20,6 +20,33 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+class RecordingAccelerator:
+    """The parts of an ``accelerate.Accelerator`` a training stage's loop touches, on one CPU
+    process (a stand-in for ``purify_fast.distributed.prepare_stage``'s); ``unwrap_model``, what
+    ``release_stage`` calls, records what it was handed in ``released``."""
+
+    device = torch.device("cpu")
+    process_index = 0
+    is_main_process = True
+    distributed_type = "NO"
+
+    def __init__(self, released: list):
+        self.released = released
+
+    def backward(self, loss):
+        loss.backward()
+
+    def reduce(self, tensor, reduction="mean"):
+        return tensor
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+
+    def unwrap_model(self, model, keep_fp32_wrapper=True):
+        self.released.append((model, keep_fp32_wrapper))
+        return model
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import RecordingAccelerator
 from torch import nn
 
 from purify_fast.defenses.mimic import (
@@ -364,3 +365,136 @@ def test_cli_distill_checks_its_options_before_loading_a_model(tmp_path, capsys,
                            (["--lr", "-1"], "lr")]:
         assert main(["distill", "--out", str(tmp_path / "s"), "--no-progress", *extra]) == 2
         assert message in capsys.readouterr().err, extra
+
+
+def test_batches_without_a_length_get_the_whole_lr_schedule(monkeypatch):
+    """batches= given as a re-iterable without a working len() (a stream re-opened each epoch,
+    a DataLoader over an IterableDataset, whose len() raises TypeError) was counted as 0
+    batches: a schedule of 1 step, lr 0 from the second step on (or a TypeError). Its batches
+    are counted, so the lr per step is a list's: linear decay over all 2 x 3 steps."""
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append((self.param_groups[0]["params"][0], self.param_groups[0]["lr"]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    torch.manual_seed(0)
+    data = [torch.randn(8, 3, 6, 6) for _ in range(3)]
+
+    class Reopened:  # iter() gives a fresh pass each time; no __len__
+        def __iter__(self):
+            return iter(data)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(data)
+
+    cfg = MIMICConfig(epochs=2, lr=1e-3, mine_steps=5, mine_samples=16, progress=False,
+                      warmup_ratio=0.0)
+    kw = dict(teacher_layers=["block1", "block2"], student_layers=["block1", "block2"])
+    want = [1e-3 * (1 - s / 6) for s in range(6)]
+    for name, batches in (("list", data), ("re-iterable", Reopened()),
+                          ("IterableDataset loader",
+                           torch.utils.data.DataLoader(Stream(), batch_size=None))):
+        student = _TinyCNN(6)
+        seen.clear()
+        res = MIMIC(cfg).fit(_TinyCNN(6), batches=batches, student=student, **kw)
+        first = next(student.parameters())
+        lrs = [lr for p, lr in seen if p is first]  # the student's optimizer, not MINE's
+        assert len(res.history) == 6, name
+        assert lrs == pytest.approx(want), name
+
+
+def test_student_layers_on_a_staged_encoder_is_refused_before_any_work(monkeypatch):
+    """ConvNext (and Swin) map num_hidden_layers onto their number of stages, so student_layers
+    passed the ResNet check and built a student whose stages no longer matched depths: it broke
+    at its first forward with a cryptic shape error. Every config that gives its depth in
+    ``depths`` refuses it up front and names student_overrides, which works; transformers with
+    num_hidden_layers (BERT, ViT) still take student_layers."""
+    import purify_fast.defenses.mimic as mimic_module
+    from transformers import (
+        BertConfig,
+        BertModel,
+        ConvNextConfig,
+        ConvNextModel,
+        SwinConfig,
+        SwinModel,
+        ViTConfig,
+        ViTModel,
+    )
+
+    torch.manual_seed(0)
+    convnext = ConvNextModel(ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[2, 1],
+                                            num_stages=2, patch_size=2))
+    swin = SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1],
+                                num_heads=[1, 2], window_size=2))
+    refused = (r"student_layers sets num_hidden_layers, which a \w+Config does not have as a "
+               r"depth.*student_overrides \(e\.g\. \{'depths': \[1, 1\]\}")
+    for teacher in (convnext, swin):
+        with pytest.raises(ValueError, match=refused):
+            make_student(teacher, num_layers=1)
+    batches = [{"pixel_values": torch.randn(8, 3, 32, 32)} for _ in range(2)]
+
+    def no_mine(*args, **kwargs):
+        raise AssertionError("MINE ran before student_layers was refused")
+
+    with monkeypatch.context() as m:
+        m.setattr(mimic_module, "estimate_layer_mi", no_mine)
+        with pytest.raises(ValueError, match=refused):
+            MIMIC(MIMICConfig(student_layers=1, progress=False)).fit(convnext, batches=batches)
+    res = MIMIC(MIMICConfig(epochs=1, mine_steps=5, mine_samples=16, progress=False,
+                            student_overrides={"depths": [1, 1]})).fit(convnext, batches=batches)
+    assert res.student.config.depths == [1, 1] and len(res.history) == 2
+    vit = ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=3,
+                             num_attention_heads=2, intermediate_size=32))
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3,
+                                num_attention_heads=2, intermediate_size=32))
+    for teacher in (vit, bert):
+        assert make_student(teacher, num_layers=1).config.num_hidden_layers == 1
+
+
+def test_a_failed_fit_gives_the_callers_modules_back_and_releases_the_stage(monkeypatch):
+    """An error midway (KeyboardInterrupt in the augment here) left a caller's eval-mode
+    student training and skipped release_stage (accelerate's wrappers, e.g. a bf16 launch's
+    autocast forward, stayed on the student's step); an error before the loop (a layer name
+    the student lacks) left the teacher's forward hooks on it. All are undone on every exit
+    path; a finished fit releases the stage once and hands back the student in eval mode."""
+    import accelerate.utils
+
+    import purify_fast.defenses.mimic as mimic_module
+    import purify_fast.distributed
+
+    released = []
+
+    monkeypatch.setattr(mimic_module, "distributed_launch", lambda: True)
+    monkeypatch.setattr(purify_fast.distributed, "prepare_stage",
+                        lambda model, opt, *loaders, scheduler=None:
+                        (RecordingAccelerator(released), model, opt, *loaders, scheduler))
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list",
+                        lambda objects, from_process=0: objects)
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(2)]
+    cfg = MIMICConfig(epochs=1, mine_steps=5, mine_samples=16, progress=False)
+    kw = dict(teacher_layers=["block1", "block2"], student_layers=["block1", "block2"])
+    teacher, student = _TinyCNN(6), _TinyCNN(6)
+    student.eval()
+
+    def interrupted(x):
+        raise KeyboardInterrupt("stop")
+
+    with pytest.raises(KeyboardInterrupt, match="stop"):
+        MIMIC(cfg).fit(teacher, batches=batches, student=student, augment=interrupted, **kw)
+    assert not student.training  # its own mode, not left training
+    assert len(released) == 1 and released[0][0].student is student and released[0][1] is False
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match="layer 'nope' is not a module"):
+        MIMIC(cfg).fit(teacher, batches=batches, student=student,
+                       teacher_layers=["block1"], student_layers=["nope"])
+    hooked = [n for n, mod in teacher.named_modules() if mod._forward_hooks]
+    assert hooked == [] and not student.training
+    released.clear()
+    res = MIMIC(cfg).fit(teacher, batches=batches, student=student, **kw)
+    assert res.student is student and not student.training
+    assert len(released) == 1 and len(res.history) == 2

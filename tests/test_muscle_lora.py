@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import RecordingAccelerator
 from torch import nn
 
 from purify_fast.defenses.muscle_lora import (
@@ -297,33 +298,71 @@ def test_raw_grad_ratio_schedule_and_pool_split():
         MuscleLoRATrainConfig(lr=-1)
 
 
+class _CharTok:  # a deterministic stand-in tokenizer over a tiny LLaMA's vocabulary
+    pad_token, eos_token = "<pad>", "<eos>"
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=16, return_tensors="pt"):
+        ids = [[3 + (ord(c) % 400) for c in t[:max_length]] for t in texts]
+        n = max(len(i) for i in ids)
+        return {"input_ids": torch.tensor([i + [0] * (n - len(i)) for i in ids]),
+                "attention_mask": torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])}
+
+
 def test_ga_training_step_uses_aligned_gradient_on_tiny_llama():
     """One GA epoch on a tiny random LLaMA: the LLaMA path end to end, and the per-step counters
     show the aligned gradient was used."""
     from purify_fast.data import TextDataset
     from purify_fast.models import tiny_llama
 
-    class CharTok:  # a deterministic stand-in tokenizer over the tiny vocabulary
-        pad_token, eos_token = "<pad>", "<eos>"
-
-        def __call__(self, texts, padding=True, truncation=True, max_length=16,
-                     return_tensors="pt"):
-            ids = [[3 + (ord(c) % 400) for c in t[:max_length]] for t in texts]
-            n = max(len(i) for i in ids)
-            return {"input_ids": torch.tensor([i + [0] * (n - len(i)) for i in ids]),
-                    "attention_mask": torch.tensor([[1] * len(i) + [0] * (n - len(i))
-                                                    for i in ids])}
-
     texts = [("good " if i % 2 else "bad ") + "x" * (i % 5) for i in range(64)]
     data = TextDataset(texts, [i % 2 for i in range(64)], 2, "toy")
     model = tiny_llama(num_labels=2)
     inject_muscle_lora(model)
-    res = train_muscle_lora(model, CharTok(), data, data, epochs=1, lr=1e-3, batch_size=16,
+    res = train_muscle_lora(model, _CharTok(), data, data, epochs=1, lr=1e-3, batch_size=16,
                             ref_pool_size=16, progress=False)
     assert res.ga_steps + res.blended_steps == 4
     assert len(res.history) == 2 and res.history[1]["ref_loss"] is not None
     merged = merge_muscle_lora(model)
     assert isinstance(merged.score, nn.Linear)
+
+
+def test_a_failed_training_gives_the_model_back_in_its_mode_and_releases_the_stage(monkeypatch):
+    """As train(): a forward that raises midway left the caller's eval-mode model training and
+    skipped release_stage (accelerate's autocast patch stayed on its forward); both are undone
+    on every exit path, and a finished run releases the stage once, in eval mode."""
+    import purify_fast.defenses.muscle_lora as muscle_module
+    import purify_fast.distributed
+    from purify_fast.data import TextDataset
+    from purify_fast.models import tiny_llama
+
+    released = []
+    monkeypatch.setattr(muscle_module, "distributed_launch", lambda: True)
+    monkeypatch.setattr(purify_fast.distributed, "prepare_stage",
+                        lambda model, opt, *loaders, scheduler=None:
+                        (RecordingAccelerator(released), model, opt, *loaders, scheduler))
+    data = TextDataset([("good " if i % 2 else "bad ") + "x" * (i % 5) for i in range(32)],
+                       [i % 2 for i in range(32)], 2, "toy")
+    kw = dict(epochs=1, lr=1e-3, batch_size=8, ref_pool_size=8, progress=False)
+    model = tiny_llama(num_labels=2)
+    inject_muscle_lora(model)
+    model.eval()
+    real_forward = model.forward
+
+    def interrupted(*args, **kwargs):
+        if model.training:  # the first training step (the dev pass before it runs in eval)
+            raise KeyboardInterrupt("stop")
+        return real_forward(*args, **kwargs)
+
+    model.forward = interrupted
+    with pytest.raises(KeyboardInterrupt, match="stop"):
+        train_muscle_lora(model, _CharTok(), data, data, **kw)
+    assert not model.training  # its own mode, not left training
+    assert released == [(model, False)]
+    model.forward = real_forward
+    model.train()
+    released.clear()
+    train_muscle_lora(model, _CharTok(), data, data, **kw)
+    assert not model.training and released == [(model, False)]
 
 
 # --------------------------------------------------------------------------- CLI

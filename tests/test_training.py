@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import RecordingAccelerator
 
 from purify_fast.data import TextDataset
 from purify_fast.training import TrainConfig, train
@@ -106,3 +107,46 @@ def test_the_lr_schedule_spans_the_steps_a_multi_process_stage_takes(monkeypatch
     assert scheduler_steps(2, 5, per_rank=True) == 20  # MIMIC's batches=: already per rank
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert scheduler_steps(4, 4) == 16 and scheduler_steps(1, 5) == 8
+
+
+def test_a_failed_train_gives_the_model_back_in_its_mode_and_releases_the_stage(monkeypatch):
+    """A forward that raises midway (KeyboardInterrupt here) left the caller's eval-mode model in
+    train mode and skipped release_stage, so accelerate's wrappers (a mixed-precision launch's
+    autocast forward) stayed on it. Both are undone on every exit path; a finished run still
+    ends in eval mode and releases the stage once."""
+    import purify_fast.distributed
+    import purify_fast.training as training
+
+    released = []
+    monkeypatch.setattr(training, "distributed_launch", lambda: True)
+    monkeypatch.setattr(purify_fast.distributed, "prepare_stage",
+                        lambda model, opt, *loaders, scheduler=None:
+                        (RecordingAccelerator(released), model, opt, *loaders, scheduler))
+    data = TextDataset(["a good film", "a bad film", "great", "awful"], [1, 0, 1, 0], 2)
+    cfg = TrainConfig(epochs=2, batch_size=2, max_length=8, progress=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = _tiny_classifier()
+        model.to(dtype).eval()
+        calls = []
+        real_forward = model.forward
+
+        def interrupted(*args, _real=real_forward, _calls=calls, **kwargs):
+            _calls.append(1)
+            if len(_calls) == 2:  # the dev pass before training, then the first training step
+                raise KeyboardInterrupt("stop")
+            return _real(*args, **kwargs)
+
+        model.forward = interrupted
+        released.clear()
+        with pytest.raises(KeyboardInterrupt, match="stop"):
+            train(model, tok, data, data, cfg)
+        assert len(calls) == 2
+        assert not model.training, dtype  # its own mode, not left training
+        assert released == [(model, False)], dtype
+        assert {p.dtype for p in model.parameters()} == {dtype}
+    # a finished run: released once, the model in eval mode (also from train mode)
+    model, tok = _tiny_classifier()
+    model.train()
+    released.clear()
+    train(model, tok, data, data, cfg)
+    assert not model.training and released == [(model, False)]

@@ -49,7 +49,7 @@ from purify_fast.data.text_dataset import TextDataset, make_loader
 from purify_fast.defenses._common import check_tokenizer
 from purify_fast.defenses.mine import MINE, estimate_layer_mi, layer_weights
 from purify_fast.ops.attention_maps import attention_map_loss
-from purify_fast.training import distributed_launch, release_stage, scheduler_steps
+from purify_fast.training import distributed_launch, handing_back, scheduler_steps
 from purify_fast.validation import int_at_least, one_of, real_in
 
 MI_SOURCES = ("teacher", "student")
@@ -186,11 +186,20 @@ def make_student(teacher: nn.Module, num_layers: int | None = None, overrides: d
 
     cfg = copy.deepcopy(teacher.config)
     if num_layers is not None:
-        if not hasattr(cfg, "num_hidden_layers"):
+        # A config that describes its depth by ``depths`` (blocks per stage: ResNet, ConvNext,
+        # Swin ...) either has no num_hidden_layers (ResNet) or maps it onto its number of
+        # stages (ConvNext's num_stages, Swin's num_layers): setting that built a student whose
+        # stages no longer matched ``depths``/``hidden_sizes`` and which failed at its first
+        # forward with a shape error. Its depth is changed through ``depths``.
+        depths = getattr(cfg, "depths", None)
+        if isinstance(depths, (list, tuple)) or not hasattr(cfg, "num_hidden_layers"):
+            example = [1] * len(depths) if isinstance(depths, (list, tuple)) and depths else \
+                [1, 1, 1, 1]
             raise ValueError(f"student_layers sets num_hidden_layers, which a "
-                             f"{type(cfg).__name__} does not have: make a CNN student smaller "
-                             f"with student_overrides (e.g. {{'depths': [1, 1, 1, 1]}}, fewer "
-                             f"blocks per stage)")
+                             f"{type(cfg).__name__} does not have as a depth (it gives blocks "
+                             f"per stage in depths): make the student smaller with "
+                             f"student_overrides (e.g. {{'depths': {example}}}, fewer blocks "
+                             f"per stage)")
         cfg.num_hidden_layers = int(num_layers)
     for k, v in (overrides or {}).items():
         if not hasattr(cfg, k):
@@ -414,6 +423,20 @@ class MIMIC:
 
         if student is None:
             student = make_student(teacher, cfg.student_layers, cfg.student_overrides, cfg.seed)
+        # A caller's student goes back to its own mode when the run fails; on success it is the
+        # result, in eval mode. Accelerate's wrappers come off the student's step either way.
+        with handing_back(student) as stage:
+            result = self._distil(teacher, tokenizer, data, device, student, teacher_layers,
+                                  student_layers, feature_fn, augment, stage)
+        student.eval()
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _distil(self, teacher, tokenizer, data, device, student, teacher_layers, student_layers,
+                feature_fn, augment, stage: dict) -> MIMICResult:
+        """The run itself; ``stage`` receives the accelerator and the wrapped step once the stage
+        is prepared, for :meth:`_fit` to release."""
+        cfg = self.config
         student.to(device).train()
         _check_fresh(teacher, student)
         if _is_hf(teacher) and _is_hf(student):
@@ -445,53 +468,65 @@ class MIMIC:
             if bad:  # hidden_states[0] is the embedding output, 1..depth the layers
                 raise ValueError(f"{role}_layers {bad} are not layers of the {role} (1 to "
                                  f"{depth})")
-        t_taps = _Taps(teacher, teacher_layers, feature_fn)
-        s_taps = _Taps(student, student_layers, feature_fn)
-        result = MIMICResult(student, list(teacher_layers), list(student_layers), [], [])
-        result.clean_examples = len(data) if hasattr(data, "__len__") else 0
-
-        mi_taps = t_taps if cfg.mi_source == "teacher" else s_taps
-        mi = self._estimate_mi(mi_taps, tokenizer, data, device, "init", result)
-        weights = layer_weights(mi, cfg.mi_a, cfg.mi_b)
-        result.mi, result.weights = mi, weights
-
-        params = [p for p in student.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         n_batches = _count(data, cfg.batch_size)
-        # batches= is this process's share already (see the module docstring); a TextDataset is
-        # sharded by accelerate each epoch
-        total = scheduler_steps(cfg.epochs, n_batches, per_rank=not isinstance(data, TextDataset))
-        warm = int(cfg.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(1, warm)) * max(0.0, 1 - s / total) if warm else
-            max(0.0, 1 - s / total))
-        from tqdm.auto import tqdm
+        if n_batches == 0:
+            raise ValueError("batches is empty")
+        # The taps hook the caller's modules (by name) and the seed below replaces the caller's
+        # random stream: both are undone on every exit path, an error before the loop included.
+        taps: list[_Taps] = []
+        rng_state = None
+        try:
+            t_taps = _Taps(teacher, teacher_layers, feature_fn)
+            taps.append(t_taps)
+            s_taps = _Taps(student, student_layers, feature_fn)
+            taps.append(s_taps)
+            result = MIMICResult(student, list(teacher_layers), list(student_layers), [], [])
+            result.clean_examples = _len(data) or 0
 
-        step_fn = _StudentStep(student, s_taps, augment, cfg.ssl_weight > 0)
-        tau = cfg.ssl_temperature
-        if tau is None:
-            tau = 0.5 if augment is not None else 0.05
-        accelerator = None
-        if distributed_launch():
-            from accelerate.utils import broadcast_object_list
-
-            from purify_fast.distributed import prepare_stage
-
-            accelerator, step_fn, opt, sched = prepare_stage(step_fn, opt, scheduler=sched)
-            device = accelerator.device
-            teacher.to(device)
-            # Rank 0's MI estimate decides every rank's layer weights.
-            mi, weights = broadcast_object_list([mi, weights], from_process=0)
+            mi_taps = t_taps if cfg.mi_source == "teacher" else s_taps
+            mi = self._estimate_mi(mi_taps, tokenizer, data, device, "init", result)
+            weights = layer_weights(mi, cfg.mi_a, cfg.mi_b)
             result.mi, result.weights = mi, weights
 
-        rng_state = torch.random.get_rng_state()
-        # each process its own dropout views (the same seed gave every rank the same masks)
-        torch.manual_seed(cfg.seed + (accelerator.process_index if accelerator is not None else 0))
-        step = 0
-        try:
+            params = [p for p in student.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            # batches= is this process's share already (see the module docstring); a TextDataset
+            # is sharded by accelerate each epoch
+            total = scheduler_steps(cfg.epochs, n_batches,
+                                    per_rank=not isinstance(data, TextDataset))
+            warm = int(cfg.warmup_ratio * total)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min(1.0, (s + 1) / max(1, warm)) * max(0.0, 1 - s / total)
+                if warm else max(0.0, 1 - s / total))
+            from tqdm.auto import tqdm
+
+            step_fn = _StudentStep(student, s_taps, augment, cfg.ssl_weight > 0)
+            tau = cfg.ssl_temperature
+            if tau is None:
+                tau = 0.5 if augment is not None else 0.05
+            accelerator = None
+            if distributed_launch():
+                from accelerate.utils import broadcast_object_list
+
+                from purify_fast.distributed import prepare_stage
+
+                accelerator, step_fn, opt, sched = prepare_stage(step_fn, opt, scheduler=sched)
+                stage.update(accelerator=accelerator, net=step_fn)  # released by _fit
+                device = accelerator.device
+                teacher.to(device)
+                # Rank 0's MI estimate decides every rank's layer weights.
+                mi, weights = broadcast_object_list([mi, weights], from_process=0)
+                result.mi, result.weights = mi, weights
+
+            rng_state = torch.random.get_rng_state()
+            # each process its own dropout views (the same seed gave every rank the same masks)
+            torch.manual_seed(cfg.seed + (accelerator.process_index if accelerator is not None
+                                          else 0))
+            step = 0
             for epoch in range(cfg.epochs):
                 if cfg.mi_source == "student" and epoch > 0 and epoch % cfg.mi_every == 0:
-                    mi = self._estimate_mi(s_taps, tokenizer, data, device, f"epoch {epoch}", result)
+                    mi = self._estimate_mi(s_taps, tokenizer, data, device, f"epoch {epoch}",
+                                           result)
                     weights = layer_weights(mi, cfg.mi_a, cfg.mi_b)
                     if accelerator is not None:
                         mi, weights = broadcast_object_list([mi, weights], from_process=0)
@@ -500,8 +535,7 @@ class MIMIC:
                 if accelerator is not None and isinstance(data, TextDataset):
                     batches = accelerator.prepare_data_loader(batches)  # this rank's share
                 main = accelerator is None or accelerator.is_main_process
-                bar = tqdm(batches, total=(len(batches) if hasattr(batches, "__len__")
-                                           else n_batches) or None,
+                bar = tqdm(batches, total=_len(batches) or n_batches or None,
                            desc=f"mimic {epoch + 1}/{cfg.epochs}",
                            disable=not cfg.progress or not main)
                 for batch in bar:
@@ -535,12 +569,10 @@ class MIMIC:
                     result.history.append(rec)
                     bar.set_postfix(clone=f"{rec['clone']:.3f}", attn=f"{rec['attn']:.3f}")
         finally:
-            torch.random.set_rng_state(rng_state)
-            t_taps.close()
-            s_taps.close()
-        release_stage(accelerator, step_fn)
-        student.eval()
-        result.seconds = time.perf_counter() - t0
+            if rng_state is not None:
+                torch.random.set_rng_state(rng_state)
+            for t in taps:
+                t.close()
         return result
 
 
@@ -550,10 +582,30 @@ def _to(batch, device):
     return batch.to(device)
 
 
+def _len(obj) -> int | None:
+    """``len(obj)``, or None when it has none (a DataLoader over an IterableDataset has a
+    ``__len__`` that raises TypeError)."""
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
 def _count(data, batch_size: int) -> int:
+    """Batches in one epoch of ``data`` (this process's share for ``batches=``)."""
     if isinstance(data, TextDataset):
         return math.ceil(len(data) / batch_size)
-    return len(data) if hasattr(data, "__len__") else 0
+    n = _len(data)
+    if n is None:
+        # A re-iterable without a length (a stream re-opened each epoch, a DataLoader over an
+        # IterableDataset): the LR schedule must know its steps up front (counted as 0, its
+        # total was 1 and the lr 0 from the second step on). Count them in a pass of their own,
+        # holding none: one more read of the data, where materialising them as fit() does for
+        # a one-shot iterator would hold the whole epoch in memory (image batches can be large);
+        # the MI pass cannot count them, it stops after mine_samples inputs. The schedule
+        # assumes every epoch gives this many batches.
+        n = sum(1 for _ in data)
+    return n
 
 
 def _check_fresh(teacher: nn.Module, student: nn.Module) -> None:

@@ -52,9 +52,9 @@ from purify_fast.training import (
     accuracy,
     autocast,
     distributed_launch,
+    handing_back,
     model_device,
     rank_dropout_seed,
-    release_stage,
     scheduler_steps,
     seed_everything,
 )
@@ -294,64 +294,67 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         return float(loss.detach()), grads
 
-    result = MuscleLoRAResult(config=dict(dataclasses.asdict(config), epochs=epochs, lr=lr,
-                                          ref_pool_size=pool_size if ga else 0,
-                                          precision=precision))
-    start = time.perf_counter()
-    # Only adapters train, so the best epoch is fully described by the trainable tensors.
-    snapshot = lambda: [p.detach().clone() for p in params]
-    best = None
-    if config.keep_best:
-        # Recorded, not a candidate (as in purify_fast.training.train): the fresh adapters are
-        # the base model with an untrained head, which is not a trained model.
-        acc0 = accuracy(model, tokenizer, select, **eval_kw)
-        result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "steps": 0,
-                               "seconds": 0.0})
-    net.train()
-    for epoch in range(epochs):
-        mu = raw_grad_ratio(epoch, epochs, config.max_raw_grad_ratio)
-        t0, loss_sum, ref_sum, n, steps = time.perf_counter(), 0.0, 0.0, 0, 0
-        bar = tqdm(loader, desc=f"muscle-lora {epoch + 1}/{epochs}", leave=False,
-                   disable=not config.progress or (accelerator is not None
-                                                   and not accelerator.is_main_process))
-        for batch in bar:
-            loss, grads = loss_and_grads(batch)
-            if ga:
-                grads = [g.clone() for g in grads]
-                ref_loss, ref_grads = loss_and_grads(next(ref_iter))
-                update, pure = align_gradients(grads, ref_grads, ref_loss, mu,
-                                               loss_threshold=config.loss_threshold,
-                                               norm_threshold=config.norm_threshold)
-                for p, u in zip(params, update):
-                    p.grad = u
-                result.ga_steps += all(pure)
-                result.blended_steps += not all(pure)
-                ref_sum += ref_loss
-            if config.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
-            opt.step()
-            sched.step()
-            for p in params:
-                p.grad = None
-            b = len(batch["labels"])
-            loss_sum, n, steps = loss_sum + loss * b, n + b, steps + 1
-            bar.set_postfix(loss=f"{loss_sum / n:.4f}")
-        # ``steps``: batches this process ran (its shard of the epoch under a multi-process run).
-        row = {"epoch": epoch + 1, "loss": loss_sum / max(n, 1), "steps": steps,
-               "ref_loss": ref_sum / steps if ga and steps else None, "mu": mu,
-               "dev_acc": accuracy(model, tokenizer, select, **eval_kw),
-               "seconds": time.perf_counter() - t0}
-        result.history.append(row)
-        if config.keep_best and (best is None or row["dev_acc"] > result.best_dev_acc):
-            result.best_epoch, result.best_dev_acc, best = epoch + 1, row["dev_acc"], snapshot()
+    # the caller's model back in its own mode when training fails, unwrapped whatever happens;
+    # on success it ends in eval mode
+    with handing_back(model, {"accelerator": accelerator, "net": net}):
+        result = MuscleLoRAResult(config=dict(dataclasses.asdict(config), epochs=epochs, lr=lr,
+                                              ref_pool_size=pool_size if ga else 0,
+                                              precision=precision))
+        start = time.perf_counter()
+        # Only adapters train, so the best epoch is fully described by the trainable tensors.
+        snapshot = lambda: [p.detach().clone() for p in params]
+        best = None
+        if config.keep_best:
+            # Recorded, not a candidate (as in purify_fast.training.train): the fresh adapters are
+            # the base model with an untrained head, which is not a trained model.
+            acc0 = accuracy(model, tokenizer, select, **eval_kw)
+            result.history.append({"epoch": 0, "loss": None, "dev_acc": acc0, "steps": 0,
+                                   "seconds": 0.0})
         net.train()
-    if config.keep_best and best is not None and result.best_epoch != epochs:
-        with torch.no_grad():
-            for p, b in zip(params, best):
-                p.copy_(b)
-    if not config.keep_best:
-        result.best_epoch, result.best_dev_acc = epochs, result.history[-1]["dev_acc"]
-    release_stage(accelerator, net)
+        for epoch in range(epochs):
+            mu = raw_grad_ratio(epoch, epochs, config.max_raw_grad_ratio)
+            t0, loss_sum, ref_sum, n, steps = time.perf_counter(), 0.0, 0.0, 0, 0
+            bar = tqdm(loader, desc=f"muscle-lora {epoch + 1}/{epochs}", leave=False,
+                       disable=not config.progress or (accelerator is not None
+                                                       and not accelerator.is_main_process))
+            for batch in bar:
+                loss, grads = loss_and_grads(batch)
+                if ga:
+                    grads = [g.clone() for g in grads]
+                    ref_loss, ref_grads = loss_and_grads(next(ref_iter))
+                    update, pure = align_gradients(grads, ref_grads, ref_loss, mu,
+                                                   loss_threshold=config.loss_threshold,
+                                                   norm_threshold=config.norm_threshold)
+                    for p, u in zip(params, update):
+                        p.grad = u
+                    result.ga_steps += all(pure)
+                    result.blended_steps += not all(pure)
+                    ref_sum += ref_loss
+                if config.clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+                opt.step()
+                sched.step()
+                for p in params:
+                    p.grad = None
+                b = len(batch["labels"])
+                loss_sum, n, steps = loss_sum + loss * b, n + b, steps + 1
+                bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+            # ``steps``: batches this process ran (its shard of the epoch under a multi-process
+            # run).
+            row = {"epoch": epoch + 1, "loss": loss_sum / max(n, 1), "steps": steps,
+                   "ref_loss": ref_sum / steps if ga and steps else None, "mu": mu,
+                   "dev_acc": accuracy(model, tokenizer, select, **eval_kw),
+                   "seconds": time.perf_counter() - t0}
+            result.history.append(row)
+            if config.keep_best and (best is None or row["dev_acc"] > result.best_dev_acc):
+                result.best_epoch, result.best_dev_acc, best = epoch + 1, row["dev_acc"], snapshot()
+            net.train()
+        if config.keep_best and best is not None and result.best_epoch != epochs:
+            with torch.no_grad():
+                for p, b in zip(params, best):
+                    p.copy_(b)
+        if not config.keep_best:
+            result.best_epoch, result.best_dev_acc = epochs, result.history[-1]["dev_acc"]
     model.eval()
     result.seconds = time.perf_counter() - start
     return result
