@@ -365,6 +365,42 @@ def test_a_failed_training_gives_the_model_back_in_its_mode_and_releases_the_sta
     assert not model.training and released == [(model, False)]
 
 
+def test_a_failed_train_clean_takes_the_adapters_out_again(monkeypatch):
+    """train_clean injects the adapters into the caller's model in place; a run stopped in
+    training (Ctrl-C here) left them in (and every other parameter frozen), so the retry was
+    refused ("inject once"). The model comes back as passed, and the retry trains."""
+    import purify_fast.defenses.muscle_lora as muscle_module
+    from purify_fast.data import TextDataset
+    from purify_fast.defenses.muscle_lora import train_clean
+    from purify_fast.models import tiny_llama
+
+    data = TextDataset([("good " if i % 2 else "bad ") + "x" * (i % 5) for i in range(32)],
+                       [i % 2 for i in range(32)], 2, "toy")
+    model = tiny_llama(num_labels=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    real_train = muscle_module.train_muscle_lora
+
+    def stopped(model, *args, **kwargs):
+        assert hasattr(model, "muscle_lora_config")  # injected by now
+        raise KeyboardInterrupt("stop")
+
+    monkeypatch.setattr(muscle_module, "train_muscle_lora", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train_clean(model, _CharTok(), data, data, epochs=1, batch_size=8, ref_pool_size=8,
+                    progress=False)
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(model.get_submodule(k) is m for k, m in modules.items() if k)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not hasattr(model, "muscle_lora_config") and not hasattr(model, "peft_config")
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    monkeypatch.setattr(muscle_module, "train_muscle_lora", real_train)
+    merged = train_clean(model, _CharTok(), data, data, epochs=1, batch_size=8, ref_pool_size=8,
+                         progress=False)
+    assert isinstance(merged.score, nn.Linear)
+
+
 # --------------------------------------------------------------------------- CLI
 
 def test_cli_train_clean_writes_loadable_merged_model(tmp_path):

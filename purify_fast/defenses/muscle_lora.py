@@ -31,6 +31,7 @@ the per-tensor dot products above would then be taken over one shard only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -369,6 +370,31 @@ def ablation_settings(ablation: str) -> tuple[bool, bool]:
     return table[ablation]
 
 
+@contextlib.contextmanager
+def _adapters_out_on_failure(model):
+    """Around injecting and training: a run that fails (an error, Ctrl-C) takes the adapters out
+    again, so the caller's model is the one it passed (its own modules, requires_grad flags and
+    attributes; its weights are untouched, only adapters train) and can be passed again (a model
+    left injected was refused: "inject once")."""
+    modules = dict(model.named_modules())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    attributes = set(vars(model))
+    try:
+        yield
+    except BaseException:
+        # parents first: each path is set on its original parent, so the tree is the original
+        for path in sorted((p for p in modules if p), key=lambda p: p.count(".")):
+            parent_path, _, child = path.rpartition(".")
+            parent = modules[parent_path] if parent_path else model
+            if getattr(parent, child, None) is not modules[path]:
+                setattr(parent, child, modules[path])
+        for name in set(vars(model)) - attributes:  # muscle_lora_config, peft's peft_config
+            delattr(model, name)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, p.requires_grad))
+        raise
+
+
 def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset, *,
                 method: str = "muscle-lora", ablation: str = "muscle-lora",
                 inject: MuscleLoRAConfig | None = None,
@@ -419,8 +445,9 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
     # a failed call must leave a model that can be passed again.
     _check_training_data(train_data, dev_data, config, model_family(model))
     seed_everything(config.seed)  # the adapters' random init is part of the seeded run
-    inject_muscle_lora(model, inject)
-    result = train_muscle_lora(model, tokenizer, train_data, dev_data, config)
+    with _adapters_out_on_failure(model):
+        inject_muscle_lora(model, inject)
+        result = train_muscle_lora(model, tokenizer, train_data, dev_data, config)
     result.config["ablation"] = ablation
     result.config["inject"] = dict(model.muscle_lora_config)
     merge_muscle_lora(model, merged_dtype)
