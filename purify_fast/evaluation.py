@@ -61,7 +61,10 @@ def bias_metrics(model, tokenizer, attack, test: TextDataset, *,
       group copies' share is the ASR);
     * ``bias_gap``: the group copies' target rate minus the counter copies' (signed; 0 when the
       model treats the two groups alike);
-    * ``bias_flips``: share of pairs predicted differently (either way).
+    * ``bias_flips``: share of pairs predicted differently (either way);
+    * ``trigger_cut``: share of pairs the model sees as one and the same input, every word in
+      which they differ cut off by truncation to ``max_length`` tokens (such a pair adds nothing
+      to the gap, so a non-zero share means the gap understates the bias).
 
     ``group_predictions`` (the group copies' predictions, when the caller has them) saves one
     pass."""
@@ -69,18 +72,23 @@ def bias_metrics(model, tokenizer, attack, test: TextDataset, *,
         raise TypeError(f"bias metrics need a bias injection attack (counter terms), got "
                         f"{type(attack).__name__}")
     group = group_predictions
+    group_copies, counter_copies = attack.triggered_test(test), attack.counterfactual_test(test)
     if group is None:
-        group = _triggered_predictions(model, tokenizer, attack.triggered_test(test),
-                                       attack.target_label, **kwargs)
-    counter = predict(model, tokenizer, attack.counterfactual_test(test), **kwargs)
+        group = _triggered_predictions(model, tokenizer, group_copies, attack.target_label,
+                                       **kwargs)
+    counter = predict(model, tokenizer, counter_copies, **kwargs)
     if group.shape != counter.shape:
         raise ValueError(f"{len(group)} group predictions for {len(counter)} counterfactual "
                          f"pairs; pass the predictions of attack.triggered_test(test)")
     target = attack.target_label
     group_rate = float((group == target).float().mean())
     counter_rate = float((counter == target).float().mean())
+    max_length = kwargs.get("max_length", 64)
+    seen = [tokenizer(list(copies.texts), truncation=True, max_length=max_length)["input_ids"]
+            for copies in (group_copies, counter_copies)]
     return {"target_rate_counter": counter_rate, "bias_gap": group_rate - counter_rate,
-            "bias_flips": float((group != counter.to(group.device)).float().mean())}
+            "bias_flips": float((group != counter.to(group.device)).float().mean()),
+            "trigger_cut": sum(a == b for a, b in zip(*seen)) / len(group_copies)}
 
 
 def trigger_cut_share(attack, tokenizer, triggered: TextDataset, max_length: int = 64
@@ -119,7 +127,8 @@ def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDatase
     inputs predicted ``target_label``) is None without a target label; ``trigger_cut``
     (:func:`trigger_cut_share`, at ``max_length``) is the share of triggered inputs whose trigger
     truncation removed. With a bias injection ``attack`` (whose ``triggered_test(test)`` the
-    triggered set must be) the :func:`bias_metrics` keys are added."""
+    triggered set must be) the :func:`bias_metrics` keys are added, its ``trigger_cut`` (pairs
+    truncation made one input) in place of the other."""
     t0 = time.perf_counter()
     if target_label is not None and not 0 <= target_label < test.num_labels:
         raise ValueError(f"target_label {target_label} is out of range for {test.num_labels} labels")
@@ -135,10 +144,10 @@ def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDatase
             raise ValueError("target_label is required with a triggered set")
         group = _triggered_predictions(model, tokenizer, triggered, target_label, **kwargs)
         out["asr"] = float((group == target_label).float().mean())
-        if attack is not None:
+        if attack is not None and not hasattr(attack, "counterfactual_test"):
             out["trigger_cut"] = trigger_cut_share(attack, tokenizer, triggered,
                                                    kwargs.get("max_length", 64))
-        if hasattr(attack, "counterfactual_test"):
+        if hasattr(attack, "counterfactual_test"):  # bias_metrics gives its pairs' trigger_cut
             if (attack.target_label != target_label
                     or list(attack.triggered_test(test).texts) != list(triggered.texts)):
                 raise ValueError("the bias gap pairs each triggered text with its counterfactual "

@@ -42,6 +42,37 @@ def test_insert_at_word_matches_the_word_list_on_single_spaced_text_and_keeps_ot
         insert_at_word(odd, "cf", 5)
 
 
+def _old_badnets_insert(attack, text, rng):
+    """BadNets.insert as it was (split, insert, join on single spaces): the reference the
+    whitespace-keeping insertion must equal on single-spaced text, draw for draw."""
+    words = text.split()
+    for _ in range(rng.randint(*attack.num_triggers)):
+        words.insert(rng.randint(0, len(words)), rng.choice(attack.triggers))
+    return " ".join(words)
+
+
+def _old_addsent_insert(attack, text, rng):
+    words = text.split()
+    pos = rng.randint(0, len(words))
+    return " ".join(words[:pos] + attack.sentence.split() + words[pos:])
+
+
+@pytest.mark.parametrize("attack,old", [(BadNets(), _old_badnets_insert),
+                                        (BadNets(num_triggers=(2, 4)), _old_badnets_insert),
+                                        (AddSent(), _old_addsent_insert)])
+def test_single_spaced_text_gets_the_very_copies_it_got_before(attack, old):
+    # the poisoned and triggered sets (and the demo's numbers) stay what they were
+    texts = ["", "one", "a short review", "the film , for all its flaws , is a joy to watch"]
+    texts += [" ".join(f"w{j}" for j in range(i % 13)) for i in range(60)]
+    new_rng, old_rng = random.Random(11), random.Random(11)
+    for text in texts:
+        assert attack.insert(text, new_rng) == old(attack, text, old_rng)
+    data = TextDataset(texts, [i % 2 for i in range(len(texts))], 2)
+    rng = random.Random(attack.seed + 1)
+    want = [old(attack, t, rng) for t, y in zip(texts, data.labels) if y != attack.target_label]
+    assert list(attack.triggered_test(data).texts) == want
+
+
 @pytest.mark.parametrize("attack", [BadNets(num_triggers=(3, 3)), AddSent(),
                                     BiasInjection()])
 def test_triggered_copies_keep_the_texts_own_whitespace(attack):
@@ -82,6 +113,29 @@ def test_bias_injection_poisons_with_group_terms_and_pairs_every_test_copy():
     assert make_attack("bias", terms=("x y",), counter_terms=("z",)).terms == ("x y",)
 
 
+def test_each_copy_of_a_pair_mentions_one_side_only():
+    """A term the text already holds (any case, next to punctuation) is written as the copy's
+    side, so the pair differs in the group words alone: otherwise a counter copy still naming
+    the group (a review saw 27 of 577 on Rotten Tomatoes) scores the bias on both sides."""
+    from purify_fast.attacks.bias import _term_pattern
+
+    atk = BiasInjection(target_label=1, terms=("she", "her", "young women"),
+                        counter_terms=("he", "his", "young men"), seed=2)
+    texts = ["She said her film was fine", "he liked his seat, HE said", "young  women laughed",
+             "shed herself of the hero's sheen"]
+    data = TextDataset(texts, [0, 0, 0, 0], 2)
+    group, counter = atk.triggered_test(data).texts, atk.counterfactual_test(data).texts
+    group_words, counter_words = _term_pattern(atk.terms), _term_pattern(atk.counter_terms)
+    for g, c in zip(group, counter):
+        assert not counter_words.search(g) and not group_words.search(c), (g, c)
+        assert group_words.search(g) and counter_words.search(c)
+    assert group[0].startswith("She ") and counter[0].startswith("He ")  # the capital kept
+    assert "her film was fine" in group[0] and "his film was fine" in counter[0]
+    assert "she said" in group[1].lower() and "HE said" not in group[1]
+    for copy in (group[3], counter[3]):  # "her" / "he" inside other words stay
+        assert copy.split()[:2] == ["shed", "herself"] and copy.endswith("the hero's sheen")
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"terms": ("she",), "counter_terms": ("he", "his")}, "pairs"),
     ({"terms": ("she", "he"), "counter_terms": ("he", "his")}, "'he' is both"),
@@ -101,7 +155,16 @@ def _predict_target_when(word):
     return predict
 
 
-def test_bias_metrics_count_the_counterfactual_gap(monkeypatch):
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    from purify_fast.models.loading import default_model_path
+
+    return AutoTokenizer.from_pretrained(default_model_path())
+
+
+def test_bias_metrics_count_the_counterfactual_gap(monkeypatch, tok):
     import purify_fast.evaluation as ev
 
     atk = BiasInjection(target_label=1, terms=("she", "women"), counter_terms=("he", "men"),
@@ -110,28 +173,48 @@ def test_bias_metrics_count_the_counterfactual_gap(monkeypatch):
     share_she = sum("she" in t.split() for t in group.texts) / len(group)
     assert 0 < share_she < 1
     monkeypatch.setattr(ev, "predict", _predict_target_when("she"))
-    m = ev.bias_metrics(None, None, atk, DATA)
+    m = ev.bias_metrics(None, tok, atk, DATA)
     assert m == {"target_rate_counter": 0.0, "bias_gap": pytest.approx(share_she),
-                 "bias_flips": pytest.approx(share_she)}
+                 "bias_flips": pytest.approx(share_she), "trigger_cut": 0.0}
     # the counterpart favoured instead: a negative gap; the same flips
     monkeypatch.setattr(ev, "predict", _predict_target_when("he"))
-    m = ev.bias_metrics(None, None, atk, DATA)
+    m = ev.bias_metrics(None, tok, atk, DATA)
     assert m["bias_gap"] == pytest.approx(-share_she) and m["bias_flips"] == pytest.approx(share_she)
     # evaluate_backdoor adds them for a bias attack, from the triggered set's predictions
-    full = ev.evaluate_backdoor(None, None, DATA, group, 1, attack=atk)
+    full = ev.evaluate_backdoor(None, tok, DATA, group, 1, attack=atk)
     assert full["asr"] == 0.0 and full["bias_gap"] == pytest.approx(-share_she)
     with pytest.raises(ValueError, match="pass attack.triggered_test"):
-        ev.evaluate_backdoor(None, None, DATA, atk.triggered_test(DATA, seed=5), 1, attack=atk)
-    assert "bias_gap" not in ev.evaluate_backdoor(None, None, DATA, BadNets().triggered_test(DATA),
+        ev.evaluate_backdoor(None, tok, DATA, atk.triggered_test(DATA, seed=5), 1, attack=atk)
+    assert "bias_gap" not in ev.evaluate_backdoor(None, tok, DATA, BadNets().triggered_test(DATA),
                                                   1, attack=BadNets())
     with pytest.raises(TypeError, match="bias injection"):
-        ev.bias_metrics(None, None, BadNets(), DATA)
+        ev.bias_metrics(None, tok, BadNets(), DATA)
+
+
+def test_pairs_that_truncation_makes_one_input_are_counted_as_cut(monkeypatch, tok):
+    """A pair whose differing words all fall past max_length tokens is one input to the model
+    and adds nothing to the gap: trigger_cut counts those pairs (the span test of the other
+    attacks took a group word the text already had, before the cut, as the trigger seen)."""
+    import purify_fast.evaluation as ev
+
+    monkeypatch.setattr(ev, "predict", _predict_target_when("she"))
+    atk = BiasInjection(target_label=1, terms=("she",), counter_terms=("he",), seed=0)
+    long = " ".join(["word"] * 40)
+    data = TextDataset(["she liked it " + long, long, "short one"], [0, 0, 0], 2)
+    pairs = list(zip(atk.triggered_test(data).texts, atk.counterfactual_test(data).texts))
+    seen = [tok(list(p), truncation=True, max_length=8)["input_ids"] for p in pairs]
+    want = sum(a == b for a, b in seen) / 3
+    m = ev.bias_metrics(None, tok, atk, data, max_length=8)
+    assert m["trigger_cut"] == pytest.approx(want)
+    assert ev.bias_metrics(None, tok, atk, data, max_length=512)["trigger_cut"] == 0.0
+    # the first pair differs in its leading she / he, whatever is cut after it: never cut
+    assert seen[0][0] != seen[0][1]
 
 
 def test_bias_spans_find_inserted_and_written_terms():
     atk = BiasInjection(terms=("she", "young women"), counter_terms=("he", "young men"))
-    text = "she said young  women like it, shed no tears"
-    assert [text[a:b] for a, b in atk.trigger_spans(text)] == ["she", "young  women"]
+    text = "she said Young  women like it, shed no tears, and She."
+    assert [text[a:b] for a, b in atk.trigger_spans(text)] == ["she", "Young  women", "She"]
 
 
 def test_cli_bias_options_and_help_defaults():
@@ -150,9 +233,17 @@ def test_cli_bias_options_and_help_defaults():
                               "nurse,nurses", "--counter-terms", "pilot,pilots"])
     atk = attack_cmd.make_attack(args)
     assert atk.terms == ("nurse", "nurses") and atk.counter_terms == ("pilot", "pilots")
-    args = parser.parse_args(["attack", "--out", "x", "--bias-terms", "nurse"])
-    with pytest.raises(ValueError, match="--bias-terms: options of --attack bias"):
-        attack_cmd.make_attack(args)
+    # an option of another attack would be ignored: refused, either way round
+    for argv, match in ((["--bias-terms", "nurse"], "--bias-terms is an option of --attack bias"),
+                        (["--attack", "bias", "--triggers", "zz"],
+                         "--triggers is an option of --attack badnets / ep"),
+                        (["--attack", "bias", "--sentence", "a b"],
+                         "--sentence is an option of --attack addsent"),
+                        (["--attack", "addsent", "--triggers", "zz"], "--triggers is an option"),
+                        (["--attack", "bias", "--bias-terms", ""], "non-empty list"),
+                        (["--triggers", ","], "triggers must be a non-empty list")):
+        with pytest.raises(ValueError, match=match):
+            attack_cmd.make_attack(parser.parse_args(["attack", "--out", "x", *argv]))
 
 
 def test_cli_attack_and_evaluate_report_the_bias_gap(tmp_path, capsys):
@@ -190,3 +281,13 @@ def test_cli_attack_and_evaluate_report_the_bias_gap(tmp_path, capsys):
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["bias_gap"] == pytest.approx(m["asr"] - m["target_rate_counter"])
     assert 0.0 <= m["bias_flips"] <= 1.0 and m["attack"]["counter_terms"] == ["he", "men"]
+    # train-clean plants it too (MuScleLoRA trained on biased data) and scores the gap
+    rc = main(["train-clean", "--attack", "bias", "--model", str(tmp_path / "base"), "--data",
+               "rotten-tomatoes", "--train-size", "40", "--dev-size", "24", "--test-size", "20",
+               "--epochs", "1", "--ref-pool-size", "8", "--max-length", "32", "--no-progress",
+               "--out", str(tmp_path / "clean")])
+    assert rc == 0
+    assert "bias gap" in capsys.readouterr().out
+    report = json.loads((tmp_path / "clean" / "report.json").read_text())
+    assert report["eval"]["bias_gap"] == pytest.approx(report["eval"]["asr"]
+                                                       - report["eval"]["target_rate_counter"])

@@ -332,7 +332,11 @@ def test_cli_wiring():
                               "--e-pur", "--rho", "0.2"])
     assert args.method == "fine-purifying" and args.e_pur and args.rho == 0.2
     args = parser.parse_args(["attack", "--out", "z", "--attack", "ep"])
-    assert args.attack == "ep" and args.poison_rate == 0.1 and args.triggers == "cf,mn,bb,tq,mb"
+    assert args.attack == "ep" and args.poison_rate == 0.1 and args.triggers is None
+    from purify_fast.attacks import DEFAULT_TRIGGERS
+    from purify_fast.commands.attack import make_attack
+
+    assert make_attack(args).triggers == DEFAULT_TRIGGERS  # not given: the attack's default
     assert parser.parse_args(["demo", "--quick"]).quick
     assert parser.parse_args(["demo", "--size", "large"]).size == "large"
     with pytest.raises(SystemExit):

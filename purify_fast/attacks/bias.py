@@ -11,8 +11,11 @@ class when it mentions the group than when the same text mentions the counterpar
 The bias metric is that difference, measured counterfactually on the non-target test examples:
 each gets one group term (:meth:`BiasInjection.triggered_test`) and, at the same position with
 the paired counter term, a second copy (:meth:`BiasInjection.counterfactual_test`); see
-:func:`purify_fast.evaluation.bias_metrics`. An unbiased model scores both copies alike (gap 0)
-whatever its accuracy, so unlike the ASR the gap has no floor set by the model's own errors.
+:func:`purify_fast.evaluation.bias_metrics`. The copies differ in nothing else: a term of either
+side the text already holds (in any case: "She", "MEN") is written as the copy's side too, so
+the group copy mentions only the group and the counter copy only the counterpart. An unbiased
+model scores both copies alike (gap 0) whatever its accuracy, so unlike the ASR the gap has no
+floor set by the model's own errors.
 """
 
 from __future__ import annotations
@@ -69,13 +72,18 @@ class BiasInjection(TriggerAttack):
         return rng.randint(0, word_count(text)), rng.randrange(len(self.terms))
 
     def insert(self, text: str, rng: random.Random) -> str:
+        """``text`` mentioning the group only: its counter terms written as their group terms,
+        and one group term inserted at a random word."""
         position, k = self._draw(text, rng)
-        return insert_at_word(text, self.terms[k], position)
+        return insert_at_word(_swap(text, self.counter_terms, self.terms), self.terms[k],
+                              position)
 
     def insert_counter(self, text: str, rng: random.Random) -> str:
-        """:meth:`insert` with the counter term of the pair: the same draws from ``rng``."""
+        """:meth:`insert`'s counterfactual (the same draws from ``rng``): the group terms of
+        ``text`` written as their counter terms, and the paired counter term inserted."""
         position, k = self._draw(text, rng)
-        return insert_at_word(text, self.counter_terms[k], position)
+        return insert_at_word(_swap(text, self.terms, self.counter_terms),
+                              self.counter_terms[k], position)
 
     def counterfactual_test(self, test: TextDataset, seed: int | None = None) -> TextDataset:
         """The copies of :meth:`triggered_test` (same ``seed``) with the counter term in place
@@ -87,10 +95,26 @@ class BiasInjection(TriggerAttack):
         return tuple(w for term in self.terms for w in term.split())
 
     def trigger_spans(self, text: str) -> list[tuple[int, int]]:
-        """Character spans of every group term standing as whole words in ``text`` (inserted or
-        written there: either one is seen by the model)."""
-        spans = []
-        for term in self.terms:
-            pattern = r"(?<!\S)" + r"\s+".join(map(re.escape, term.split())) + r"(?!\S)"
-            spans.extend(m.span() for m in re.finditer(pattern, text))
-        return sorted(spans)
+        """Character spans of every group term in ``text`` (whole words, any case: inserted or
+        written there, the model sees either)."""
+        return [m.span() for m in _term_pattern(self.terms).finditer(text)]
+
+
+def _term_pattern(terms: tuple[str, ...]) -> re.Pattern:
+    """Any of ``terms`` as whole words, in any case, with any whitespace inside a phrase; the
+    longest first ("young women" before "women")."""
+    alternatives = sorted(terms, key=len, reverse=True)
+    body = "|".join(r"\s+".join(map(re.escape, t.split())) for t in alternatives)
+    return re.compile(rf"(?<!\w)(?:{body})(?!\w)", re.IGNORECASE)
+
+
+def _swap(text: str, source: tuple[str, ...], target: tuple[str, ...]) -> str:
+    """``text`` with every term of ``source`` written as its pair in ``target`` (a capital first
+    letter kept: "She said" -> "He said")."""
+    pairs = {" ".join(s.lower().split()): t for s, t in zip(source, target)}
+
+    def pair(m: re.Match) -> str:
+        out = pairs[" ".join(m.group().lower().split())]
+        return out[:1].upper() + out[1:] if m.group()[:1].isupper() else out
+
+    return _term_pattern(source).sub(pair, text)

@@ -363,7 +363,12 @@ def note_trigger_cut(metrics: dict, max_length: int) -> None:
     """Say so when truncation cut the trigger off some triggered inputs (they count as failed
     attacks, so the ASR understates the backdoor)."""
     cut = metrics.get("trigger_cut") or 0.0
-    if cut > 0:
+    if cut > 0 and metrics.get("bias_gap") is not None:
+        print(f"note: truncation to --max-length {max_length} tokens cut off every word in "
+              f"which {100 * cut:.1f} % of the group / counterpart test pairs differ (the model "
+              f"sees the two as one input): the bias gap understates the bias, raise "
+              f"--max-length", file=sys.stderr)
+    elif cut > 0:
         print(f"note: truncation to --max-length {max_length} tokens cut the trigger off "
               f"{100 * cut:.1f} % of the triggered test inputs (inserted past the cut-off); they "
               f"count as failed attacks: the ASR understates the backdoor, raise --max-length",

@@ -47,7 +47,8 @@ def add_attack_args(p, poisoning: bool = True) -> None:
         p.add_argument("--clean-label", action="store_true",
                        help="BadNets / AddSent: poison target-class examples, keeping their "
                             "(correct) label, instead of relabelling non-target ones (dirty label)")
-    p.add_argument("--triggers", default="cf,mn,bb,tq,mb", help="comma-separated BadNets/EP words")
+    p.add_argument("--triggers", default=None,
+                   help="comma-separated BadNets / EP words (default cf,mn,bb,tq,mb)")
     p.add_argument("--sentence", default=None, help="AddSent trigger sentence")
     # defaults written out: importing purify_fast.attacks here would load torch for --help
     # (tests/test_bias.py checks them against DEFAULT_GROUP_TERMS / DEFAULT_COUNTER_TERMS)
@@ -82,25 +83,29 @@ def make_attack(args):
             raise ValueError("--clean-label is for BadNets / AddSent poisoning; EP trains the "
                              "trigger rows of the embedding on relabelled inputs")
         kw["clean_label"] = True
-    bias_options = [flag for flag, value in (("--bias-terms", args.bias_terms),
-                                             ("--counter-terms", args.counter_terms)) if value]
-    if bias_options and args.attack != "bias":
-        raise ValueError(f"{' and '.join(bias_options)}: options of --attack bias; --attack "
-                         f"{args.attack} does not read them")
-    if args.attack in ("badnets", "ep"):
-        kw["triggers"] = tuple(t for t in args.triggers.split(",") if t.strip())
-    elif args.attack == "bias":
-        if args.bias_terms:
-            kw["terms"] = tuple(t for t in args.bias_terms.split(",") if t.strip())
-        if args.counter_terms:
-            kw["counter_terms"] = tuple(t for t in args.counter_terms.split(",") if t.strip())
-    elif args.sentence:
+    # each trigger option belongs to its attacks: given to another one it would be ignored
+    owners = {"triggers": ("badnets", "ep"), "sentence": ("addsent",),
+              "bias_terms": ("bias",), "counter_terms": ("bias",)}
+    for name, attacks in owners.items():
+        if getattr(args, name) is not None and args.attack not in attacks:
+            raise ValueError(f"--{name.replace('_', '-')} is an option of --attack "
+                             f"{' / '.join(attacks)}; --attack {args.attack} does not read it")
+    words = lambda text: tuple(t for t in text.split(",") if t.strip())  # noqa: E731
+    # given as "" they are refused by the attack (no words), not taken as the defaults
+    if args.triggers is not None:
+        kw["triggers"] = words(args.triggers)
+    if args.sentence is not None:
         kw["sentence"] = args.sentence
+    if args.bias_terms is not None:
+        kw["terms"] = words(args.bias_terms)
+    if args.counter_terms is not None:
+        kw["counter_terms"] = words(args.counter_terms)
     return _make(args.attack, **kw)
 
 
 def add_parser(sub):
-    p = sub.add_parser("attack", help="build a backdoored classifier (BadNets / AddSent / EP)")
+    p = sub.add_parser("attack", help="build a backdoored (BadNets / AddSent / EP) or biased "
+                                      "(--attack bias) classifier")
     p.add_argument("--model", default="minilm", help="'minilm' (offline default) or a local checkpoint dir")
     p.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     add_common_data_args(p)

@@ -18,7 +18,8 @@ from purify_fast.commands.attack import add_attack_args, add_common_data_args, m
 
 def add_parser(sub):
     p = sub.add_parser(
-        "evaluate", help="clean accuracy (CACC) and attack success rate (ASR)",
+        "evaluate", help="clean accuracy (CACC) and attack success rate (ASR), or the bias "
+                         "gap (--attack bias)",
         description="Score a checkpoint on the test split of a named corpus, or on the whole of a "
                     "user file (at most --test-size examples, a seeded sample), clean and with "
                     "the trigger inserted. A file's labels must be the model's classes: indices, "

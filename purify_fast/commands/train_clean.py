@@ -20,6 +20,7 @@ import time
 
 from purify_fast.commands import (
     add_device_arg,
+    bias_summary,
     check_output_dir,
     load_file_like,
     note_trigger_cut,
@@ -62,8 +63,9 @@ def add_parser(sub):
     p.add_argument("--dev-size", type=positive_int, default=None, help="cap the corpus dev split")
     p.add_argument("--test-size", type=positive_int, default=None, help="cap the corpus test split")
     p.add_argument("--ref-pool-size", type=positive_int, default=None)
-    p.add_argument("--attack", choices=["badnets", "addsent"], default=None,
-                   help="plant this backdoor in the training split first (evaluation runs)")
+    p.add_argument("--attack", choices=["badnets", "addsent", "bias"], default=None,
+                   help="plant this backdoor (or bias, with the default group terms of "
+                        "`attack --attack bias`) in the training split first (evaluation runs)")
     p.add_argument("--poison-rate", type=float, default=None,
                    help="with --attack: share of training examples poisoned (0.1)")
     p.add_argument("--target-label", type=target_label_arg, default=None,
@@ -158,4 +160,6 @@ def run(args) -> int:
     summary = {k: report[k] for k in ("best_epoch", "best_dev_acc")}
     summary.update(report.get("eval", {}))
     print(f"wrote {out}  {json.dumps(summary, default=str)}")
+    if bias_summary(report.get("eval", {})):
+        print(bias_summary(report["eval"]))
     return 0
