@@ -13,16 +13,14 @@ a header naming the command, the device and the date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_defenses import aggregate, table  # noqa: E402
+from run_defenses import aggregate, append_section, table  # noqa: E402
 
 COLUMNS = (("cacc", "CACC %", 100), ("bias_gap", "bias gap (points)", 100),
            ("asr", "target rate, group %", 100),
@@ -97,8 +95,6 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
-    import torch
-
     Path(args.out).mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in args.seeds:
@@ -106,15 +102,8 @@ def main(argv=None) -> int:
         (Path(args.out) / f"seed{seed}.json").write_text(json.dumps(rows, indent=2))
         runs.append({"rows": rows})
     agg = aggregate(runs, keys=[key for key, _, _ in COLUMNS])
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    header = (f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-              f"seeds {args.seeds}, {args.size} sizes, {device}\n\n"
-              f"Command: `python {' '.join(sys.argv)}`\n\n")
-    text = header + table(agg, len(runs), COLUMNS)
-    with open(args.md, "a") as fh:
-        fh.write(text)
-    print(text)
+    print(append_section(args.md, f"seeds {args.seeds}, {args.size} sizes",
+                         table(agg, len(runs), COLUMNS)))
     return 0
 
 

@@ -57,6 +57,20 @@ def table(agg: list[dict], seeds: int, columns=COLUMNS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def append_section(md: str, what: str, body: str) -> str:
+    """Append ``body`` to the markdown file ``md`` under a header naming the date, ``what`` was
+    run (seeds, sizes), the device and the command line; returns the section's text."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    text = (f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {what}, "
+            f"{device}\n\nCommand: `python {' '.join(sys.argv)}`\n\n{body}")
+    with open(md, "a") as fh:
+        fh.write(text)
+    return text
+
+
 def main(argv=None) -> int:
     from purify_fast.commands.demo import SIZES, run_demo
 
@@ -70,24 +84,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
-    import torch
-
     runs = []
     for seed in args.seeds:
         res = run_demo(str(Path(args.out) / f"seed{seed}"), quick=args.quick, size=args.size,
                        seed=seed, device=args.device, progress=False)
         runs.append(res)
         (Path(args.out) / f"seed{seed}" / "rows.json").write_text(json.dumps(res["rows"], indent=2))
-    agg = aggregate(runs)
     size_name = runs[0]["details"]["size"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    header = (f"\n## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-              f"seeds {args.seeds}, {size_name} sizes, {device}\n\n"
-              f"Command: `python {' '.join(sys.argv)}`\n\n")
-    with open(args.md, "a") as fh:
-        fh.write(header + table(agg, len(runs)))
-    print(header + table(agg, len(runs)))
+    print(append_section(args.md, f"seeds {args.seeds}, {size_name} sizes",
+                         table(aggregate(runs), len(runs))))
     return 0
 
 

@@ -117,6 +117,35 @@ def test_defense_tuning_table_and_its_held_out_seeds(tmp_path, capsys):
     assert "tune on others" in capsys.readouterr().err
 
 
+def test_benchmark_tables_take_their_columns_and_append_dated_sections(tmp_path):
+    # benchmarks/run_defenses.py's aggregate / table / append_section, which run_bias.py shares
+    # with its own columns (the bias gap's)
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("run_bias", ROOT / "benchmarks" / "run_bias.py")
+        bias = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bias)
+        import run_defenses
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    row = lambda gap: {"name": "FP", "cacc": 0.7, "asr": 0.2 + gap,  # noqa: E731
+                       "target_rate_counter": 0.2, "bias_gap": gap, "bias_flips": gap,
+                       "seconds": 10.0}
+    runs = [{"rows": [row(0.1)]}, {"rows": [row(0.3)]}, {"rows": [dict(row(0.2), cacc=None)]}]
+    agg = run_defenses.aggregate(runs, keys=[k for k, _, _ in bias.COLUMNS])
+    text = run_defenses.table(agg, 3, bias.COLUMNS)
+    assert "| model / defense | CACC % | bias gap (points) |" in text
+    assert "| FP | 70.0 ± 0.0 (n=2) | 20.0 ± 10.0 | 40.0 ± 10.0 | 20.0 ± 0.0 |" in text
+    md = tmp_path / "r.md"
+    run_defenses.append_section(md, "seeds [0, 1, 2], full sizes", text)
+    run_defenses.append_section(md, "seeds [3], full sizes", text)
+    written = md.read_text()
+    assert written.count("Command: `python") == 2 and "seeds [3], full sizes, " in written
+
+
 def test_methods_doc_is_in_the_repo_and_current():
     # The docstrings cite "METHODS.md §N"; a clone must carry the file (docs/METHODS.md). Where the
     # project's shared notes sit beside the checkout (CI, development), the copy must match them.
