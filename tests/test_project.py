@@ -125,7 +125,8 @@ def test_benchmark_tables_take_their_columns_and_append_dated_sections(tmp_path)
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        spec = importlib.util.spec_from_file_location("run_bias", ROOT / "benchmarks" / "run_bias.py")
+        spec = importlib.util.spec_from_file_location("run_bias",
+                                                      ROOT / "benchmarks" / "run_bias.py")
         bias = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bias)
         import run_defenses
