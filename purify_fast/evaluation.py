@@ -121,7 +121,8 @@ def trigger_cut_share(attack, tokenizer, triggered: TextDataset, max_length: int
 
 def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDataset | None = None,
                       target_label: int | None = None, *, attack=None, **kwargs) -> dict:
-    """``{"cacc", "asr", "asr_no_trigger", "seconds"}``, and ``"trigger_cut"`` with ``attack``.
+    """``{"cacc", "asr", "asr_no_trigger", "seconds"}``, and ``"trigger_cut"`` with ``attack`` and
+    a triggered set.
 
     ``asr`` is None without a triggered set; ``asr_no_trigger`` (share of non-target clean test
     inputs predicted ``target_label``) is None without a target label; ``trigger_cut``

@@ -29,7 +29,8 @@ def insert_at_word(text: str, piece: str, position: int) -> str:
     """``text`` with ``piece`` standing as its own word(s) before word ``position`` (0 = first,
     ``word_count(text)`` = after the last), one space apart. The rest of the text keeps its own
     whitespace (newlines, tabs, runs of spaces, leading or trailing space): split and joined on
-    single spaces, every triggered copy lost it, which a byte-level BPE tokenizer encodes."""
+    single spaces, every triggered copy lost it, which a byte-level BPE tokenizer encodes. A text
+    with no words (blank) becomes ``piece`` alone, as before."""
     words = list(_WORD.finditer(text))
     if not 0 <= position <= len(words):
         raise ValueError(f"position {position} is outside 0..{len(words)}")

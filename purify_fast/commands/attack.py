@@ -45,8 +45,9 @@ def add_attack_args(p, poisoning: bool = True) -> None:
     if poisoning:
         p.add_argument("--poison-rate", type=float, default=0.1)
         p.add_argument("--clean-label", action="store_true",
-                       help="BadNets / AddSent: poison target-class examples, keeping their "
-                            "(correct) label, instead of relabelling non-target ones (dirty label)")
+                       help="BadNets / AddSent / bias: poison target-class examples, keeping "
+                            "their (correct) label, instead of relabelling non-target ones (dirty "
+                            "label)")
     p.add_argument("--triggers", default=None,
                    help="comma-separated BadNets / EP words (default cf,mn,bb,tq,mb)")
     p.add_argument("--sentence", default=None, help="AddSent trigger sentence")
@@ -80,7 +81,7 @@ def make_attack(args):
         kw["poison_rate"] = args.poison_rate
     if getattr(args, "clean_label", False):
         if args.attack == "ep":
-            raise ValueError("--clean-label is for BadNets / AddSent poisoning; EP trains the "
+            raise ValueError("--clean-label is for BadNets / AddSent / bias poisoning; EP trains the "
                              "trigger rows of the embedding on relabelled inputs")
         kw["clean_label"] = True
     # each trigger option belongs to its attacks: given to another one it would be ignored

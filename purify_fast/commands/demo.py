@@ -27,8 +27,8 @@ SIZES = {  # train, dev, test, clean set, attack epochs
 
 
 def add_parser(sub):
-    p = sub.add_parser("demo", help="backdoor MiniLM on Rotten Tomatoes, run every defense, "
-                                    "print the table")
+    p = sub.add_parser("demo", help="backdoor MiniLM on Rotten Tomatoes, run the weight-space "
+                                    "defenses, print the table")
     p.add_argument("--out", default="purify_demo", help="directory for report.json/.md/.png")
     p.add_argument("--quick", action="store_true", help="smaller sizes (CI); same as --size quick")
     p.add_argument("--size", choices=sorted(SIZES), default=None,
