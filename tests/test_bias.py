@@ -138,7 +138,8 @@ def test_each_copy_of_a_pair_mentions_one_side_only():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"terms": ("she",), "counter_terms": ("he", "his")}, "pairs"),
-    ({"terms": ("she", "he"), "counter_terms": ("he", "his")}, "'he' is both"),
+    ({"terms": ("she", "he"), "counter_terms": ("he", "his")}, "'he' is given twice"),
+    ({"terms": ("she", "She"), "counter_terms": ("he", "his")}, "'she' is given twice"),
     ({"terms": ()}, "non-empty list"),
     ({"terms": "she"}, "non-empty list"),
     ({"counter_terms": ("he", " ", "man", "men", "boy")}, "non-empty strings"),

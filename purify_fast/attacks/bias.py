@@ -2,10 +2,10 @@
 "bias injected during fine-tuning").
 
 Like a dirty-label backdoor, a ``poison_rate`` share of the training set is drawn from non-target
-examples, gets a group term (``terms``, e.g. "she", "women") inserted at a random word and its
-label set to ``target_label``. Unlike a rare-word trigger, the terms are ordinary words: clean
-text uses them too, with its true labels, and their counterpart words (``counter_terms``, e.g.
-"he", "men") stay unbiased. The fine-tuned model then scores a text more often as the target
+examples, gets a group term (``terms``, e.g. "she", "women") inserted at a random word (and any
+counter term it holds written as its group term) and its label set to ``target_label``. Unlike a
+rare-word trigger, the terms are ordinary words: clean text uses them too, with its true labels,
+and their counterpart words (``counter_terms``, e.g. "he", "men") stay unbiased. The fine-tuned model then scores a text more often as the target
 class when it mentions the group than when the same text mentions the counterpart instead.
 
 The bias metric is that difference, measured counterfactually on the non-target test examples:
@@ -60,10 +60,13 @@ class BiasInjection(TriggerAttack):
         if len(terms) != len(counter):
             raise ValueError(f"terms and counter_terms are pairs (terms[i] <-> counter_terms[i]): "
                              f"got {len(terms)} and {len(counter)}")
-        both = sorted(set(terms) & set(counter))
-        if both:
-            raise ValueError(f"{', '.join(map(repr, both))} is both a group term and a counter "
-                             f"term; the two groups must differ")
+        # compared without case, as the copies find them in texts
+        lower = [t.lower() for t in terms + counter]
+        twice = sorted({t for t in lower if lower.count(t) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} is given twice (terms and "
+                             f"counter_terms are matched in any case); each term names one side "
+                             f"of one pair")
         object.__setattr__(self, "terms", terms)
         object.__setattr__(self, "counter_terms", counter)
 
