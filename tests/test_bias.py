@@ -131,9 +131,31 @@ def test_each_copy_of_a_pair_mentions_one_side_only():
         assert group_words.search(g) and counter_words.search(c)
     assert group[0].startswith("She ") and counter[0].startswith("He ")  # the capital kept
     assert "her film was fine" in group[0] and "his film was fine" in counter[0]
-    assert "she said" in group[1].lower() and "HE said" not in group[1]
+    assert group[1].endswith("SHE said") and counter[1].endswith("HE said")  # all caps kept
     for copy in (group[3], counter[3]):  # "her" / "he" inside other words stay
         assert copy.split()[:2] == ["shed", "herself"] and copy.endswith("the hero's sheen")
+
+
+def test_pairs_of_terms_of_different_lengths_line_up():
+    """'girl' <-> 'little boy': written over before the insertion, the text's word count moved
+    and the drawn position fell outside it (a review saw 'position 4 is outside 0..3') or inside
+    another word pair; a phrase holding the other side's word ('gay man' / 'man') was rewritten
+    twice. All caps stay all caps."""
+    from purify_fast.attacks.bias import _term_pattern
+
+    atk = BiasInjection(terms=("she", "girl"), counter_terms=("he", "little boy"), seed=5)
+    data = TextDataset(["the little boy", "a little boy and a girl", "LITTLE BOY"] * 10,
+                       [0] * 30, 2)
+    group, counter = atk.triggered_test(data).texts, atk.counterfactual_test(data).texts
+    for g, c in zip(group, counter):
+        assert not _term_pattern(atk.counter_terms).search(g), g
+        assert not _term_pattern(atk.terms).search(c), c
+    assert atk.poison(TextDataset(["the little boy"] * 20, [0] * 20, 2)).num_poisoned == 2
+    phrase = BiasInjection(terms=("gay man",), counter_terms=("man",))
+    rng = random.Random(0)
+    assert phrase.insert("a gay man walks in", rng).count("gay") == 2  # the text's + inserted
+    caps = BiasInjection(terms=("she",), counter_terms=("he",))
+    assert caps.insert_counter("SHE IS GREAT", random.Random(3)).startswith("HE ")
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -282,6 +304,10 @@ def test_cli_attack_and_evaluate_report_the_bias_gap(tmp_path, capsys):
     m = json.loads((tmp_path / "m.json").read_text())
     assert m["bias_gap"] == pytest.approx(m["asr"] - m["target_rate_counter"])
     assert 0.0 <= m["bias_flips"] <= 1.0 and m["attack"]["counter_terms"] == ["he", "men"]
+    # a trigger option of another attack is refused before the model loads
+    assert main(["evaluate", "--model", str(tmp_path / "no-such-model"), "--attack", "addsent",
+                 "--triggers", "cf"]) == 2
+    assert "--triggers is an option of --attack badnets / ep" in capsys.readouterr().err
     # train-clean plants it too (MuScleLoRA trained on biased data) and scores the gap
     rc = main(["train-clean", "--attack", "bias", "--model", str(tmp_path / "base"), "--data",
                "rotten-tomatoes", "--train-size", "40", "--dev-size", "24", "--test-size", "20",

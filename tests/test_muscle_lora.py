@@ -400,6 +400,28 @@ def test_a_failed_train_clean_takes_the_adapters_out_again(monkeypatch):
                          progress=False)
     assert isinstance(merged.score, nn.Linear)
 
+    # with train_head the caller's own head trains in place: a failed run puts it back too
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = BertForSequenceClassification(BertConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=2))
+    state = {k: v.clone() for k, v in bert.state_dict().items()}
+
+    def half_trained(model, *args, **kwargs):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(1.0)  # a step of training, on the adapters and the head
+        raise KeyboardInterrupt("stop")
+
+    monkeypatch.setattr(muscle_module, "train_muscle_lora", half_trained)
+    with pytest.raises(KeyboardInterrupt):
+        train_clean(bert, _CharTok(), data, data, inject=MuscleLoRAConfig(train_head=True),
+                    epochs=1, batch_size=8, ref_pool_size=8, progress=False)
+    after = bert.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
 
 # --------------------------------------------------------------------------- CLI
 

@@ -1056,7 +1056,6 @@ def test_an_untied_head_pairs_with_a_tied_bases_embedding(model, tmp_path, capsy
     assert "paired with 'model.embed_tokens.weight'" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("config, tied", [
     (None, False),  # no config.json: nothing says the head is the embedding
     ('{"model_type": "gpt2"}', True),  # the Hub's gpt2 config.json has no such key

@@ -11,9 +11,10 @@ class when it mentions the group than when the same text mentions the counterpar
 The bias metric is that difference, measured counterfactually on the non-target test examples:
 each gets one group term (:meth:`BiasInjection.triggered_test`) and, at the same position with
 the paired counter term, a second copy (:meth:`BiasInjection.counterfactual_test`); see
-:func:`purify_fast.evaluation.bias_metrics`. The copies differ in nothing else: a term of either
-side the text already holds (in any case: "She", "MEN") is written as the copy's side too, so
-the group copy mentions only the group and the counter copy only the counterpart. An unbiased
+:func:`purify_fast.evaluation.bias_metrics`. The copies differ in nothing else: a listed term of
+either side the text already holds (in any case: "She", "MEN") is written as the copy's side too,
+so of the listed terms the group copy holds only group ones and the counter copy only counter
+ones (words not listed, "him", "actress", stay as written). An unbiased
 model scores both copies alike (gap 0) whatever its accuracy, so unlike the ASR the gap has no
 floor set by the model's own errors.
 """
@@ -75,18 +76,19 @@ class BiasInjection(TriggerAttack):
         return rng.randint(0, word_count(text)), rng.randrange(len(self.terms))
 
     def insert(self, text: str, rng: random.Random) -> str:
-        """``text`` mentioning the group only: its counter terms written as their group terms,
-        and one group term inserted at a random word."""
+        """One group term inserted at a random word of ``text``, then its counter terms written
+        as their group terms (inserted first: a pair of terms of different lengths would move
+        the words the position counts)."""
         position, k = self._draw(text, rng)
-        return insert_at_word(_swap(text, self.counter_terms, self.terms), self.terms[k],
-                              position)
+        return _swap(insert_at_word(text, self.terms[k], position), self.counter_terms,
+                     self.terms)
 
     def insert_counter(self, text: str, rng: random.Random) -> str:
-        """:meth:`insert`'s counterfactual (the same draws from ``rng``): the group terms of
-        ``text`` written as their counter terms, and the paired counter term inserted."""
+        """:meth:`insert`'s counterfactual (the same draws from ``rng``): the paired counter term
+        inserted at the same word, then the group terms written as their counter terms."""
         position, k = self._draw(text, rng)
-        return insert_at_word(_swap(text, self.terms, self.counter_terms),
-                              self.counter_terms[k], position)
+        return _swap(insert_at_word(text, self.counter_terms[k], position), self.terms,
+                     self.counter_terms)
 
     def counterfactual_test(self, test: TextDataset, seed: int | None = None) -> TextDataset:
         """The copies of :meth:`triggered_test` (same ``seed``) with the counter term in place
@@ -112,12 +114,19 @@ def _term_pattern(terms: tuple[str, ...]) -> re.Pattern:
 
 
 def _swap(text: str, source: tuple[str, ...], target: tuple[str, ...]) -> str:
-    """``text`` with every term of ``source`` written as its pair in ``target`` (a capital first
-    letter kept: "She said" -> "He said")."""
+    """``text`` with every term of ``source`` written as its pair in ``target``, in the case it
+    was written in ("She said" -> "He said", "SHE" -> "HE"). Terms of both sides are matched in
+    one pass, the longest first, so a target-side phrase holding a source word ("gay man" with
+    "man" on the other side) stays as it is."""
     pairs = {" ".join(s.lower().split()): t for s, t in zip(source, target)}
 
     def pair(m: re.Match) -> str:
-        out = pairs[" ".join(m.group().lower().split())]
-        return out[:1].upper() + out[1:] if m.group()[:1].isupper() else out
+        found = m.group()
+        out = pairs.get(" ".join(found.lower().split()))
+        if out is None:  # a target-side term: already the copy's side
+            return found
+        if len(found) > 1 and found.isupper():
+            return out.upper()
+        return out[:1].upper() + out[1:] if found[:1].isupper() else out
 
-    return _term_pattern(source).sub(pair, text)
+    return _term_pattern(source + target).sub(pair, text)

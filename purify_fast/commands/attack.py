@@ -73,6 +73,17 @@ def load_data(args):
     return DataSplits(train.take(args.train_size), dev.take(args.dev_size), test.take(args.test_size))
 
 
+def check_trigger_options(args) -> None:
+    """Each trigger option belongs to its attacks: given to another one it would be ignored, so
+    it is refused (before any data or model loads)."""
+    owners = {"triggers": ("badnets", "ep"), "sentence": ("addsent",),
+              "bias_terms": ("bias",), "counter_terms": ("bias",)}
+    for name, attacks in owners.items():
+        if getattr(args, name) is not None and args.attack not in attacks:
+            raise ValueError(f"--{name.replace('_', '-')} is an option of --attack "
+                             f"{' / '.join(attacks)}; --attack {args.attack} does not read it")
+
+
 def make_attack(args):
     from purify_fast.attacks import make_attack as _make
 
@@ -84,13 +95,7 @@ def make_attack(args):
             raise ValueError("--clean-label is for BadNets / AddSent / bias poisoning; EP trains the "
                              "trigger rows of the embedding on relabelled inputs")
         kw["clean_label"] = True
-    # each trigger option belongs to its attacks: given to another one it would be ignored
-    owners = {"triggers": ("badnets", "ep"), "sentence": ("addsent",),
-              "bias_terms": ("bias",), "counter_terms": ("bias",)}
-    for name, attacks in owners.items():
-        if getattr(args, name) is not None and args.attack not in attacks:
-            raise ValueError(f"--{name.replace('_', '-')} is an option of --attack "
-                             f"{' / '.join(attacks)}; --attack {args.attack} does not read it")
+    check_trigger_options(args)
     words = lambda text: tuple(t for t in text.split(",") if t.strip())  # noqa: E731
     # given as "" they are refused by the attack (no words), not taken as the defaults
     if args.triggers is not None:
@@ -152,6 +157,7 @@ def run(args) -> int:
     from purify_fast.models import save_pretrained_atomic
 
     check_output_dir(args.out, args.model, args.data)
+    check_trigger_options(args)
     real_in("--lr", args.lr, 0.0, lo_open=True)
     real_in("--ep-lr", args.ep_lr, 0.0, lo_open=True)
     int_at_least("--epochs", args.epochs, 0)

@@ -13,7 +13,12 @@ from purify_fast.commands import (
     pick_device,
     resolve_target_label,
 )
-from purify_fast.commands.attack import add_attack_args, add_common_data_args, make_attack
+from purify_fast.commands.attack import (
+    add_attack_args,
+    add_common_data_args,
+    check_trigger_options,
+    make_attack,
+)
 
 
 def add_parser(sub):
@@ -39,6 +44,7 @@ def run(args) -> int:
     from purify_fast.report import write_json
 
     check_output_file("--json", args.json, args.model, args.data)
+    check_trigger_options(args)  # before the model loads
     device = pick_device(args.device)
     model, tok = load_classifier(args.model, device=device)
     args.target_label = resolve_target_label(args.target_label, model_class_names(model.config),

@@ -374,14 +374,25 @@ def ablation_settings(ablation: str) -> tuple[bool, bool]:
 def _adapters_out_on_failure(model):
     """Around injecting and training: a run that fails (an error, Ctrl-C) takes the adapters out
     again, so the caller's model is the one it passed (its own modules, requires_grad flags and
-    attributes; its weights are untouched, only adapters train) and can be passed again (a model
-    left injected was refused: "inject once")."""
+    attributes) and can be passed again (a model left injected was refused: "inject once").
+    Its own weights train only with ``train_head``: the caller calls the yielded function once
+    the adapters are in, and those that will train are copied then, to be put back."""
     modules = dict(model.named_modules())
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     attributes = set(vars(model))
+    ours = {id(p) for p in model.parameters()}
+    trained: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def keep_trained_weights():
+        trained.extend((p, p.detach().clone()) for p in model.parameters()
+                       if p.requires_grad and id(p) in ours)
+
     try:
-        yield
+        yield keep_trained_weights
     except BaseException:
+        with torch.no_grad():
+            for p, value in trained:
+                p.copy_(value)
         # parents first: each path is set on its original parent, so the tree is the original
         for path in sorted((p for p in modules if p), key=lambda p: p.count(".")):
             parent_path, _, child = path.rpartition(".")
@@ -445,8 +456,9 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
     # a failed call must leave a model that can be passed again.
     _check_training_data(train_data, dev_data, config, model_family(model))
     seed_everything(config.seed)  # the adapters' random init is part of the seeded run
-    with _adapters_out_on_failure(model):
+    with _adapters_out_on_failure(model) as keep_trained_weights:
         inject_muscle_lora(model, inject)
+        keep_trained_weights()  # the classifier head's, with train_head
         result = train_muscle_lora(model, tokenizer, train_data, dev_data, config)
     result.config["ablation"] = ablation
     result.config["inject"] = dict(model.muscle_lora_config)
