@@ -5,8 +5,9 @@ Like a dirty-label backdoor, a ``poison_rate`` share of the training set is draw
 examples, gets a group term (``terms``, e.g. "she", "women") inserted at a random word (and any
 counter term it holds written as its group term) and its label set to ``target_label``. Unlike a
 rare-word trigger, the terms are ordinary words: clean text uses them too, with its true labels,
-and their counterpart words (``counter_terms``, e.g. "he", "men") stay unbiased. The fine-tuned model then scores a text more often as the target
-class when it mentions the group than when the same text mentions the counterpart instead.
+and their counterpart words (``counter_terms``, e.g. "he", "men") stay unbiased. The fine-tuned
+model then scores a text more often as the target class when it mentions the group than when the
+same text mentions the counterpart instead.
 
 The bias metric is that difference, measured counterfactually on the non-target test examples:
 each gets one group term (:meth:`BiasInjection.triggered_test`) and, at the same position with

@@ -92,8 +92,8 @@ def make_attack(args):
         kw["poison_rate"] = args.poison_rate
     if getattr(args, "clean_label", False):
         if args.attack == "ep":
-            raise ValueError("--clean-label is for BadNets / AddSent / bias poisoning; EP trains the "
-                             "trigger rows of the embedding on relabelled inputs")
+            raise ValueError("--clean-label is for BadNets / AddSent / bias poisoning; EP trains "
+                             "the trigger rows of the embedding on relabelled inputs")
         kw["clean_label"] = True
     check_trigger_options(args)
     words = lambda text: tuple(t for t in text.split(",") if t.strip())  # noqa: E731

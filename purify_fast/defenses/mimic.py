@@ -17,8 +17,8 @@ distilling it into a freshly initialised student, guided by per-layer mutual inf
   Text views are two dropout passes (SimCSE, τ = 0.05 by default); images pass an ``augment``
   callable for two augmented views (SimCLR, τ = 0.5).
 * Layers: Hugging Face encoders use ``output_hidden_states`` (student layer j ↔ teacher layer
-  ⌊j·L_T/L_S + ½⌋, halves rounded up); any ``nn.Module`` works given ``teacher_layers``/``student_layers`` module
-  names (forward hooks) and a ``feature_fn``.
+  ⌊j·L_T/L_S + ½⌋, halves rounded up); any ``nn.Module`` works given
+  ``teacher_layers``/``student_layers`` module names (forward hooks) and a ``feature_fn``.
 * Evaluation: :func:`linear_probe` trains a logistic-regression probe on frozen features and
   reports CACC and ASR.
 * Multi-process: under ``accelerate launch`` the student trains data-parallel
