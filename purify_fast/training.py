@@ -87,18 +87,16 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def distributed_launch() -> bool:
-    """True when this process is one of several (``accelerate launch`` sets ``WORLD_SIZE``)."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def world_size() -> int:
     """Processes in this launch (``WORLD_SIZE``, 1 when not launched by accelerate/torchrun)."""
     import os
 
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def distributed_launch() -> bool:
+    """True when this process is one of several (``accelerate launch`` sets ``WORLD_SIZE``)."""
+    return world_size() > 1
 
 
 def scheduler_steps(epochs: int, batches: int, *, per_rank: bool = False) -> int:

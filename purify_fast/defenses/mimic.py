@@ -49,7 +49,12 @@ from purify_fast.data.text_dataset import TextDataset, make_loader
 from purify_fast.defenses._common import check_tokenizer
 from purify_fast.defenses.mine import MINE, estimate_layer_mi, layer_weights
 from purify_fast.ops.attention_maps import attention_map_loss
-from purify_fast.training import distributed_launch, handing_back, scheduler_steps
+from purify_fast.training import (
+    distributed_launch,
+    handing_back,
+    rank_dropout_seed,
+    scheduler_steps,
+)
 from purify_fast.validation import int_at_least, one_of, real_in
 
 MI_SOURCES = ("teacher", "student")
@@ -519,9 +524,8 @@ class MIMIC:
                 result.mi, result.weights = mi, weights
 
             rng_state = torch.random.get_rng_state()
-            # each process its own dropout views (the same seed gave every rank the same masks)
-            torch.manual_seed(cfg.seed + (accelerator.process_index if accelerator is not None
-                                          else 0))
+            torch.manual_seed(cfg.seed)
+            rank_dropout_seed(cfg.seed, accelerator)  # under a launch, each rank its own views
             step = 0
             for epoch in range(cfg.epochs):
                 if cfg.mi_source == "student" and epoch > 0 and epoch % cfg.mi_every == 0:
