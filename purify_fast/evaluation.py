@@ -52,6 +52,7 @@ def _triggered_predictions(model, tokenizer, triggered: TextDataset, target_labe
 
 
 def bias_metrics(model, tokenizer, attack, test: TextDataset, *,
+                 triggered: TextDataset | None = None,
                  group_predictions: torch.Tensor | None = None, **kwargs) -> dict:
     """Counterfactual bias of a :class:`purify_fast.attacks.BiasInjection`, on the non-target
     examples of ``test``, each scored once mentioning the group (``attack.triggered_test``) and
@@ -66,13 +67,17 @@ def bias_metrics(model, tokenizer, attack, test: TextDataset, *,
       which they differ cut off by truncation to ``max_length`` tokens (such a pair adds nothing
       to the gap, so a non-zero share means the gap understates the bias).
 
-    ``group_predictions`` (the group copies' predictions, when the caller has them) saves one
-    pass."""
+    ``group_predictions`` (the predictions of ``triggered``, when the caller has them) saves one
+    pass; ``triggered`` must then be ``attack.triggered_test(test)``, the group copies the pairs
+    are made of."""
     if not hasattr(attack, "counterfactual_test"):
         raise TypeError(f"bias metrics need a bias injection attack (counter terms), got "
                         f"{type(attack).__name__}")
     group = group_predictions
     group_copies, counter_copies = attack.triggered_test(test), attack.counterfactual_test(test)
+    if triggered is not None and list(triggered.texts) != list(group_copies.texts):
+        raise ValueError("the bias gap pairs each triggered text with its counterfactual copy: "
+                         "pass attack.triggered_test(test) as the triggered set")
     if group is None:
         group = _triggered_predictions(model, tokenizer, group_copies, attack.target_label,
                                        **kwargs)
@@ -149,12 +154,11 @@ def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDatase
             out["trigger_cut"] = trigger_cut_share(attack, tokenizer, triggered,
                                                    kwargs.get("max_length", 64))
         if hasattr(attack, "counterfactual_test"):  # bias_metrics gives its pairs' trigger_cut
-            if (attack.target_label != target_label
-                    or list(attack.triggered_test(test).texts) != list(triggered.texts)):
+            if attack.target_label != target_label:
                 raise ValueError("the bias gap pairs each triggered text with its counterfactual "
                                  "copy: pass attack.triggered_test(test) as the triggered set")
-            out.update(bias_metrics(model, tokenizer, attack, test, group_predictions=group,
-                                    **kwargs))
+            out.update(bias_metrics(model, tokenizer, attack, test, triggered=triggered,
+                                    group_predictions=group, **kwargs))
     out["seconds"] = time.perf_counter() - t0
     return out
 

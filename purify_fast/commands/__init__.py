@@ -375,14 +375,14 @@ def note_trigger_cut(metrics: dict, max_length: int) -> None:
               file=sys.stderr)
 
 
-def bias_summary(metrics: dict) -> str:
-    """The bias metric of a bias injection run, one line ('' for other attacks)."""
+def note_bias(metrics: dict) -> None:
+    """Print the bias metric of a bias injection run, one line (nothing for other attacks)."""
     if metrics.get("bias_gap") is None:
-        return ""
-    return (f"bias gap {100 * metrics['bias_gap']:+.1f} points (target class for "
-            f"{100 * metrics['asr']:.1f}% of the test inputs mentioning the group, "
-            f"{100 * metrics['target_rate_counter']:.1f}% of the same mentioning the counterpart; "
-            f"{100 * metrics['bias_flips']:.1f}% of the pairs predicted differently)")
+        return
+    print(f"bias gap {100 * metrics['bias_gap']:+.1f} points (target class for "
+          f"{100 * metrics['asr']:.1f}% of the test inputs mentioning the group, "
+          f"{100 * metrics['target_rate_counter']:.1f}% of the same mentioning the counterpart; "
+          f"{100 * metrics['bias_flips']:.1f}% of the pairs predicted differently)")
 
 
 def refuse_unread_options(args, readers: dict, defaults: dict) -> None:

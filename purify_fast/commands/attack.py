@@ -7,9 +7,9 @@ import sys
 
 from purify_fast.commands import (
     add_device_arg,
-    bias_summary,
     check_output_dir,
     class_numbering,
+    note_bias,
     note_trigger_cut,
     pick_device,
     positive_int,
@@ -185,8 +185,7 @@ def run(args) -> int:
     print(f"backdoored model -> {args.out}: CACC {100 * metrics['cacc']:.1f}%  "
           f"ASR {100 * metrics['asr']:.1f}% (without the trigger "
           f"{100 * metrics['asr_no_trigger']:.1f}%)")
-    if bias_summary(metrics):
-        print(bias_summary(metrics))
+    note_bias(metrics)
     return 0
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from purify_fast.commands import (
     add_device_arg,
-    bias_summary,
     check_classes_match,
     check_output_file,
     load_file_for_model,
     model_class_names,
+    note_bias,
     note_trigger_cut,
     pick_device,
     resolve_target_label,
@@ -62,8 +62,7 @@ def run(args) -> int:
     print(f"{args.model}: CACC {100 * m['cacc']:.1f}%  ASR {100 * m['asr']:.1f}% "
           f"(without the trigger {100 * m['asr_no_trigger']:.1f}%; {len(test)} clean test "
           f"examples, {args.attack} trigger)")
-    if bias_summary(m):
-        print(bias_summary(m))
+    note_bias(m)
     if args.json:
         write_json(args.json, {"model": args.model, "attack": attack.describe(), **m})
     return 0

@@ -20,9 +20,9 @@ import time
 
 from purify_fast.commands import (
     add_device_arg,
-    bias_summary,
     check_output_dir,
     load_file_like,
+    note_bias,
     note_trigger_cut,
     number_as_model,
     pick_device,
@@ -160,6 +160,5 @@ def run(args) -> int:
     summary = {k: report[k] for k in ("best_epoch", "best_dev_acc")}
     summary.update(report.get("eval", {}))
     print(f"wrote {out}  {json.dumps(summary, default=str)}")
-    if bias_summary(report.get("eval", {})):
-        print(bias_summary(report["eval"]))
+    note_bias(report.get("eval", {}))
     return 0
