@@ -47,6 +47,20 @@ class RecordingAccelerator:
         return model
 
 
+def fake_launch(monkeypatch, stage_module) -> list:
+    """Make ``stage_module`` (training, muscle_lora, mimic) see a multi-process launch whose
+    prepare_stage hands back a :class:`RecordingAccelerator`; returns the list of what its
+    release_stage unwrapped."""
+    import purify_fast.distributed
+
+    released = []
+    monkeypatch.setattr(stage_module, "distributed_launch", lambda: True)
+    monkeypatch.setattr(purify_fast.distributed, "prepare_stage",
+                        lambda model, opt, *loaders, scheduler=None:
+                        (RecordingAccelerator(released), model, opt, *loaders, scheduler))
+    return released
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)

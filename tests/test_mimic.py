@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import RecordingAccelerator
+from conftest import fake_launch
 from torch import nn
 
 from purify_fast.defenses.mimic import (
@@ -464,14 +464,8 @@ def test_a_failed_fit_gives_the_callers_modules_back_and_releases_the_stage(monk
     import accelerate.utils
 
     import purify_fast.defenses.mimic as mimic_module
-    import purify_fast.distributed
 
-    released = []
-
-    monkeypatch.setattr(mimic_module, "distributed_launch", lambda: True)
-    monkeypatch.setattr(purify_fast.distributed, "prepare_stage",
-                        lambda model, opt, *loaders, scheduler=None:
-                        (RecordingAccelerator(released), model, opt, *loaders, scheduler))
+    released = fake_launch(monkeypatch, mimic_module)
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list",
                         lambda objects, from_process=0: objects)
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import RecordingAccelerator
+from conftest import fake_launch
 from torch import nn
 
 from purify_fast.defenses.muscle_lora import (
@@ -331,15 +331,10 @@ def test_a_failed_training_gives_the_model_back_in_its_mode_and_releases_the_sta
     skipped release_stage (accelerate's autocast patch stayed on its forward); both are undone
     on every exit path, and a finished run releases the stage once, in eval mode."""
     import purify_fast.defenses.muscle_lora as muscle_module
-    import purify_fast.distributed
     from purify_fast.data import TextDataset
     from purify_fast.models import tiny_llama
 
-    released = []
-    monkeypatch.setattr(muscle_module, "distributed_launch", lambda: True)
-    monkeypatch.setattr(purify_fast.distributed, "prepare_stage",
-                        lambda model, opt, *loaders, scheduler=None:
-                        (RecordingAccelerator(released), model, opt, *loaders, scheduler))
+    released = fake_launch(monkeypatch, muscle_module)
     data = TextDataset([("good " if i % 2 else "bad ") + "x" * (i % 5) for i in range(32)],
                        [i % 2 for i in range(32)], 2, "toy")
     kw = dict(epochs=1, lr=1e-3, batch_size=8, ref_pool_size=8, progress=False)

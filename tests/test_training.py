@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import RecordingAccelerator
+from conftest import fake_launch
 
 from purify_fast.data import TextDataset
 from purify_fast.training import TrainConfig, train
@@ -114,14 +114,9 @@ def test_a_failed_train_gives_the_model_back_in_its_mode_and_releases_the_stage(
     train mode and skipped release_stage, so accelerate's wrappers (a mixed-precision launch's
     autocast forward) stayed on it. Both are undone on every exit path; a finished run still
     ends in eval mode and releases the stage once."""
-    import purify_fast.distributed
     import purify_fast.training as training
 
-    released = []
-    monkeypatch.setattr(training, "distributed_launch", lambda: True)
-    monkeypatch.setattr(purify_fast.distributed, "prepare_stage",
-                        lambda model, opt, *loaders, scheduler=None:
-                        (RecordingAccelerator(released), model, opt, *loaders, scheduler))
+    released = fake_launch(monkeypatch, training)
     data = TextDataset(["a good film", "a bad film", "great", "awful"], [1, 0, 1, 0], 2)
     cfg = TrainConfig(epochs=2, batch_size=2, max_length=8, progress=False)
     for dtype in (torch.float32, torch.bfloat16):
