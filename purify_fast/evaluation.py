@@ -138,6 +138,13 @@ def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDatase
     t0 = time.perf_counter()
     if target_label is not None and not 0 <= target_label < test.num_labels:
         raise ValueError(f"target_label {target_label} is out of range for {test.num_labels} labels")
+    # Before the triggered set's own check, which would blame the set (it holds the class
+    # wrongly passed as the target).
+    if (hasattr(attack, "counterfactual_test") and target_label is not None
+            and attack.target_label != target_label):
+        raise ValueError(f"target_label {target_label} is not the bias injection's target "
+                         f"label {attack.target_label}: the bias gap is the rate of the class "
+                         f"the attack ties the group to")
     preds = predict(model, tokenizer, test, **kwargs)
     labels = torch.tensor(test.labels, dtype=preds.dtype, device=preds.device)
     out = {"cacc": float((preds == labels).float().mean()), "asr": None, "asr_no_trigger": None}
@@ -154,9 +161,6 @@ def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDatase
             out["trigger_cut"] = trigger_cut_share(attack, tokenizer, triggered,
                                                    kwargs.get("max_length", 64))
         if hasattr(attack, "counterfactual_test"):  # bias_metrics gives its pairs' trigger_cut
-            if attack.target_label != target_label:
-                raise ValueError("the bias gap pairs each triggered text with its counterfactual "
-                                 "copy: pass attack.triggered_test(test) as the triggered set")
             out.update(bias_metrics(model, tokenizer, attack, test, triggered=triggered,
                                     group_predictions=group, **kwargs))
     out["seconds"] = time.perf_counter() - t0

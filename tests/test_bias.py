@@ -208,6 +208,10 @@ def test_bias_metrics_count_the_counterfactual_gap(monkeypatch, tok):
     assert full["asr"] == 0.0 and full["bias_gap"] == pytest.approx(-share_she)
     with pytest.raises(ValueError, match="pass attack.triggered_test"):
         ev.evaluate_backdoor(None, tok, DATA, atk.triggered_test(DATA, seed=5), 1, attack=atk)
+    # another target label than the attack's: named as such (the set's own check blamed the set)
+    with pytest.raises(ValueError, match="target_label 0 is not the bias injection's target "
+                                         "label 1"):
+        ev.evaluate_backdoor(None, tok, DATA, group, 0, attack=atk)
     assert "bias_gap" not in ev.evaluate_backdoor(None, tok, DATA, BadNets().triggered_test(DATA),
                                                   1, attack=BadNets())
     with pytest.raises(TypeError, match="bias injection"):
