@@ -239,6 +239,22 @@ def test_inject_tiny_llama_head_and_save_roundtrip(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_a_merged_model_keeps_no_adapter_config_and_takes_a_new_injection_quietly():
+    """merge_muscle_lora folds every peft LoRA layer; peft's config of them went too (left in
+    place, the next injection warned of "multiple adapters" in the model)."""
+    import warnings
+
+    from purify_fast.models import tiny_llama
+
+    model = tiny_llama()
+    merge_muscle_lora(inject_muscle_lora(model))
+    assert not hasattr(model, "peft_config") and not hasattr(model, "muscle_lora_config")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject_muscle_lora(model)
+    assert model.model.layers[0].self_attn.q_proj.r["default"] == 2
+
+
 def test_inject_rejects_unknown_models_and_double_injection():
     with pytest.raises(ValueError, match="supports BERT"):
         inject_muscle_lora(nn.Sequential(nn.Linear(2, 2)))

@@ -429,6 +429,10 @@ def merge_muscle_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.
                       f"train-clean --merged-dtype fp32)", UserWarning, stacklevel=2)
     if hasattr(model, "muscle_lora_config"):
         del model.muscle_lora_config
+    # Every peft LoRA layer was folded above, so peft's config describes adapters that are gone;
+    # left in place it made a later injection warn of "multiple adapters".
+    if hasattr(model, "peft_config") and not any(isinstance(m, LoraLayer) for m in model.modules()):
+        del model.peft_config
     for p in model.parameters():
         p.requires_grad_(True)
     return model
