@@ -177,6 +177,8 @@ class PurifyResult:
     kept: list[str] = field(default_factory=list)  # suspect tensors without a counterpart, as they were
     cast: list[str] = field(default_factory=list)  # pre-trained tensors cast to the suspect's dtype
     tied: dict[str, str] = field(default_factory=dict)  # suspect head -> pre-trained embedding it pairs with
+    # suspect head stored as a bitwise copy of its tied embedding -> that embedding
+    tied_copies: dict[str, str] = field(default_factory=dict)
     # "name: why" for what sits beside the suspect's weights but was not carried into the output
     side_files_left_out: list[str] = field(default_factory=list)
 
@@ -464,6 +466,49 @@ def _tied_head_pairs(pre: Checkpoint, ft: Checkpoint) -> tuple[Checkpoint, dict[
     return replace(pre, tensors={**pre.tensors, **{h: pre.tensors[e] for h, e in tied.items()}}), tied
 
 
+def _same_bytes(a: TensorInfo, b: TensorInfo, chunk: int = 1 << 24) -> bool:
+    """Whether two stored tensors are bitwise equal, read in chunks (the first one small: copies
+    that differ usually differ at once)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        done, step = 0, 1 << 12
+        while done < a.nbytes:
+            n = min(step, a.nbytes - done)
+            fa.seek(a.data_start + a.begin + done)
+            fb.seek(b.data_start + b.begin + done)
+            if fa.read(n) != fb.read(n):
+                return False
+            done, step = done + n, chunk
+    return True
+
+
+def _tied_copies(ft: Checkpoint, paired: set[str], emb_key: str | None) -> dict[str, str]:
+    """``{copy: original}`` (``{head: embedding}`` unless ``emb_key`` names the head) for a
+    suspect that stores its tied weight twice: an ``lm_head.weight`` bitwise equal to the one
+    embedding of its shape and dtype, both in ``paired``, and a config that ties them
+    (:func:`_ties_embeddings`). The model loads them as one parameter, so the copy is purified
+    as the original is (same inputs, same mask key, same E-PUR rows); purified separately,
+    Fine-mixing would draw two masks and transformers keep one copy, or neither."""
+    copies = {}
+    for head, info in ft.tensors.items():
+        if not head.endswith("lm_head.weight") or head not in paired:
+            continue
+        embeddings = [k for k, i in ft.tensors.items()
+                      if k != head and (k == emb_key or k.endswith(EMBEDDING_SUFFIXES))
+                      and i.shape == info.shape and i.dtype == info.dtype]
+        if emb_key in embeddings:
+            embeddings = [emb_key]
+        if (len(embeddings) == 1 and embeddings[0] in paired
+                and _same_bytes(info, ft[embeddings[0]])):
+            if head == emb_key:  # E-PUR told to rank the head's rows: the head is the original
+                copies[embeddings[0]] = head
+            else:
+                copies[head] = embeddings[0]
+    # the config last: it imports transformers, and an untied head differs in its first bytes
+    return copies if copies and _ties_embeddings(ft) else {}
+
+
 def _find_embedding(cfg: PurifyConfig, suspect: Checkpoint) -> str:
     if cfg.embedding_key is not None:
         if cfg.embedding_key not in suspect:
@@ -520,6 +565,8 @@ class _Plan:
         self.processed = ([k for k in shared if ft[k].is_float and ft[k].numel > 0]
                           if cfg.method != "e-pur" else [])
         self.emb_key = _find_embedding(cfg, ft) if cfg.e_pur else None
+        # each copy is computed from its embedding's inputs under that embedding's name
+        self.copies = _tied_copies(ft, shared_set, self.emb_key)
         # Pre-trained tensors of another floating-point dtype (an fp16 base under a bf16
         # fine-tune) are cast to the suspect's as they are read, as the in-memory defenses do.
         self.cast = [k for k in shared if pre[k].dtype != ft[k].dtype
@@ -575,7 +622,9 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
     (Fine-purifying); ``token_freqs`` the clean-corpus count of every vocabulary row (E-PUR).
     ``comm`` splits the work over processes (:mod:`purify_fast.distributed`); the bytes written do
     not depend on it, on ``device``, or on the backend. ``on_shard_done(name, n_done)`` is called
-    after each shard is committed (progress hooks, fault-injection tests).
+    after each shard is committed (progress hooks, fault-injection tests). A tied head that the
+    suspect stores as a bitwise copy of its embedding gets the embedding's purified tensor
+    (:func:`_tied_copies`, :attr:`PurifyResult.tied_copies`).
 
     Everything is validated before the first output byte; errors name the file and tensor.
     """
@@ -615,6 +664,8 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
            "hessian": hes.fingerprint() if hes is not None else None,
            "token_freqs_sha256": (hashlib.sha256(tensor_bytes(freqs)).hexdigest()
                                   if freqs is not None else None)}
+    if plan.copies:  # only then: runs without tied copies resume as before
+        run["tied_copies"] = plan.copies
 
     # Rank 0 owns the directory and the manifest; the others learn the outcome from it, so an
     # error on rank 0 (existing output, full disk) stops every rank instead of hanging them.
@@ -661,10 +712,15 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
     bytes_read = 0
     emb_rows = reset_rows.to(device)
 
+    def source(k: str) -> str:
+        """The tensor whose inputs and name ``k`` is computed from (itself unless a tied copy)."""
+        return plan.copies.get(k, k)
+
     def needs_pre(k: str) -> bool:
         return k in plan.processed_set or k == plan.emb_key
 
     def item_infos(k: str):
+        k = source(k)
         h = hes[k] if (hes is not None and k in plan.processed_set) else None
         return (pre[k] if needs_pre(k) else None), ft[k], h
 
@@ -754,7 +810,7 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
         def histogram_pass(hist):
             for key, release, p, t, h in staged(read(hist_keys)):
                 try:
-                    t = epur_first(key, t, p)
+                    t = epur_first(source(key), t, p)
                     hist = wrap(key, ops.score_histogram, p, t, h, indicator=cfg.indicator,
                                 eps=cfg.eps, hist=hist, backend=cfg.backend,
                                 check_finite=cfg.check_finite)
@@ -786,6 +842,7 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
 
     def compute(key, p, t, h, out):
         """The purified tensor, written into ``out`` when computing on the CPU."""
+        key = source(key)  # a tied copy draws its embedding's mask
         t = epur_first(key, t, p)
         if key not in plan.processed_set:
             return out.copy_(t) if out is not None else t
@@ -865,7 +922,7 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
                         resumed=resumed, shards_total=len(plan.layouts), shards_skipped=skipped,
                         threshold=threshold, reset_rows=[int(r) for r in reset_rows],
                         stage_seconds=stages, base_prefix=base_prefix, kept=list(plan.new),
-                        cast=list(plan.cast), tied=dict(tied),
+                        cast=list(plan.cast), tied=dict(tied), tied_copies=dict(plan.copies),
                         side_files_left_out=side_files_left_out(ft))
 
 
@@ -873,15 +930,23 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
 
 def purify_state_dict(pretrained: dict[str, torch.Tensor], suspect: dict[str, torch.Tensor],
                       config: PurifyConfig | None = None, *, hessian=None, token_freqs=None,
+                      tied_copies: dict[str, str] | None = None,
                       **options) -> dict[str, torch.Tensor]:
     """The same purification on in-memory state dicts (all tensors resident): what the streaming
-    engine must reproduce byte for byte, and a convenience for small models."""
+    engine must reproduce byte for byte, and a convenience for small models. ``tied_copies``
+    (``{head: embedding}``, :attr:`PurifyResult.tied_copies`) purifies each head as its
+    embedding: from the embedding's inputs, under its name."""
     cfg = config if config is not None else PurifyConfig(**options)
     out = {}
     emb_key = None
     ft = dict(suspect)
     pretrained = {k: (v.to(ft[k].dtype) if k in ft and v.is_floating_point()
                       and ft[k].is_floating_point() else v) for k, v in pretrained.items()}
+    copies = dict(tied_copies or {})
+    if copies:
+        pretrained.update({h: pretrained[e] for h, e in copies.items()})
+        if hessian is not None:
+            hessian = {**hessian, **{h: hessian[e] for h, e in copies.items()}}
     if cfg.e_pur:
         emb_key = cfg.embedding_key or next(
             (k for k, v in ft.items() if k.endswith(EMBEDDING_SUFFIXES) and v.dim() == 2), None)
@@ -894,6 +959,7 @@ def purify_state_dict(pretrained: dict[str, torch.Tensor], suspect: dict[str, to
             e = ft[emb_key].clone()
             e[rows] = pretrained[emb_key][rows]
             ft[emb_key] = e
+    ft.update({h: ft[e] for h, e in copies.items()})
     keys = [k for k in ft if k in pretrained and ft[k].is_floating_point() and ft[k].numel()
             and cfg.method != "e-pur"]
     threshold = None
@@ -905,8 +971,8 @@ def purify_state_dict(pretrained: dict[str, torch.Tensor], suspect: dict[str, to
         if k not in keys:
             out[k] = t
         elif cfg.method == "mix":
-            out[k] = ops.mix_weights(pretrained[k], t, cfg.rho, seed=cfg.seed, key=k,
-                                     select=cfg.select, backend=cfg.backend)
+            out[k] = ops.mix_weights(pretrained[k], t, cfg.rho, seed=cfg.seed,
+                                     key=copies.get(k, k), select=cfg.select, backend=cfg.backend)
         else:
             h = None if hessian is None else hessian[k]
             thr = threshold
@@ -932,9 +998,9 @@ def fisher_checkpoint_keys(model: torch.nn.Module, ckpt: Checkpoint
     floating-point tensor of ``ckpt``, the checkpoint it was loaded from (``purify_checkpoint``
     wants a Hessian for each): ``(aliases, zeros)`` for DiskFisher's arguments of those names.
     A tied weight stored under a second name (``lm_head.weight`` beside the embedding) shares the
-    parameter's Fisher; a tensor that gets no gradient (a saved float buffer, one transformers
-    drops on load such as an old LLaMA's per-layer ``rotary_emb.inv_freq``, a frozen parameter)
-    has Fisher 0.
+    parameter's Fisher (:func:`purify_checkpoint` then purifies the two copies as one); a tensor
+    that gets no gradient (a saved float buffer, one transformers drops on load such as an old
+    LLaMA's per-layer ``rotary_emb.inv_freq``, a frozen parameter) has Fisher 0.
 
     A checkpoint tensor that is none of these is an error, raised before any batch: transformers
     renamed or fused it on load (mixture-of-experts weights), so no Fisher key could name it."""

@@ -1139,3 +1139,113 @@ def test_fisher_keys_of_buffers_gpt2_drops_on_load(tmp_path):
     loaded = GPT2LMHeadModel.from_pretrained(tmp_path)
     aliases, zeros = fisher_checkpoint_keys(loaded, Checkpoint.open(tmp_path))
     assert {"transformer.h.0.attn.bias", "transformer.h.0.crossattention.bias"} <= set(zeros)
+
+
+def _gpt2_stored_twice(root, tie=True, copies_equal=True):
+    """A tiny GPT-2 (pre-trained and a drifted suspect) with wte and lm_head both stored (older
+    checkpoints, or ones saved without dropping tied duplicates) in separate shards, plus a Hessian
+    whose two copies differ and the base saved without its head (as save_pretrained saves it)."""
+    from transformers import GPT2Config
+
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=tie)
+    g = torch.Generator().manual_seed(0)
+    P = {"transformer.wte.weight": torch.randn(64, 16, generator=g),
+         "transformer.wpe.weight": torch.randn(16, 16, generator=g),
+         "transformer.h.0.attn.c_attn.weight": torch.randn(16, 48, generator=g),
+         "transformer.h.0.mlp.c_fc.weight": torch.randn(16, 64, generator=g),
+         "transformer.ln_f.weight": torch.ones(16)}
+    F = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in P.items()}
+    P["lm_head.weight"] = P["transformer.wte.weight"].clone()
+    F["lm_head.weight"] = F["transformer.wte.weight"].clone()
+    if not copies_equal:
+        F["lm_head.weight"][3, 5] += 0.5
+    H = {k: torch.rand(v.shape, generator=g) + 1e-3 for k, v in F.items()}
+    paths = {}
+    for name, sd in (("pre", P), ("ft", F), ("h", H),
+                     ("pre_nohead", {k: v for k, v in P.items() if k != "lm_head.weight"})):
+        paths[name] = write_checkpoint(sd, root / name,
+                                       max_shard_bytes=None if name == "h" else 4200)
+        if name != "h":
+            cfg.save_pretrained(paths[name])
+    ft = Checkpoint.open(paths["ft"])
+    assert ft["lm_head.weight"].file != ft["transformer.wte.weight"].file
+    return paths, P, F, H
+
+
+TIED_CASES = [
+    {"method": "mix", "rho": 0.5, "seed": 3},
+    {"method": "fine-purifying", "rho": 0.1},
+    {"method": "fine-purifying", "rho": 0.2, "scope": "tensor"},
+    {"method": "e-pur", "top_n": 5},
+    {"method": "mix", "rho": 0.4, "e_pur": True, "top_n": 3},
+]
+TIED = {"lm_head.weight": "transformer.wte.weight"}
+
+
+@pytest.mark.parametrize("base", ["pre", "pre_nohead"])
+@pytest.mark.parametrize("case", TIED_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_a_tied_weight_stored_twice_gets_one_purification(tmp_path, case, base):
+    """A suspect whose config ties lm_head to wte and that stores both, bitwise equal: both names
+    get the one purified tensor, the embedding's (it was two: Fine-mixing drew a mask per name,
+    Fine-purifying read each name's Hessian, E-PUR reset only the embedding's rows), so the
+    model transformers loads is the purified one. The other tensors are as before."""
+    from transformers import GPT2LMHeadModel
+
+    paths, P, F, H = _gpt2_stored_twice(tmp_path)
+    kw = dict(case, token_freqs=torch.arange(64) * 7 % 50)
+    if case["method"] == "fine-purifying":
+        kw["hessian"] = paths["h"]
+    res = purify_checkpoint(paths[base], paths["ft"], tmp_path / "out", **kw)
+    got = _load(res.out)
+    assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+    assert not torch.equal(got["lm_head.weight"], F["lm_head.weight"])
+    assert res.tied_copies == TIED
+    sd_kw = dict(kw, hessian=H if "hessian" in kw else None)
+    want = purify_state_dict(P, F, tied_copies=TIED, **sd_kw)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    if not (case["method"] == "fine-purifying" and case.get("scope", "global") == "global"):
+        # no threshold shared across tensors: every other tensor is as it was before the fix
+        old = purify_state_dict(P, F, **sd_kw)
+        assert all(torch.equal(got[k], old[k]) for k in want if k != "lm_head.weight")
+    loaded = GPT2LMHeadModel.from_pretrained(res.out)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert torch.equal(loaded.transformer.wte.weight.detach(), got["transformer.wte.weight"])
+
+
+def test_tied_copies_resume_and_the_cli_says_so(tmp_path, capsys):
+    """The copies sit in different shards: a run stopped after the first resumes to the same
+    bytes; the CLI names the copy."""
+    paths, *_ = _gpt2_stored_twice(tmp_path)
+    clean = purify_checkpoint(paths["pre"], paths["ft"], tmp_path / "clean", method="mix").out
+
+    def fault(name, n):
+        raise _Boom(name)
+    with pytest.raises(_Boom):
+        purify_checkpoint(paths["pre"], paths["ft"], tmp_path / "o", method="mix",
+                          on_shard_done=fault)
+    res = purify_checkpoint(paths["pre"], paths["ft"], tmp_path / "o", method="mix", resume=True)
+    assert res.resumed and res.shards_skipped == 1 and _digest(res.out) == _digest(clean)
+    assert cli_main(["purify-checkpoint", "--method", "mix", "--pretrained", str(paths["pre"]),
+                     "--suspect", str(paths["ft"]), "--out", str(tmp_path / "cli"),
+                     "--no-progress"]) == 0
+    assert ("stores its tied 'lm_head.weight' as a copy of 'transformer.wte.weight'"
+            in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("tie, copies_equal", [(False, True), (True, False)],
+                         ids=["untied-config", "copies-differ"])
+@pytest.mark.parametrize("case", TIED_CASES[:2], ids=["mix", "fine-purifying"])
+def test_untied_or_differing_copies_are_purified_as_two_tensors(tmp_path, case, tie,
+                                                                 copies_equal):
+    """A config that does not tie the head, or a head that is not a copy of the embedding: two
+    parameters, purified one by one as before (no tied_copies in the run record either, so
+    earlier unfinished runs still resume)."""
+    paths, P, F, H = _gpt2_stored_twice(tmp_path, tie=tie, copies_equal=copies_equal)
+    kw = dict(case, hessian=paths["h"] if case["method"] == "fine-purifying" else None)
+    res = purify_checkpoint(paths["pre"], paths["ft"], tmp_path / "out", **kw)
+    got = _load(res.out)
+    want = purify_state_dict(P, F, **dict(kw, hessian=H if kw["hessian"] else None))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+    assert "tied_copies" not in json.loads((res.out / ck.MANIFEST_NAME).read_text())["run"]

@@ -239,6 +239,9 @@ def run(args) -> int:
         for head, emb in result.tied.items():
             print(f"note: the suspect's {head!r} has no counterpart in {args.pretrained}, which "
                   f"ties it to its embedding: it was paired with {emb!r}", file=sys.stderr)
+        for head, emb in result.tied_copies.items():
+            print(f"note: the suspect stores its tied {head!r} as a copy of {emb!r}: both names "
+                  f"got the one purified tensor", file=sys.stderr)
         if result.cast:
             print(f"note: {len(result.cast)} pre-trained tensor(s) of another dtype (e.g. "
                   f"{result.cast[0]!r}) were cast to the suspect's before purifying",
