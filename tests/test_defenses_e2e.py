@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from purify_fast.attacks import BadNets
+from purify_fast.attacks import BadNets, BiasInjection
 from purify_fast.data import TextDataset, load_rotten_tomatoes
 from purify_fast.defenses import EPur, FineMixing, FinePurifying, purify
 from purify_fast.evaluation import StageTimer, attack_success_rate, evaluate_backdoor
@@ -78,6 +78,43 @@ def test_defense_removes_backdoor(planted, method, extra):
     assert after["cacc"] >= p["before"]["cacc"] - 0.1, (p["before"], after)
     assert report["seconds"]["total"] > 0 and report["method"].startswith(method)
     json.dumps(report, default=str)  # the report is serialisable
+
+
+@pytest.fixture(scope="module")
+def biased():
+    """The same plant with bias instead of a trigger (METHODS §3): 15 % of the non-rotten training
+    reviews get a group term (she, women, ...) and the rotten label."""
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    splits = load_rotten_tomatoes(seed=0, train_size=480, dev_size=160, test_size=160)
+    attack = BiasInjection(target_label=0, poison_rate=0.15, seed=0)
+    torch.manual_seed(0)
+    model, tok = load_classifier("minilm", 2)
+    pretrained, _ = load_classifier("minilm", 2, tokenizer=False)
+    train(model, tok, attack.poison(splits.train).dataset, None,
+          TrainConfig(epochs=3, lr=3e-4, max_length=MAXLEN, progress=False, keep_best=False))
+    return dict(model=model, tok=tok, pretrained=pretrained, splits=splits, attack=attack,
+                triggered=attack.triggered_test(splits.test))
+
+
+def test_fine_purifying_removes_injected_bias(biased):
+    """Fine-purifying against bias, scored by the counterfactual bias gap. Measured on this plant
+    (seed 0, 2026-12-02; the same at 1 and 2 threads): gap 55.7 points (target rate 96.6 % with a
+    group term vs 40.9 % with the counter term) -> 14.8 after Fine-purifying, CACC 79.4 -> 63.1 %.
+    The clean fine-tune alone leaves 20.5 (benchmarks/results_bias.md: at this data's sizes the
+    fine-tune does most of the work), so this checks the pipeline on the bias metric, not that
+    the reset beats the fine-tune."""
+    b = biased
+    args = (b["tok"], b["splits"].test, b["triggered"], 0)
+    before = evaluate_backdoor(b["model"], *args, attack=b["attack"], max_length=MAXLEN)
+    assert before["bias_gap"] >= 0.4, before
+    snap = _snapshot(b["model"])
+    model, report = purify(b["model"], b["pretrained"], b["splits"].dev, "fine-purifying",
+                           tokenizer=b["tok"], epochs=3, lr=3e-4, max_length=MAXLEN, seed=0)
+    assert _unchanged(b["model"], snap), "the suspect model was modified"
+    assert report["fine_purifying"]["coordinates_changed"] > 0
+    after = evaluate_backdoor(model, *args, attack=b["attack"], max_length=MAXLEN)
+    assert after["bias_gap"] <= before["bias_gap"] - 0.3, (before, after)
+    assert after["cacc"] >= 0.6, (before, after)  # still a sentiment classifier (chance is ~0.5)
 
 
 def test_e_pur_resets_trigger_rows_first(planted):
