@@ -27,12 +27,10 @@ from purify_fast.training import TrainConfig, train
 MAXLEN = 32
 
 
-@pytest.fixture(scope="session")
-def planted():
-    """A MiniLM sentiment classifier with a BadNets backdoor (target label 1)."""
+def _plant(attack):
+    """MiniLM fine-tuned on CI-sized Rotten Tomatoes poisoned by ``attack`` (seed 0)."""
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     splits = load_rotten_tomatoes(seed=0, train_size=480, dev_size=160, test_size=160)
-    attack = BadNets(target_label=1, poison_rate=0.15, seed=0)
     torch.manual_seed(0)
     model, tok = load_classifier("minilm", 2)
     pretrained, _ = load_classifier("minilm", 2, tokenizer=False)
@@ -40,10 +38,17 @@ def planted():
     # A high lr lets 3 short epochs learn both the sentiment task and the trigger.
     train(model, tok, poisoned, None, TrainConfig(epochs=3, lr=3e-4, max_length=MAXLEN,
                                                    progress=False, keep_best=False))
-    triggered = attack.triggered_test(splits.test)
-    before = evaluate_backdoor(model, tok, splits.test, triggered, 1, max_length=MAXLEN)
     return dict(model=model, tok=tok, pretrained=pretrained, splits=splits, attack=attack,
-                triggered=triggered, before=before, clean=splits.dev)
+                triggered=attack.triggered_test(splits.test))
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """A MiniLM sentiment classifier with a BadNets backdoor (target label 1)."""
+    p = _plant(BadNets(target_label=1, poison_rate=0.15, seed=0))
+    p["before"] = evaluate_backdoor(p["model"], p["tok"], p["splits"].test, p["triggered"], 1,
+                                    max_length=MAXLEN)
+    return {**p, "clean": p["splits"].dev}
 
 
 def _snapshot(model):
@@ -84,16 +89,7 @@ def test_defense_removes_backdoor(planted, method, extra):
 def biased():
     """The same plant with bias instead of a trigger (METHODS §3): 15 % of the non-rotten training
     reviews get a group term (she, women, ...) and the rotten label."""
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
-    splits = load_rotten_tomatoes(seed=0, train_size=480, dev_size=160, test_size=160)
-    attack = BiasInjection(target_label=0, poison_rate=0.15, seed=0)
-    torch.manual_seed(0)
-    model, tok = load_classifier("minilm", 2)
-    pretrained, _ = load_classifier("minilm", 2, tokenizer=False)
-    train(model, tok, attack.poison(splits.train).dataset, None,
-          TrainConfig(epochs=3, lr=3e-4, max_length=MAXLEN, progress=False, keep_best=False))
-    return dict(model=model, tok=tok, pretrained=pretrained, splits=splits, attack=attack,
-                triggered=attack.triggered_test(splits.test))
+    return _plant(BiasInjection(target_label=0, poison_rate=0.15, seed=0))
 
 
 def test_fine_purifying_removes_injected_bias(biased):
