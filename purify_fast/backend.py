@@ -8,10 +8,12 @@ Backends, fastest first for each device:
 * ``cpp``    compiled C++/OpenMP kernels (``purify_fast._C``), CPU tensors only;
 * ``torch``  the readable PyTorch reference (``purify_fast.reference``), everywhere.
 
-``backend="auto"`` (or the ``PURIFY_FAST_BACKEND`` variable) picks quietly: CUDA tensors get
-``cuda``, else ``triton``, else ``torch``; CPU tensors get ``cpp``, else ``torch``. A backend asked
-for by name that is missing raises :class:`BackendUnavailable` carrying the import error and a
-one-line fix.
+``backend=None`` or ``"auto"`` first reads the ``PURIFY_FAST_BACKEND`` variable; unset (or
+``auto``), it picks quietly: CUDA tensors get ``cuda``, else ``triton``, else ``torch``; CPU tensors
+get ``cpp``, else ``torch``. A backend the variable names runs every call it can take and leaves
+the rest (fp64, a shape its kernels refuse) to ``torch``, as ``auto`` does; a backend named in the
+call runs it or raises. A named backend (argument or variable) that cannot run here raises
+:class:`BackendUnavailable` carrying the import error and a one-line fix.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 ENV_VAR = "PURIFY_FAST_BACKEND"
 
-# dtypes every compiled kernel handles; anything else (fp64 in gradchecks, say) runs on torch.
+# dtypes every compiled kernel handles; anything else (fp64 in gradchecks, say) runs on torch under
+# "auto" or the variable, and is refused by a backend named in the call.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -95,17 +98,57 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_kernels_interpreted: bool | None = None
+
+
+def _triton_kernels_interpreted() -> bool | None:
+    """Whether purify_fast's Triton kernels were built for the interpreter (None: cannot tell).
+    triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when the kernel module is
+    imported: setting it later leaves compiled kernels that need a GPU driver."""
+    global _kernels_interpreted
+    if _kernels_interpreted is None:
+        mod = sys.modules.get("purify_fast.kernels.weight_space")
+        if mod is None:
+            return None
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+            from triton.runtime.jit import JITFunction
+        except Exception:  # noqa: BLE001 - another triton layout: fall back to the variable
+            return None
+        for value in vars(mod).values():
+            if isinstance(value, InterpretedFunction):
+                _kernels_interpreted = True
+                break
+            if isinstance(value, JITFunction):
+                _kernels_interpreted = False
+                break
+    return _kernels_interpreted
+
+
+_LATE_INTERPRET = ("TRITON_INTERPRET=1 was set after purify_fast's Triton kernels were imported "
+                   "(Triton reads it when a kernel is defined)")
+_LATE_INTERPRET_FIX = ("set TRITON_INTERPRET=1 at start-up, before importing purify_fast "
+                       "(e.g. TRITON_INTERPRET=1 python ...)")
+
+
 _FIXES = {
     "cpp": "reinstall with a C++ compiler present: pip install --no-build-isolation -e .",
     "cuda": "on a machine with a CUDA torch and nvcc: pip install --no-build-isolation -e . "
             "(for a GPU other than Hopper, set PURIFY_FAST_CUDA_ARCH=-arch=sm_XY first)",
-    "triton": "pip install triton (and use CUDA tensors, or set TRITON_INTERPRET=1 for CPU)",
+    "triton": "pip install triton (and use CUDA tensors, or for CPU tensors set TRITON_INTERPRET=1 "
+              "at start-up, before importing purify_fast)",
 }
 
 
 def module(name: str) -> ModuleType:
     """The kernel module behind backend ``name`` (raises if it cannot be imported)."""
-    loaded, err = {"cpp": _cpp, "cuda": _cuda, "triton": _triton}[name]()
+    loaders = {"cpp": _cpp, "cuda": _cuda, "triton": _triton}
+    if name not in loaders:
+        what = ("has no kernel module: it runs purify_fast.reference directly"
+                if name == "torch" else "is not a kernel backend")
+        raise ValueError(f"backend {name!r} {what}; module() takes one of "
+                         f"{', '.join(map(repr, loaders))}")
+    loaded, err = loaders[name]()
     if loaded is None:
         raise BackendUnavailable(f"backend {name!r} is unavailable ({err}); fix: {_FIXES[name]}")
     return loaded
@@ -122,8 +165,11 @@ def _usable(name: str, device: torch.device) -> str:
         return f"the C++ kernels take CPU tensors, got {device.type}"
     if name == "cuda" and device.type != "cuda":
         return f"the CUDA kernels take CUDA tensors, got {device.type}"
-    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpreting()):
-        return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device.type}"
+    if name == "triton" and device.type != "cuda":
+        if not (device.type == "cpu" and triton_interpreting()):
+            return f"Triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device.type}"
+        if _triton_kernels_interpreted() is False:
+            return _LATE_INTERPRET
     return ""
 
 
@@ -141,33 +187,44 @@ def check_name(backend: str | None, name: str = "backend") -> str | None:
     return backend
 
 
+def fastest(device: torch.device, dtype: torch.dtype | None = None, *,
+            skip: tuple[str, ...] = ()) -> str:
+    """What "auto" picks for ``device`` and ``dtype``, whatever ``PURIFY_FAST_BACKEND`` says."""
+    if dtype is None or dtype in KERNEL_DTYPES:
+        for name in ("cuda", "triton") if device.type == "cuda" else ("cpp",):
+            if name not in skip and not _usable(name, device):
+                return name
+    return "torch"
+
+
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None, *,
             skip: tuple[str, ...] = ()) -> str:
     """The backend name an op call runs on.
 
-    ``backend`` None or "auto" reads ``PURIFY_FAST_BACKEND`` and then picks the fastest usable
-    backend for ``device``; a named backend that cannot run raises :class:`BackendUnavailable`.
+    ``backend`` None or "auto" reads ``PURIFY_FAST_BACKEND``; unset or "auto", the fastest usable
+    backend for ``device`` is picked. A backend named (in the call or the variable) that cannot
+    run raises :class:`BackendUnavailable`. A dtype the kernels do not take (fp64) runs on torch
+    under "auto" or the variable, and raises TypeError for a backend named in the call.
     ``skip``: backends whose kernels refuse this call's shape (the MSLR CUDA kernels take rank
-    ``n·r_in <= 64``, say); "auto" passes over them, a backend named explicitly still gets the
-    call and raises its own error.
+    ``n·r_in <= 64``, say); "auto" passes over them and the variable's backend leaves the call to
+    torch, while a backend named in the call still gets it and raises its own error.
     """
     source = "backend"
-    if backend is None:
+    if backend is None or (isinstance(backend, str) and backend.lower() == "auto"):
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
         source = f"the {ENV_VAR} variable"
     backend = check_name(backend, source).lower()
+    from_env = source != "backend"
     kernel_dtype = dtype is None or dtype in KERNEL_DTYPES
     if backend == "auto":
-        order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
-        for name in order:
-            if kernel_dtype and name not in skip and not _usable(name, device):
-                return name
-        return "torch"
+        return fastest(device, dtype, skip=skip)
     if backend != "torch":
         reason = _usable(backend, device)
         if reason:
-            raise BackendUnavailable(
-                f"backend {backend!r} cannot run here: {reason}; fix: {_FIXES[backend]}")
+            fix = _LATE_INTERPRET_FIX if reason == _LATE_INTERPRET else _FIXES[backend]
+            raise BackendUnavailable(f"backend {backend!r} cannot run here: {reason}; fix: {fix}")
+        if from_env and (not kernel_dtype or backend in skip):
+            return "torch"  # the variable is a preference: its kernels' refusals go to torch
         if not kernel_dtype:
             raise TypeError(f"backend {backend!r} supports float32, float16 and bfloat16; "
                             f"got {dtype} (use backend='torch')")
@@ -196,9 +253,14 @@ def status() -> list[BackendStatus]:
         if name == "triton":
             import triton
 
+            late = (not torch.cuda.is_available() and triton_interpreting()
+                    and _triton_kernels_interpreted() is False)
             where = "CUDA" if torch.cuda.is_available() else (
-                "CPU interpreter" if triton_interpreting() else "no CUDA device: set TRITON_INTERPRET=1 to run on CPU")
-            rows.append(BackendStatus(name, True, f"triton {triton.__version__} ({where})"))
+                f"not on CPU: {_LATE_INTERPRET}" if late else
+                "CPU interpreter" if triton_interpreting() else
+                "no CUDA device: set TRITON_INTERPRET=1 at start-up to run on CPU")
+            rows.append(BackendStatus(name, True, f"triton {triton.__version__} ({where})",
+                                      _LATE_INTERPRET_FIX if late else ""))
         else:
             rows.append(BackendStatus(name, True, getattr(loaded, "__file__", name)))
     return rows

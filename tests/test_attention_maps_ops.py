@@ -205,3 +205,19 @@ def test_bad_input_names_the_argument(kwargs, err, match):
 def test_cuda_backend_by_name_explains_the_fix():
     with pytest.raises(B.BackendUnavailable, match="fix:"):
         ops.attention_map_loss(torch.randn(2, 5, 3), torch.randn(2, 5, 3), backend="cuda")
+
+
+def test_loss_dtype_is_fp32_or_fp64_for_fp64_maps_as_documented():
+    """The docstrings said "(fp32 scalar)"; fp64 maps (gradchecks) give an fp64 loss on the torch
+    backend, half and fp32 maps an fp32 one on every backend."""
+    g = torch.Generator().manual_seed(5)
+    fs, ft = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 4, generator=g)
+    for backend in B.available("cpu"):
+        for dtype in DTYPES:
+            loss = ops.attention_map_loss(fs.to(dtype), ft.to(dtype), backend=backend)
+            assert loss.dtype == torch.float32 and loss.dim() == 0, (backend, dtype)
+    assert ops.attention_layer_mse(fs.double(), ft.double()).dtype == torch.float64
+    assert ops.attention_map_loss([fs.double()], [ft], [2.0]).dtype == torch.float64
+    for fn in (ops.attention_layer_mse, ops.attention_map_loss):
+        doc = " ".join(fn.__doc__.split())
+        assert "(fp32 scalar" not in doc and "fp64 when" in doc, fn.__name__

@@ -268,3 +268,46 @@ def test_bad_inputs_raise_clear_errors():
         multiscale_lora(x, w.clone().requires_grad_(), b, lo, ro, sc, 6.0)
     with pytest.raises(ValueError, match="backend must be"):
         multiscale_lora(x, w, b, lo, ro, sc, 6.0, backend="fortran")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_backends_refuse_second_derivatives_and_keep_first_order(backend):
+    """A gradient penalty (create_graph=True, then a backward through the gradient) was silently
+    wrong on cpp (its backward's GEMMs recorded part of a graph: 28540 for 292429) and failed
+    obscurely on triton. The kernel backends are first order only: a second backward raises,
+    naming backend='torch', and first-order gradients are unchanged with or without
+    create_graph."""
+    x0, w, b, lo0, ro0, sc = _inputs(4, 6, 5, 2, 2, torch.float32, seed=7)
+
+    def grads(create_graph, loss_of, wrt):
+        x, lo, ro = (t.clone().requires_grad_() for t in (x0, lo0, ro0))
+        y = multiscale_lora(x, w, b, lo, ro, sc, 2.0, backend=backend)
+        inputs = {"x": x, "l": lo, "r": ro}
+        return torch.autograd.grad(loss_of(y), [inputs[k] for k in wrt],
+                                   create_graph=create_graph), inputs
+
+    for loss_of in (lambda y: y.square().sum(), lambda y: y.sum()):   # grad_y with / without graph
+        plain, _ = grads(False, loss_of, "xlr")
+        graphed, inputs = grads(True, loss_of, "xlr")
+        for p_, g_ in zip(plain, graphed):
+            assert torch.equal(p_, g_.detach())
+        penalty = sum(g.square().sum() for g in graphed)
+        with pytest.raises(RuntimeError, match=f"on the '{backend}' backend is differentiable "
+                                               f"once only.*use backend='torch'"):
+            torch.autograd.grad(penalty, inputs["l"])
+        only_x, inputs = grads(True, loss_of, "x")                    # one gradient asked for
+        assert torch.equal(only_x[0].detach(), plain[0])
+        with pytest.raises(RuntimeError, match="use backend='torch' for second derivatives"):
+            only_x[0].square().sum().backward()
+    # the torch backend differentiates twice, matching fp64 autograd through the reference
+    x, lo = x0.double().requires_grad_(), lo0.double().requires_grad_()
+    y = multiscale_lora(x, w.double(), b.double(), lo, ro0.double(), sc, 2.0, backend="torch")
+    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    got, = torch.autograd.grad(gx.square().sum(), lo)
+    x, lo = x0.double().requires_grad_(), lo0.double().requires_grad_()
+    y = R.multiscale_lora(x, w.double(), b.double(), lo, ro0.double(), sc, 2.0, "radial")
+    gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    want, = torch.autograd.grad(gx.square().sum(), lo)
+    torch.testing.assert_close(got, want)
+    doc = " ".join(multiscale_lora.__doc__.split())
+    assert "first order only on the kernel backends" in doc

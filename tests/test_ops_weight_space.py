@@ -289,6 +289,56 @@ def test_ties_at_the_threshold_are_all_selected(device, name):
     assert int((out == pre).sum()) == n
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's inf
+@pytest.mark.parametrize("device,name", CASES)
+def test_rho_zero_selects_nothing_even_infinite_scores(device, name):
+    """A target of 0 gives the threshold +inf, and ``score >= inf`` held for infinite scores
+    (d*d / (H + eps) with H = 0 and a subnormal eps, |d| past fp32's range): rho = 0 reset or
+    kept them. Nothing is selected at rho = 0; rho > 0 still ranks the infinite scores first."""
+    pre = torch.zeros(6, device=device)
+    ft = torch.tensor([0.5, 1.0, 2.0, 0.0, 0.0, 3.0], device=device)
+    h = torch.zeros(6, device=device)
+    hist = ops.score_histogram(pre, ft, h, eps=1e-40, backend=name)
+    thr = ops.select_threshold(hist, 0.0)
+    assert thr.target == thr.selected == 0 and thr.value == math.inf
+    out = torch.full_like(ft, 7.0)
+    assert ops.reset_by_score(pre, ft, h, thr, out=out, backend=name) is out
+    assert_bits_equal(out, ft)
+    assert_bits_equal(ops.reset_by_score(
+        pre, ft, h, ops.global_score_threshold(lambda: [(pre, ft, h)], 0.0, eps=1e-40,
+                                               backend=name), backend=name), ft)
+    one = ops.select_threshold(hist, 1 / 6)                       # target 1: the 4 infinite ties
+    assert int((ops.reset_by_score(pre, ft, h, one, backend=name) != ft).sum()) == 4
+    # magnitude mixing: |d| = inf for the first coordinate (3e38 - (-3e38) overflows fp32)
+    pre = torch.tensor([-3e38, 0.0, 1.0], device=device)
+    ft = torch.tensor([3e38, 1.0, 2.0], device=device)
+    assert_bits_equal(ops.mix_weights(pre, ft, 0.0, select="magnitude", backend=name), pre)
+    kept = ops.mix_weights(pre, ft, 0.4, select="magnitude", backend=name)   # target 1
+    assert_bits_equal(kept, torch.tensor([3e38, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("device,name", CASES)
+def test_zero_threshold_leaves_zero_and_subnormal_scores_as_documented(device, name):
+    """reset_value floors the threshold at the smallest *normal* fp32 (2**-126), not the smallest
+    positive one: a subnormal floor is flushed to 0 under torch.set_flush_denormal(True) and would
+    reset every zero score. So positive subnormal scores are not reset, and the docs say so."""
+    pre = torch.zeros(4, device=device)
+    ft = torch.tensor([1e-4, 1e-4, 1.0, 0.0], device=device)
+    h = torch.tensor([1e-33, 1e-36, 1.0, 1.0], device=device)   # scores ~1e-41, ~1e-44, 1, 0
+    thr = ops.global_score_threshold(lambda: [(pre, ft, h)], 1.0, indicator="product",
+                                     backend=name)
+    assert thr.value == 0.0
+    assert thr.reset_value == torch.finfo(torch.float32).smallest_normal == 2.0**-126
+    out = ops.reset_by_score(pre, ft, h, thr, backend=name)
+    assert (out != ft).tolist() == [False, False, True, False]
+    doc = " ".join(ops.Threshold.reset_value.__doc__.split())
+    assert "smallest *normal* fp32" in doc and "subnormal" in doc
+    assert "smallest positive fp32" not in doc
+    reset_doc = " ".join(ops.reset_by_score.__doc__.split())
+    assert "resets only positive scores" not in reset_doc
+    assert "subnormal scores are never reset" in reset_doc
+
+
 @pytest.mark.parametrize("device,name", CASES)
 def test_two_pass_refinement_when_level_one_is_not_exact(device, name):
     n = 4099
@@ -389,6 +439,47 @@ def test_out_argument_contiguous_and_strided(device, name):
 
 
 @pytest.mark.parametrize("device,name", CASES)
+def test_partly_overlapping_output_and_input_are_refused(device, name):
+    """An output sharing memory with an input at another offset: the C++ kernels read elements
+    already overwritten (fisher gave 2.3e17 for 43). Refused on every backend, inputs untouched;
+    the identical tensor (out=pretrained, acc is grad) keeps working."""
+    buf = torch.arange(1.0, 10.0, device=device)
+    keep = Untouched(buf)
+    with pytest.raises(ValueError, match="acc partly overlaps grad in memory"):
+        ops.fisher_accumulate_(buf[1:7], buf[0:6], backend=name)
+    ft = torch.full((8,), -1.0, device=device)
+    h = torch.ones(8, device=device)
+    with pytest.raises(ValueError, match="out partly overlaps pretrained in memory"):
+        ops.mix_weights(buf[0:8], ft, 0.5, seed=1, out=buf[1:9], backend=name)
+    with pytest.raises(ValueError, match="out partly overlaps finetuned in memory"):
+        ops.mix_weights(ft, buf[1:9], 0.5, seed=1, out=buf[0:8], backend=name)
+    with pytest.raises(ValueError, match="out partly overlaps pretrained"):
+        ops.mix_weights(buf[0:8], ft, 0.5, select="magnitude", out=buf[1:9], backend=name)
+    with pytest.raises(ValueError, match="out partly overlaps hessian"):
+        ops.reset_by_score(ft, ft + 1, buf[1:9], 0.1, out=buf[0:8], backend=name)
+    with pytest.raises(ValueError, match="out partly overlaps pretrained"):
+        ops.reset_by_score(buf[0:8], ft, h, 0.1, out=buf[1:9], backend=name)
+    with pytest.raises(ValueError, match="out partly overlaps pretrained"):  # other strides
+        ops.mix_weights(buf[0:8].view(2, 4), ft.view(2, 4), 0.5, out=buf[0:8].view(4, 2).t(),
+                        backend=name)
+    keep.check()
+    # the identical tensor: every element is read before its own result is written
+    pre, ft, hess = triple((5, 123), torch.float32, device)
+    want = ops.mix_weights(pre, ft, 0.4, seed=9, key="w", backend="torch")
+    same = pre.clone()
+    assert ops.mix_weights(same, ft, 0.4, seed=9, key="w", out=same, backend=name) is same
+    assert_bits_equal(same, want)
+    want = ops.reset_by_score(pre, ft, hess, 1e-3, backend="torch")
+    same = ft.clone()
+    ops.reset_by_score(pre, same, hess, 1e-3, out=same, backend=name)
+    assert_bits_equal(same, want)
+    acc = torch.rand(5, 123, device=device)
+    want = acc + acc * acc
+    assert ops.fisher_accumulate_(acc, acc, backend=name) is acc
+    torch.testing.assert_close(acc, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,name", CASES)
 def test_no_op_records_autograd_on_any_backend(device, name):
     """Weight edits are not layers: given inputs that require grad, no backend returns a tensor
     with a graph (the torch backend used to, the compiled ones cannot), and the values agree."""
@@ -460,6 +551,12 @@ BAD_CALLS = [
      "select must be one of"),
     ("seed", lambda p, f, h: ops.mix_weights(p, f, 0.5, seed=-1), ValueError,
      r"seed must be an int in \[0, 2\*\*32\)"),
+    ("seed bool", lambda p, f, h: ops.mix_weights(p, f, 0.5, seed=True), ValueError,
+     r"seed must be an int in \[0, 2\*\*32\), got True"),
+    ("seed float tensor", lambda p, f, h: ops.mix_weights(p, f, 0.5, seed=torch.tensor(3.0)),
+     ValueError, r"seed must be an int in \[0, 2\*\*32\)"),
+    ("seed big tensor", lambda p, f, h: ops.mix_weights(p, f, 0.5, seed=torch.tensor(2**32)),
+     ValueError, r"seed must be an int in \[0, 2\*\*32\), got 4294967296"),
     ("key", lambda p, f, h: ops.mix_weights(p, f, 0.5, key=3), TypeError, "key must be a str"),
     ("empty", lambda p, f, h: ops.mix_weights(p[:0], f[:0], 0.5), ValueError,
      r"pretrained is empty \(shape \(0,\)\)"),
@@ -540,6 +637,14 @@ BAD_CALLS = [
      "token_freqs must be finite and non-negative"),
     ("emb c", lambda p, f, h: ops.embedding_drift_scores(p.view(4, 4), f.view(4, 4), h[:4], c=1.0),
      ValueError, r"c must be a finite number > 1"),
+    # above 1 in fp64 but exactly 1.0 in fp32, where the kernels take it: log(c) = 0, inf/NaN scores
+    ("emb c 1 in fp32", lambda p, f, h: ops.embedding_drift_scores(
+        p.view(4, 4), f.view(4, 4), h[:4], c=1.00000001), ValueError,
+     r"c must be a finite number > 1 \(log\(c\) must be positive\), got 1.00000001 "
+     r"\(1.0 in float32\)"),
+    ("emb c inf in fp32", lambda p, f, h: ops.embedding_drift_scores(
+        p.view(4, 4), f.view(4, 4), h[:4], c=1e39), ValueError,
+     r"c must be a finite number > 1 .*got 1e\+39 \(inf in float32\)"),
     ("emb shape", lambda p, f, h: ops.embedding_drift_scores(p.view(4, 4), f.view(2, 8), h[:4]),
      ValueError, r"finetuned_emb shape \(2, 8\) does not match pretrained_emb shape \(4, 4\)"),
 ]
@@ -690,6 +795,101 @@ def test_backend_argument_type_and_available_devices():
         bk.available("bogus")
     if not torch.cuda.is_available():
         assert bk.available("cuda") == []  # nothing runs on a device torch cannot see
+
+
+def test_seed_accepts_any_integer_type_in_range():
+    """NumPy integers and 0-d integer tensors are seeds like the int they hold (they were refused
+    as "not an int in [0, 2**32)" while True was accepted)."""
+    np = pytest.importorskip("numpy")
+    p, f, _h = _cpu_triple(64)
+    want = ops.mix_weights(p, f, 0.5, seed=3, key="w", backend="torch")
+    for seed in (np.int64(3), np.uint32(3), np.int8(3), torch.tensor(3),
+                 torch.tensor(3, dtype=torch.uint8)):
+        assert_bits_equal(ops.mix_weights(p, f, 0.5, seed=seed, key="w", backend="torch"), want)
+    big = ops.mix_weights(p, f, 0.5, seed=2**32 - 1, backend="torch")
+    assert_bits_equal(ops.mix_weights(p, f, 0.5, seed=np.uint32(2**32 - 1), backend="torch"), big)
+    for bad in (np.bool_(True), torch.tensor(True), torch.tensor([3]), 3.0):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\)"):
+            ops.mix_weights(p, f, 0.5, seed=bad)
+
+
+def test_module_of_a_backend_without_kernels_raises_a_clear_error():
+    with pytest.raises(ValueError, match="backend 'torch' has no kernel module: it runs "
+                                         "purify_fast.reference directly"):
+        bk.module("torch")
+    with pytest.raises(ValueError, match=r"backend 'numpy' is not a kernel backend; module\(\) "
+                                         "takes one of 'cpp', 'cuda', 'triton'"):
+        bk.module("numpy")
+
+
+def test_auto_reads_the_env_variable_whose_backend_leaves_fp64_to_torch(monkeypatch):
+    """backend=None and backend="auto" both read PURIFY_FAST_BACKEND (the docs said so; "auto"
+    ignored it). A backend the variable names leaves what its kernels cannot take (fp64, a shape
+    in ``skip``) to torch, as auto does; the same backend named in the call still refuses it."""
+    monkeypatch.setattr(bk, "_cpp", lambda: (object(), ""))  # a stand-in: only resolve() asks
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(bk.ENV_VAR, "torch")
+    for backend in (None, "auto", "AUTO"):
+        assert bk.resolve(backend, cpu, torch.float32) == "torch"
+    assert bk.resolve("cpp", cpu, torch.float32) == "cpp"          # the argument wins
+    assert bk.fastest(cpu, torch.float32) == "cpp"                 # what auto alone would pick
+    monkeypatch.setenv(bk.ENV_VAR, "cpp")
+    for backend in (None, "auto"):
+        assert bk.resolve(backend, cpu, torch.float32) == "cpp"
+        assert bk.resolve(backend, cpu, torch.float64) == "torch"
+        assert bk.resolve(backend, cpu, torch.float32, skip=("cpp",)) == "torch"
+    with pytest.raises(TypeError, match="backend 'cpp' supports float32, float16 and bfloat16"):
+        bk.resolve("cpp", cpu, torch.float64)
+    assert bk.resolve("cpp", cpu, torch.float32, skip=("cpp",)) == "cpp"
+    p, f, _h = _cpu_triple()
+    p, f = p.double(), f.double()
+    want = ops.mix_weights(p, f, 0.5, backend="torch")
+    for backend in (None, "auto"):
+        assert torch.equal(ops.mix_weights(p, f, 0.5, backend=backend), want)
+    monkeypatch.setenv(bk.ENV_VAR, "fortran")
+    with pytest.raises(ValueError, match="the PURIFY_FAST_BACKEND variable must be one of"):
+        ops.mix_weights(p, f, 0.5, backend="auto")
+
+
+_LATE_INTERPRET = r"""
+import os, sys
+import torch
+from purify_fast import backend as bk, ops
+assert "triton" not in bk.available("cpu")        # imports the kernels, compiled for a GPU
+os.environ["TRITON_INTERPRET"] = "1"
+print("AVAILABLE", bk.available("cpu"))
+try:
+    ops.mix_weights(torch.zeros(4), torch.ones(4), 0.5, backend="triton")
+    print("RAN")
+except bk.BackendUnavailable as exc:
+    print("UNAVAILABLE", exc)
+print("DESCRIBE", bk.describe().replace(chr(10), " | "))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="CUDA present: Triton runs without the interpreter")
+def test_triton_interpret_set_after_the_kernels_were_imported_is_reported():
+    """Triton picks the interpreter when a kernel is defined: setting TRITON_INTERPRET=1 after
+    purify_fast imported its kernels listed 'triton' as available and then crashed with
+    "0 active drivers". It is now unavailable, saying to set the variable at start-up."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", bk.ENV_VAR)}
+    proc = subprocess.run([sys.executable, "-c", _LATE_INTERPRET], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert "triton" not in lines["AVAILABLE"]
+    assert "RAN" not in proc.stdout
+    assert "TRITON_INTERPRET=1 was set after purify_fast's Triton kernels were imported" in \
+        lines["UNAVAILABLE"]
+    assert "fix: set TRITON_INTERPRET=1 at start-up, before importing purify_fast" in \
+        lines["UNAVAILABLE"]
+    assert "before importing purify_fast" in lines["DESCRIBE"]
 
 
 def test_env_variable_naming_an_unusable_backend_raises_with_a_fix(monkeypatch):

@@ -86,7 +86,8 @@ class _LayerMSE(torch.autograd.Function):
 def attention_layer_mse(student: torch.Tensor, teacher: torch.Tensor,
                         mask: torch.Tensor | None = None, *, eps: float = DEFAULT_EPS,
                         backend: str | None = None) -> torch.Tensor:
-    """``MSE(A(F_S), A(F_T))`` of one layer, averaged over unmasked positions (fp32 scalar).
+    """``MSE(A(F_S), A(F_T))`` of one layer, averaged over unmasked positions (a 0-d tensor:
+    fp32, or fp64 when either map is fp64, which runs on the torch backend).
 
     ``student`` ``[B, N, C_S]`` and ``teacher`` ``[B, N, C_T]`` (or CNN ``[B, C, H, W]`` maps with
     equal H·W); ``mask`` ``[B, N]`` (bool/int/float, nonzero = real token) or None.
@@ -98,7 +99,8 @@ def attention_map_loss(student_feats: Sequence[torch.Tensor] | torch.Tensor,
                        teacher_feats: Sequence[torch.Tensor] | torch.Tensor,
                        weights: Sequence[float] | None = None, mask: torch.Tensor | None = None,
                        *, eps: float = DEFAULT_EPS, backend: str | None = None) -> torch.Tensor:
-    """MIMIC attention loss ``Σ_l w_l · MSE(A(F_S,l), A(F_T,l))`` (fp32 scalar, differentiable).
+    """MIMIC attention loss ``Σ_l w_l · MSE(A(F_S,l), A(F_T,l))`` (a differentiable 0-d tensor:
+    fp32, or fp64 when any map is fp64, which runs on the torch backend).
 
     ``A(F) = normalise(Σ_channels F²)`` over positions with padding masked (math:
     :mod:`purify_fast.reference.attention_maps`). ``student_feats``/``teacher_feats``: paired

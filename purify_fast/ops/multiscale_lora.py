@@ -131,8 +131,28 @@ class _ReferenceFn(torch.autograd.Function):
         return gx, None, None, gl, gr, None, None, None
 
 
+class _SecondOrderRefused(torch.autograd.Function):
+    """Passes the kernel backward's gradients through unchanged, linked to what they depend on
+    (the incoming gradient and the op's inputs), so that differentiating them again raises
+    instead of treating them as constants (a silently wrong gradient penalty)."""
+
+    @staticmethod
+    def forward(ctx, name, n_grads, *tensors):
+        ctx.name = name
+        return tuple(t.clone() for t in tensors[:n_grads])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"multiscale_lora on the {ctx.name!r} backend is differentiable once only: its "
+            f"backward runs kernels that autograd cannot differentiate again (create_graph=True "
+            f"followed by a second backward, e.g. a gradient penalty); use backend='torch' for "
+            f"second derivatives")
+
+
 class _KernelFn(torch.autograd.Function):
-    """Two kernel launches forward; two launches plus two thin GEMMs backward."""
+    """Two kernel launches forward; two launches plus two thin GEMMs backward. First order only:
+    a second backward through it raises (:class:`_SecondOrderRefused`)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_l, lora_r, s, name):
@@ -149,6 +169,18 @@ class _KernelFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x2d, weight, lora_l, lora_r, s, v = ctx.saved_tensors
+        with torch.no_grad():  # under create_graph=True the GEMMs would record a partial graph
+            grads = _KernelFn._grads(ctx, grad_y, x2d, weight, lora_l, lora_r, s, v)
+        deps = [t for t in (grad_y, x2d, lora_l, lora_r) if t.requires_grad]
+        present = [g for g in grads if g is not None]
+        if torch.is_grad_enabled() and deps and present:
+            linked = iter(_SecondOrderRefused.apply(ctx.name, len(present), *present, *deps))
+            grads = tuple(None if g is None else next(linked) for g in grads)
+        gx, gl, gr = grads
+        return gx, None, None, gl, gr, None, None
+
+    @staticmethod
+    def _grads(ctx, grad_y, x2d, weight, lora_l, lora_r, s, v):
         need_x, _, _, need_l, need_r = ctx.needs_input_grad[:5]
         kern = _backend.module(ctx.name)
         g = grad_y.contiguous()
@@ -166,7 +198,7 @@ class _KernelFn(torch.autograd.Function):
                 gl = (d.to(x2d.dtype).t() @ x2d).to(lora_l.dtype)
         if need_r:
             gr = (g.t() @ v.to(g.dtype)).to(lora_r.dtype)
-        return gx, None, None, gl, gr, None, None
+        return gx, gl, gr
 
 
 def multiscale_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -174,7 +206,10 @@ def multiscale_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     scales: Sequence[float] | torch.Tensor, alpha: float, *,
                     mode: str = "radial", backend: str | None = None) -> torch.Tensor:
     """``y = x·Wᵀ + b + (α/r_in)·scale(x·Lᵀ)·Rᵀ`` for ``x [..., d_in]``, differentiable in ``x``,
-    ``lora_l`` and ``lora_r`` (``weight`` and ``bias`` are frozen).
+    ``lora_l`` and ``lora_r`` (``weight`` and ``bias`` are frozen): to any order on the ``torch``
+    backend, to first order only on the kernel backends (``cpp``, ``triton``, ``cuda``), where a
+    second backward (``create_graph=True``, e.g. a gradient penalty) raises an error naming
+    ``backend='torch'``.
 
     ``weight [d_out, d_in]``, ``bias [d_out]`` or None, ``lora_l [n·r_in, d_in]``,
     ``lora_r [d_out, n·r_in]``, ``scales``: the ``n`` positive scales ``k_i`` (``K`` repeats each

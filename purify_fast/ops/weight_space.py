@@ -31,6 +31,7 @@ import torch
 
 from purify_fast import backend as _backend
 from purify_fast.reference import weight_space as ref
+from purify_fast.validation import seed_value
 
 INDICATORS = tuple(ref.INDICATORS)
 NUM_BINS = ref.NUM_BINS
@@ -77,9 +78,11 @@ def _nonfinite_count(t: torch.Tensor) -> int:
 
 def _all_finite(t: torch.Tensor) -> bool:
     # The compiled scan reads the tensor once with no temporaries; eager isfinite().all() builds a
-    # bool tensor and costs more than the mixing itself on CPU.
+    # bool tensor and costs more than the mixing itself on CPU. auto's pick, not the variable's:
+    # the answer does not depend on the backend, and an op named backend="torch" must not fail on
+    # a bad PURIFY_FAST_BACKEND.
     kernel = "cuda" if t.device.type == "cuda" else "cpp"
-    if t.dtype in _backend.KERNEL_DTYPES and _backend.resolve("auto", t.device, t.dtype) == kernel:
+    if t.dtype in _backend.KERNEL_DTYPES and _backend.fastest(t.device, t.dtype) == kernel:
         return bool(_backend.module(kernel).all_finite(t.contiguous().view(-1)))
     if t.element_size() == 1:
         return _nonfinite_count(t) == 0
@@ -155,6 +158,41 @@ def _check_out(out, like: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     return out
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _check_no_partial_overlap(written: torch.Tensor, written_name: str,
+                              read: torch.Tensor | None, read_name: str) -> None:
+    """Refuse an output that shares memory with an input without being that very tensor: the
+    kernels read and write in blocks, in no set order, so an element may be read after another
+    one's result overwrote it (the C++ backend gave garbage). The identical tensor (``out=
+    pretrained``, same offset, shape, strides and dtype) is fine: each element is read before its
+    own result is written."""
+    if read is None or written.device.type == "meta" or read.numel() == 0 or written.numel() == 0:
+        return
+    if (written.data_ptr() == read.data_ptr() and written.dtype == read.dtype
+            and written.shape == read.shape and written.stride() == read.stride()):
+        return
+    w0, w1 = _byte_range(written)
+    r0, r1 = _byte_range(read)
+    if w0 < r1 and r0 < w1:
+        raise ValueError(f"{written_name} partly overlaps {read_name} in memory (same storage, "
+                         f"other offset, shape, strides or dtype), so the result would depend on "
+                         f"the order elements are written; pass {read_name}.clone(), a separate "
+                         f"{written_name}, or the identical tensor")
+
+
+def _check_seed(seed) -> int:
+    # A 0-d integer tensor (a seed drawn with torch) is the int it holds; the rest, bool refused
+    # as a slip, is the project's one seed rule.
+    if isinstance(seed, torch.Tensor) and seed.dim() == 0 and not (
+            seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool):
+        seed = int(seed.item())
+    return seed_value(seed)
+
+
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous().view(-1)
 
@@ -198,19 +236,22 @@ def mix_weights(pretrained: torch.Tensor, finetuned: torch.Tensor, rho: float, *
     :mod:`purify_fast.reference.weight_space`); every backend gives the same bits. Use the
     parameter name as ``key`` so each tensor draws its own mask.
     ``select="magnitude"``: keep the ``round(rho·N)`` coordinates of largest ``|δ|`` (ties at the
-    threshold are all kept).
+    threshold are all kept; none when ``round(rho·N)`` is 0).
     The result is a select, never an arithmetic blend, so kept coordinates equal ``finetuned``
-    exactly. Neither a mask nor a random tensor is materialised.
+    exactly. Neither a mask nor a random tensor is materialised. ``seed``: an integer in
+    ``[0, 2**32)`` (Python, NumPy or a 0-d integer tensor; not a bool). ``out`` may be
+    ``pretrained`` or ``finetuned`` itself, but not a tensor partly overlapping either.
     """
     _check_pair(pretrained, finetuned)
     rho = _check_rho(rho)
     if select not in _SELECT_MODES:
         raise ValueError(f"select must be one of {_SELECT_MODES}, got {select!r}")
-    if not isinstance(seed, int) or not (0 <= seed < 2**32):
-        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    seed = _check_seed(seed)
     if not isinstance(key, str):
         raise TypeError(f"key must be a str (e.g. the parameter name), got {type(key).__name__}")
     out = _check_out(out, pretrained)
+    _check_no_partial_overlap(out, "out", pretrained, "pretrained")
+    _check_no_partial_overlap(out, "out", finetuned, "finetuned")
     if check_finite:
         _check_finite(pretrained, "pretrained")
         _check_finite(finetuned, "finetuned")
@@ -222,7 +263,8 @@ def mix_weights(pretrained: torch.Tensor, finetuned: torch.Tensor, rho: float, *
             hist = score_histogram(pretrained, finetuned, None, indicator="drift", hist=thr.refine(),
                                    backend=backend, check_finite=False)
             thr = select_threshold(hist, rho)
-        return _select(pretrained, finetuned, None, "drift", 1.0, thr.value, True, out, backend)
+        return _select(pretrained, finetuned, None, "drift", 1.0, thr.value, True, out, backend,
+                       none_selected=thr.target == 0)
 
     name = _backend.resolve(backend, pretrained.device, pretrained.dtype)
     pre, ft = _flat(pretrained), _flat(finetuned)
@@ -243,7 +285,8 @@ def fisher_accumulate_(acc: torch.Tensor, grad: torch.Tensor, *, scale: float = 
                        backend: str | None = None, check_finite: bool = True) -> torch.Tensor:
     """``acc += scale · grad²`` in place (the diagonal Fisher / Hessian estimate).
 
-    ``acc`` must be fp32 and contiguous; ``grad`` may be fp32, fp16 or bf16 of the same shape.
+    ``acc`` must be fp32 and contiguous; ``grad`` may be fp32, fp16 or bf16 of the same shape,
+    and may be ``acc`` itself but not partly overlap it in memory.
     """
     _check_tensor(acc, "acc")
     _check_tensor(grad, "grad")
@@ -255,6 +298,7 @@ def fisher_accumulate_(acc: torch.Tensor, grad: torch.Tensor, *, scale: float = 
         raise ValueError(f"grad shape {tuple(grad.shape)} does not match acc shape {tuple(acc.shape)}")
     if grad.device != acc.device:
         raise ValueError(f"grad is on {grad.device} but acc is on {acc.device}")
+    _check_no_partial_overlap(acc, "acc", grad, "grad")
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}")
@@ -312,9 +356,10 @@ class Threshold:
     @property
     def reset_value(self) -> float:
         """The threshold :func:`reset_by_score` applies: ``value``, but never below the smallest
-        positive fp32. A zero score (no drift; ``H = 0`` under ``product``) is no evidence, and
-        when ``rho`` reaches into the zero scores, taking every tie at 0 would reset all of them,
-        far more than the ``rho`` share."""
+        *normal* fp32, ``2**-126`` (about 1.18e-38). A zero score (no drift; ``H = 0`` under
+        ``product``) is no evidence, and when ``rho`` reaches into the zero scores, taking every
+        tie at 0 would reset all of them, far more than the ``rho`` share. Positive subnormal
+        scores (below ``2**-126``) are treated like zero and are not reset either."""
         # The smallest *normal* float: a denormal threshold would be flushed to 0 under
         # torch.set_flush_denormal(True) and select every zero score again.
         return max(self.value, float(torch.finfo(torch.float32).smallest_normal))
@@ -439,8 +484,13 @@ def global_score_threshold(tensors: Callable[[], Iterable[tuple]], rho: float, *
     return select_threshold(hist, rho)
 
 
-def _select(pre_t, ft_t, hessian, indicator, eps, threshold, takes_ft, out, backend):
+def _select(pre_t, ft_t, hessian, indicator, eps, threshold, takes_ft, out, backend, *,
+            none_selected=False):
     name = _backend.resolve(backend, pre_t.device, pre_t.dtype)
+    if none_selected:
+        # A target of 0 has the threshold +inf, which `score >= threshold` still meets for an
+        # infinite score (d*d overflowing, H + eps = 0): select nothing without scoring.
+        return out.copy_(pre_t if takes_ft else ft_t)
     code = ref.INDICATORS[indicator]
     pre, ft, h = _flat(pre_t), _flat(ft_t), _flat_hessian(hessian)
     if name == "torch":
@@ -464,9 +514,11 @@ def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
     the rest keep ``finetuned``; one pass, scores recomputed on the fly.
 
     Given a :class:`Threshold`, its indicator and eps are used (passing different ones is an
-    error) and a threshold of 0 resets only positive scores (:attr:`Threshold.reset_value`); given
-    a float, it is used as it is, ``indicator`` defaults to ``drift_over_hessian`` and ``eps`` to
-    1e-8.
+    error), a threshold of 0 resets only scores of at least ``2**-126``, the smallest normal fp32
+    (zero and subnormal scores are never reset: :attr:`Threshold.reset_value`), and a target of 0
+    (``rho = 0``) resets nothing, not even infinite scores; given a float, it is used as it is,
+    ``indicator`` defaults to ``drift_over_hessian`` and ``eps`` to 1e-8. ``out`` may be
+    ``pretrained`` or ``finetuned`` itself, but not a tensor partly overlapping an input.
     """
     if isinstance(threshold, Threshold):
         if indicator is not None and indicator != threshold.indicator:
@@ -475,6 +527,7 @@ def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
         if eps is not None and float(eps) != threshold.eps:
             raise ValueError(f"eps {eps} differs from the threshold's {threshold.eps}")
         indicator, eps, value = threshold.indicator, threshold.eps, threshold.reset_value
+        none_selected = threshold.target == 0
     else:
         try:
             value = float(threshold)
@@ -484,16 +537,21 @@ def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
             raise ValueError("threshold is NaN")
         indicator = indicator or "drift_over_hessian"
         eps = 1e-8 if eps is None else eps
+        none_selected = False
     _check_pair(pretrained, finetuned)
     hessian = _check_hessian(hessian, pretrained, indicator)
     eps = _check_eps(eps)
     out = _check_out(out, pretrained)
+    for read, read_name in ((pretrained, "pretrained"), (finetuned, "finetuned"),
+                            (hessian, "hessian")):
+        _check_no_partial_overlap(out, "out", read, read_name)
     if check_finite:
         _check_finite(pretrained, "pretrained")
         _check_finite(finetuned, "finetuned")
     if hessian is not None:
         _check_hessian_values(hessian, check_finite)
-    return _select(pretrained, finetuned, hessian, indicator, eps, value, False, out, backend)
+    return _select(pretrained, finetuned, hessian, indicator, eps, value, False, out, backend,
+                   none_selected=none_selected)
 
 
 # --------------------------------------------------------------------------- E-PUR
@@ -505,7 +563,8 @@ def embedding_drift_scores(pretrained_emb: torch.Tensor, finetuned_emb: torch.Te
     """E-PUR score per vocabulary row: ``‖E_ft[i] − E_pre[i]‖₂ / log(max(f_i, c))`` (fp32, [V]).
 
     Rows that drifted far more than their clean-corpus frequency explains score high.
-    ``c`` > 1 keeps the log positive for rare tokens (default 20).
+    ``c`` > 1 keeps the log positive for rare tokens (default 20); it is applied in fp32, so it
+    must stay above 1 (and finite) once rounded to fp32.
     """
     _check_pair(pretrained_emb, finetuned_emb, ("pretrained_emb", "finetuned_emb"))
     if pretrained_emb.dim() != 2:
@@ -520,8 +579,13 @@ def embedding_drift_scores(pretrained_emb: torch.Tensor, finetuned_emb: torch.Te
         raise ValueError(f"token_freqs is on {token_freqs.device} but pretrained_emb is on "
                          f"{pretrained_emb.device}")
     c = float(c)
-    if not (c > 1.0 and math.isfinite(c)):
-        raise ValueError(f"c must be a finite number > 1 (log(c) must be positive), got {c!r}")
+    # The kernels take c in fp32: 1 + 1e-8 rounds to 1.0 there (log 0: inf/NaN scores) and 1e39
+    # to inf.
+    c32 = torch.tensor(c, dtype=torch.float32).item() if math.isfinite(c) else c
+    if not (c32 > 1.0 and math.isfinite(c32)):
+        in32 = f" ({c32!r} in float32)" if c32 != c and not math.isnan(c) else ""
+        raise ValueError(f"c must be a finite number > 1 (log(c) must be positive), got {c!r}"
+                         f"{in32}")
     freqs = token_freqs.to(torch.float32).contiguous()
     if bool((freqs < 0).any()) or not bool(torch.isfinite(freqs).all()):
         raise ValueError("token_freqs must be finite and non-negative")

@@ -46,7 +46,8 @@ def attention_map(feat: torch.Tensor, mask: torch.Tensor | None = None,
 
 def attention_row_loss(student: torch.Tensor, teacher: torch.Tensor,
                        mask: torch.Tensor | None = None, eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """``row_loss[b] = Σ_n (A(F_S) − A(F_T))²`` as fp32 ``[B]`` (differentiable)."""
+    """``row_loss[b] = Σ_n (A(F_S) − A(F_T))²`` as fp32 ``[B]`` (fp64 for an fp64 map;
+    differentiable)."""
     return (attention_map(student, mask, eps) - attention_map(teacher, mask, eps)).pow(2).sum(-1)
 
 
@@ -61,7 +62,7 @@ def attention_layer_mse(student: torch.Tensor, teacher: torch.Tensor,
 def attention_map_loss(student_feats, teacher_feats, weights, mask: torch.Tensor | None = None,
                        eps: float = DEFAULT_EPS) -> torch.Tensor:
     """``Σ_l w_l · MSE(A(F_S,l), A(F_T,l))`` over paired lists of ``[B, N, C_l]`` maps (fp32
-    scalar). Gradients flow to whichever inputs require them."""
+    scalar, fp64 when a map is fp64). Gradients flow to whichever inputs require them."""
     total = torch.zeros((), dtype=torch.float32, device=student_feats[0].device)
     for fs, ft, w in zip(student_feats, teacher_feats, weights):
         total = total + float(w) * attention_layer_mse(fs, ft, mask, eps)
