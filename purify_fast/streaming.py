@@ -800,9 +800,13 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
 
     # ---- Fine-purifying global threshold (two histogram passes at most), shared by all ranks
     threshold = None
+    # A global target of 0 coordinates (rho 0, or rho·N < 0.5) resets nothing: its threshold is
+    # +inf, which an infinite score (δ² overflowing over H + eps) would still meet.
+    reset_nothing = False
     global_fp = cfg.method == "fine-purifying" and cfg.scope == "global"
     if global_fp and "threshold_bits" in od.state:
         threshold = _bits_float(od.state["threshold_bits"])
+        reset_nothing = bool(od.state.get("reset_nothing", False))
     elif global_fp:
         t0 = time.perf_counter()
         hist_keys = [k for k in mine if k in plan.processed_set]
@@ -828,8 +832,11 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
         if not thr.exact:
             thr = ops.select_threshold(histogram_pass(thr.refine()), cfg.rho)
         threshold = thr.reset_value  # as ops.reset_by_score applies a Threshold: never 0
+        reset_nothing = thr.target == 0
         if comm.rank == 0:
             od.state["threshold_bits"] = _float_bits(threshold)
+            if reset_nothing:  # only then: other manifests stay as they were
+                od.state["reset_nothing"] = True
             od.save_manifest()
         stages["threshold passes"] = time.perf_counter() - t0
 
@@ -850,6 +857,8 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
         if cfg.method == "mix":
             return ops.mix_weights(p, t, cfg.rho, seed=cfg.seed, key=key, select=cfg.select,
                                    check_finite=cfg.check_finite, **common)
+        if reset_nothing:
+            return out.copy_(t) if out is not None else t
         if threshold is None:  # per-tensor scope
             thr = ops.global_score_threshold(lambda: [(p, t, h)], cfg.rho, indicator=cfg.indicator,
                                              eps=cfg.eps, backend=cfg.backend,

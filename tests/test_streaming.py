@@ -260,6 +260,20 @@ def test_a_zero_threshold_never_resets_zero_scores(model, tmp_path):
     assert all(torch.equal(again[k], want[k]) for k in want)
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_rho_zero_resets_nothing_even_where_scores_overflow(model, tmp_path, scope):
+    """A drift of 1 over a zero Hessian and eps 1e-40 scores 1e40, +inf in fp32; rho 0 has the
+    threshold +inf, which those scores meet, yet a target of 0 coordinates must reset none."""
+    F = {k: v + 1 if v.is_floating_point() else v for k, v in model["P"].items()}
+    H = {k: torch.zeros_like(v) for k, v in model["H"].items()}
+    ft, hes = write_checkpoint(F, tmp_path / "ft"), write_checkpoint(H, tmp_path / "h")
+    case = dict(method="fine-purifying", rho=0.0, eps=1e-40, scope=scope)
+    got = _load(purify_checkpoint(model["pre"], ft, tmp_path / "o", hessian=hes, **case).out)
+    want = purify_state_dict(model["P"], F, hessian=H, **case)
+    for k, f in F.items():
+        assert torch.equal(got[k], f) and torch.equal(want[k], f), k
+
+
 def test_same_seed_same_bytes_other_seed_other_bytes(model, tmp_path):
     a = purify_checkpoint(model["pre"], model["ft"], tmp_path / "a", method="mix", seed=1).out
     b = purify_checkpoint(model["pre"], model["ft"], tmp_path / "b", method="mix", seed=1).out
