@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 
@@ -34,22 +35,64 @@ def fsync_dir_if_possible(path: str | os.PathLike) -> None:
         pass
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically. The temporary name carries the process id, so two
-    processes writing beside each other never share one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _write_temp(directory: Path, data: bytes) -> Path:
+    """``data`` in a new fsynced file of a short unique name in ``directory``. The name is not
+    derived from the target's: a target name near the 255-byte limit would overflow it."""
+    while True:
+        # O_EXCL with mode 0666: unique, and the umask applies as to any new file (mkstemp's
+        # 0600 would need a chmod, and reading the umask means changing it)
+        tmp = directory / f".tmp-{os.getpid()}-{secrets.token_hex(6)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, through a temporary file of a short unique name
+    (pid and a random suffix: two writers beside each other never share one) in the same
+    directory."""
+    path = Path(path)
+    tmp = _write_temp(path.parent, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir_if_possible(path.parent)
     return path
+
+
+def atomic_write_files(directory: str | os.PathLike, files: dict[str, bytes],
+                       remove: Collection[str] = ()) -> None:
+    """Write a set of files (``{name: data}``) into ``directory``: every file is first written
+    to a temporary beside its target (a failure there leaves the directory as it was and no
+    temporary behind), then the files named in ``remove`` are deleted and the temporaries are
+    renamed over their targets, with signals held so Ctrl-C cannot stop the set halfway."""
+    directory = Path(directory)
+    temps: dict[str, Path] = {}
+    try:
+        for name, data in files.items():
+            temps[name] = _write_temp(directory, data)
+        with signals_deferred():
+            for name in remove:
+                (directory / name).unlink(missing_ok=True)
+            for name in list(temps):
+                os.replace(temps.pop(name), directory / name)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    fsync_dir_if_possible(directory)
 
 
 def fsync_tree(root: str | os.PathLike) -> None:

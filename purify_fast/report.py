@@ -3,25 +3,61 @@
 Rows are dicts with at least ``name``, ``cacc``, ``asr`` (fractions; ``asr`` may be None) and
 optionally ``asr_no_trigger`` (the same rate on the clean non-target inputs, see
 :mod:`purify_fast.evaluation`) and ``seconds``. Plots use matplotlib's Agg backend (no display needed).
+
+JSON is written strictly: a non-finite float (NaN, ±Infinity) becomes ``null``, since bare
+``NaN`` / ``Infinity`` tokens are not JSON and strict parsers (JavaScript's, jq) reject the file.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 
-from purify_fast.fileio import atomic_write_bytes
+from purify_fast.fileio import atomic_write_bytes, atomic_write_files
+
+# write_report's optional sweep plot: removed when a later report in the same directory has none
+SWEEP_PNG = "rho_sweep.png"
+
+
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, numbers.Real) and math.isnan(x))
 
 
 def _pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+    return "–" if _missing(x) else f"{100 * x:.1f}"
+
+
+def _cell(text) -> str:
+    # a '|' would end the cell, a newline the row
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def finite_or_null(obj):
+    """``obj`` with every non-finite float inside dicts, lists and tuples replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj) -> str:
+    """Indented, strict JSON: non-finite floats as ``null``, other objects as ``str()``."""
+    return json.dumps(finite_or_null(obj), indent=2, default=str, allow_nan=False)
 
 
 def markdown_table(rows: list[dict], title: str | None = None) -> str:
     """A markdown table: defense | CACC % | ASR % | [ASR without trigger %] | wall s. The
-    no-trigger column appears when any row has ``asr_no_trigger``."""
+    no-trigger column appears when any row has ``asr_no_trigger``. A missing or NaN value shows
+    as ``–``; a ``|`` in a name is escaped; every row needs a ``name`` (not None)."""
+    for i, r in enumerate(rows):
+        if r.get("name") is None:
+            raise ValueError(f"row {i} has no name (rows need a 'name': the model / defense)")
     lines = []
     if title:
         lines += [f"### {title}", ""]
@@ -30,18 +66,19 @@ def markdown_table(rows: list[dict], title: str | None = None) -> str:
     lines += [head + " wall time s |", "|---|---:|---:|" + ("---:|" if floor else "") + "---:|"]
     for r in rows:
         secs = r.get("seconds")
-        cells = [r["name"], _pct(r.get("cacc")), _pct(r.get("asr"))]
+        cells = [_cell(r["name"]), _pct(r.get("cacc")), _pct(r.get("asr"))]
         if floor:
             cells.append(_pct(r.get("asr_no_trigger")))
-        cells.append("–" if secs is None else f"{secs:.1f}")
+        cells.append("–" if _missing(secs) else f"{secs:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
+    """``obj`` as strict JSON (:func:`dumps_json`: non-finite floats as null), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, json.dumps(obj, indent=2, default=str).encode())
+    atomic_write_bytes(path, dumps_json(obj).encode())
     return path
 
 
@@ -55,21 +92,33 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Render ``fig`` to PNG in memory, write it atomically to ``path`` and close the figure."""
+def render_png(fig, dpi: int = 120) -> bytes:
+    """``fig`` as PNG bytes; the figure is closed."""
     import io
 
     buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=dpi)
-    pyplot().close(fig)
+    try:
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    return buf.getvalue()
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Render ``fig`` to PNG in memory, write it atomically to ``path`` and close the figure."""
+    data = render_png(fig, dpi)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, data)
 
 
 def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC and ASR") -> Path:
     """Grouped bars: CACC and ASR (in %) per model / defense."""
+    return save_figure(_defenses_figure(rows, title), path)
+
+
+def _defenses_figure(rows: list[dict], title: str):
     plt = pyplot()
     names = [r["name"] for r in rows]
     cacc = [100 * (r.get("cacc") or 0.0) for r in rows]
@@ -101,7 +150,7 @@ def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC 
     ax.set_ylabel("%")
     ax.set_title(title)
     ax.legend(loc="upper center", ncol=3, fontsize=8, frameon=False)
-    return save_figure(fig, path)
+    return fig
 
 
 def plot_rho_sweep(points: list[dict], path: str | os.PathLike, title: str = "Fine-mixing rho sweep",
@@ -110,6 +159,10 @@ def plot_rho_sweep(points: list[dict], path: str | os.PathLike, title: str = "Fi
     """Dev accuracy (and ASR where given) against rho; ``points``: dicts with rho, dev_acc[, asr].
     With ``suspect_dev_acc`` and ``tolerance`` the level a rho had to reach is drawn; ``chosen``
     marks the rho kept."""
+    return save_figure(_sweep_figure(points, title, suspect_dev_acc, tolerance, chosen), path)
+
+
+def _sweep_figure(points, title, suspect_dev_acc, tolerance, chosen):
     plt = pyplot()
     points = sorted(points, key=lambda p: p["rho"])
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -129,22 +182,41 @@ def plot_rho_sweep(points: list[dict], path: str | os.PathLike, title: str = "Fi
     ax.set_ylim(0, 105)
     ax.set_title(title)
     ax.legend()
-    return save_figure(fig, path)
+    return fig
 
 
 def write_report(out_dir: str | os.PathLike, rows: list[dict], details: dict | None = None,
                  title: str = "purify_fast report", sweep: list[dict] | None = None,
                  suspect_dev_acc: float | None = None) -> dict[str, Path]:
-    """``report.json``, ``report.md`` and ``defenses.png`` (+ ``rho_sweep.png``) in ``out_dir``."""
+    """``report.json``, ``report.md`` and ``defenses.png`` (+ ``rho_sweep.png``) in ``out_dir``.
+
+    The files go in as a set: all are rendered first (a failing plot leaves the directory as it
+    was), then moved in. A ``rho_sweep.png`` left by an earlier report in this directory is
+    removed when this one has no sweep, so no plot of another run sits beside the new report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": write_json(out / "report.json", {"title": title, "rows": rows,
-                                                       "details": details or {}})}
-    md = f"# {title}\n\n" + markdown_table(rows)
-    atomic_write_bytes(out / "report.md", md.encode())
-    paths["md"] = out / "report.md"
-    paths["png"] = plot_defenses(rows, out / "defenses.png", title)
+    files = {
+        "report.json": dumps_json({"title": title, "rows": rows,
+                                   "details": details or {}}).encode(),
+        "report.md": (f"# {title}\n\n" + markdown_table(rows)).encode(),
+        "defenses.png": render_png(_defenses_figure(rows, title)),
+    }
     if sweep:
-        paths["sweep_png"] = plot_rho_sweep(sweep, out / "rho_sweep.png",
-                                            suspect_dev_acc=suspect_dev_acc)
+        files[SWEEP_PNG] = render_png(_sweep_figure(sweep, "Fine-mixing rho sweep",
+                                                    suspect_dev_acc, None, None))
+    stale = [SWEEP_PNG] if not sweep and _earlier_report(out) and (out / SWEEP_PNG).is_file() \
+        else []
+    atomic_write_files(out, files, remove=stale)
+    paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "defenses.png"}
+    if sweep:
+        paths["sweep_png"] = out / SWEEP_PNG
     return paths
+
+
+def _earlier_report(out: Path) -> bool:
+    """``out`` holds a report this writer wrote (its report.json has the rows and details)."""
+    try:
+        old = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and {"rows", "details"} <= set(old)

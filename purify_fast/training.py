@@ -3,7 +3,8 @@
 AdamW over the parameters that have ``requires_grad`` (so callers freeze by flipping that flag),
 linear decay after an optional warmup, gradient-norm clipping, fp32 or bf16 autocast (CPU and
 GPU), seeded shuffling, a tqdm bar per epoch, clean dev accuracy after each epoch, and the weights
-of the epoch with the best dev accuracy restored at the end (``keep_best``).
+of the epoch with the best dev accuracy restored at the end (``keep_best``); a loss that turns
+NaN/Inf stops the run with an error instead of an epoch of NaN weights being kept.
 
 Launched with several processes by ``accelerate launch`` (``WORLD_SIZE`` > 1), the loop runs
 data-parallel through :func:`purify_fast.distributed.prepare_stage`: each rank takes its
@@ -25,9 +26,24 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from purify_fast.data.text_dataset import TextDataset, make_loader
-from purify_fast.validation import int_at_least, one_of, real_in
+from purify_fast.validation import int_at_least, one_of, real_in, seed_value
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def flag(name: str, value) -> bool:
+    """``value`` as a bool; only a bool (or numpy bool) is accepted: ``"no"`` or ``0`` would be
+    taken as a truth value silently."""
+    if isinstance(value, bool):
+        return value
+    try:
+        import numpy as np
+
+        if isinstance(value, np.bool_):
+            return bool(value)
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 @dataclass
@@ -55,14 +71,20 @@ class TrainConfig:
     fp32_weights: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.fp32_weights, bool):
-            raise TypeError(f"fp32_weights must be a bool, got {self.fp32_weights!r}")
-        int_at_least("epochs", self.epochs, 0)
-        real_in("lr", self.lr, 0.0, lo_open=True)
-        one_of("precision", self.precision, PRECISIONS)
-        real_in("warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
-        real_in("clip_norm", self.clip_norm, 0.0, lo_open=True, optional=True)
-        int_at_least("batch_size", self.batch_size, 1)
+        # The checked values are stored: a string such as lr="1e-3" would pass the check and
+        # fail deep inside torch otherwise.
+        for name in ("keep_best", "progress", "fp32_weights"):
+            setattr(self, name, flag(name, getattr(self, name)))
+        self.epochs = int_at_least("epochs", self.epochs, 0)
+        self.lr = real_in("lr", self.lr, 0.0, lo_open=True)
+        self.batch_size = int_at_least("batch_size", self.batch_size, 1)
+        self.eval_batch_size = int_at_least("eval_batch_size", self.eval_batch_size, 1)
+        self.max_length = int_at_least("max_length", self.max_length, 2)  # [CLS] + one token
+        self.weight_decay = real_in("weight_decay", self.weight_decay, 0.0)
+        self.warmup_ratio = real_in("warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
+        self.clip_norm = real_in("clip_norm", self.clip_norm, 0.0, lo_open=True, optional=True)
+        self.precision = one_of("precision", self.precision, PRECISIONS)
+        self.seed = seed_value(self.seed)
 
 
 @dataclass
@@ -77,6 +99,8 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs. Library calls that seed wrap it in
+    :func:`rng_preserved`, so the caller's own streams are left as they were."""
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -85,6 +109,32 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % 2**32)
     except ImportError:  # pragma: no cover
         pass
+
+
+@contextlib.contextmanager
+def rng_preserved():
+    """Save the global RNG states (Python, numpy, torch CPU and, once initialised, CUDA) and put
+    them back on exit: a seeded library call stays deterministic inside without reseeding the
+    caller's streams (its later draws then depend on its own seed, not on ours)."""
+    py = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        np, np_state = None, None
+    cpu = torch.get_rng_state()
+    cuda = (torch.cuda.get_rng_state_all()
+            if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        if np is not None:
+            np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def world_size() -> int:
@@ -193,10 +243,16 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
     model ends with the weights of the fine-tuned epoch that scored best on clean dev accuracy (the
     earliest on a tie); the untouched weights (epoch 0, recorded in the history) only when
     ``epochs`` is 0.
-    Gradient hooks registered by the caller (e.g. masking embedding rows) apply as usual.
+    Gradient hooks registered by the caller (e.g. masking embedding rows) apply as usual; gradients
+    left on the model by earlier work are cleared first (they would fold into the first step).
+    A training loss that is not finite (or a weight that is not, after an epoch) stops the run
+    with a FloatingPointError naming the epoch and step: NaN logits argmax to class 0, so such an
+    epoch could otherwise win keep-best. The model is then left part-trained (discard it).
+    The global RNGs are seeded with ``config.seed`` for the run and restored afterwards.
     """
     config = dataclasses.replace(config, **overrides) if config and overrides else (
         config or TrainConfig(**overrides))
+    model.zero_grad(set_to_none=True)  # before the fp32 cast: a bf16 .grad would not fit
     # See TrainConfig.fp32_weights. Cast in place (the Parameter objects, and the caller's
     # gradient hooks on them, stay; AdamW's state is created at the first step) and before any
     # data-parallel wrapping, which then broadcasts and syncs the fp32 weights. Cast back
@@ -209,12 +265,31 @@ def train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | Non
         for t in dtypes:
             t.data = t.data.float()
     try:
-        return _train(model, tokenizer, train_data, dev_data, config)
+        with rng_preserved():
+            return _train(model, tokenizer, train_data, dev_data, config)
     finally:
         for t, dtype in dtypes.items():  # back to the model's own dtypes, rounded once
             t.data = t.data.to(dtype)
             if isinstance(t, torch.nn.Parameter):
                 t.grad = None  # an fp32 gradient left by a failed step would not fit
+
+
+def _any_rank(flag: bool, accelerator, device) -> bool:
+    """``flag`` or'ed over the processes of a launch, so that every rank stops together (one
+    rank raising alone would leave the others waiting in the next all-reduce)."""
+    if accelerator is None:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=device), reduction="sum") > 0)
+
+
+def _diverged(what: str, config: TrainConfig, epoch: int, where: str) -> FloatingPointError:
+    hints = [f"a lower lr (now {config.lr:g})"]
+    if config.precision != "fp32":
+        hints.append("precision='fp32'")
+    if not config.fp32_weights:
+        hints.append("fp32_weights=True")
+    return FloatingPointError(f"training diverged: {what} at epoch {epoch}, {where}; stopped "
+                              f"rather than keep a non-finite epoch. Try {' or '.join(hints)}")
 
 
 def _train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | None,
@@ -275,10 +350,14 @@ def _train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | No
                        disable=not config.progress or (accelerator is not None
                                                        and not accelerator.is_main_process))
             net.train()
-            for batch in bar:
+            for step, batch in enumerate(bar, 1):
                 batch = _to(batch, device)
                 with autocast(device, config.precision):
                     loss = net(**batch).loss
+                loss_value = float(loss.detach())
+                if _any_rank(not math.isfinite(loss_value), accelerator, device):
+                    raise _diverged(f"the training loss is {loss_value}", config, epoch,
+                                    f"step {step}/{len(loader)}")
                 if accelerator is not None:
                     accelerator.backward(loss)
                     if config.clip_norm is not None:
@@ -290,9 +369,12 @@ def _train(model, tokenizer, train_data: TextDataset, dev_data: TextDataset | No
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                loss_sum += float(loss.detach()) * len(batch["labels"])
+                loss_sum += loss_value * len(batch["labels"])
                 n += len(batch["labels"])
                 bar.set_postfix(loss=f"{loss_sum / n:.4f}")
+            # a non-finite gradient at the epoch's last step shows only in the weights
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise _diverged("a weight is not finite", config, epoch, "after its last step")
             # ``steps``: batches this process ran (its shard of the epoch under a multi-process
             # run).
             row = {"epoch": epoch, "loss": loss_sum / max(n, 1), "dev_acc": None,

@@ -118,3 +118,124 @@ def test_signals_are_held_through_the_swap(tmp_path):
         signal.signal(signal.SIGTERM, previous)
     assert seen == [["m"]]  # ran after the old copy was gone
     assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "v.bin"]
+
+
+def test_a_valid_long_file_name_can_be_written_atomically(tmp_path, monkeypatch):
+    """The temporary name was the target's plus ~16 characters, so a valid 250-character name
+    failed with ENAMETOOLONG; it is short now, and still cleaned up when the write fails."""
+    path = tmp_path / ("r" * 245 + ".json")
+    fileio.atomic_write_bytes(path, b"{}")
+    assert path.read_bytes() == b"{}" and os.listdir(tmp_path) == [path.name]
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full)  # the disk fills up before the rename
+    with pytest.raises(OSError, match="No space"):
+        fileio.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"{}" and os.listdir(tmp_path) == [path.name]
+
+
+def test_atomic_write_files_writes_all_or_none(tmp_path, monkeypatch):
+    fileio.atomic_write_files(tmp_path, {"a": b"1", "b": b"2", "stale": b"s"})
+    calls = []
+    real = fileio._write_temp
+
+    def second_fails(directory, data):
+        calls.append(data)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(directory, data)
+
+    monkeypatch.setattr(fileio, "_write_temp", second_fails)
+    with pytest.raises(OSError, match="No space"):
+        fileio.atomic_write_files(tmp_path, {"a": b"new", "b": b"new"}, remove=["stale"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"a": b"1", "b": b"2",
+                                                                    "stale": b"s"}
+    monkeypatch.setattr(fileio, "_write_temp", real)
+    fileio.atomic_write_files(tmp_path, {"a": b"new", "b": b"new"}, remove=["stale"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {"a": b"new", "b": b"new"}
+
+
+# --- report writers (purify_fast.report, and the purify CLI's report JSON) -----------------
+
+def _strict_json(text):
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_report_json_writes_non_finite_floats_as_null(tmp_path):
+    """Bare NaN / Infinity tokens are not JSON (JavaScript's JSON.parse, jq reject them)."""
+    import numpy as np
+
+    from purify_fast import report
+
+    obj = {"loss": float("nan"), "inf": [float("inf"), -float("inf")], "ok": 0.5,
+           "np": np.float64("nan"), "nested": ({"x": float("nan")},)}
+    path = report.write_json(tmp_path / "r.json", obj)
+    assert _strict_json(path.read_text()) == {"loss": None, "inf": [None, None], "ok": 0.5,
+                                              "np": None, "nested": [{"x": None}]}
+    paths = report.write_report(tmp_path / "rep", [{"name": "a", "cacc": float("nan"),
+                                                    "asr": 0.5, "seconds": float("inf")}],
+                                details={"loss": float("nan")})
+    got = _strict_json(paths["json"].read_text())
+    assert got["rows"][0]["cacc"] is None and got["details"]["loss"] is None
+
+
+def test_the_purify_cli_report_json_is_strict(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from purify_fast.models.loading import save_pretrained_atomic
+
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, num_labels=2))
+    out = save_pretrained_atomic(model, tmp_path / "m", extra_json={
+        "purify_fast_report.json": {"dev_acc": float("nan"), "history": [{"loss": float("inf")}]}})
+    assert _strict_json((out / "purify_fast_report.json").read_text()) == {
+        "dev_acc": None, "history": [{"loss": None}]}
+
+
+def test_markdown_table_escapes_names_and_shows_missing_values_alike():
+    from purify_fast.report import markdown_table
+
+    md = markdown_table([{"name": "fine|mixing", "cacc": float("nan"), "asr": 0.5,
+                          "seconds": float("nan")},
+                         {"name": 7, "cacc": 0.5, "asr": None, "seconds": None}])
+    assert "| fine\\|mixing | – | 50.0 | – |" in md
+    assert "| 7 | 50.0 | – | – |" in md
+    for row in ({"name": None, "cacc": 0.5, "asr": 0.1}, {"cacc": 0.5, "asr": 0.1}):
+        with pytest.raises(ValueError, match="row 0 has no name"):
+            markdown_table([row])
+
+
+def test_write_report_replaces_the_files_as_a_set(tmp_path):
+    """A report without a sweep removes the sweep plot an earlier report left in the directory;
+    a plot that fails to render leaves the earlier report whole (nothing was replaced)."""
+    import json
+
+    from purify_fast.report import write_report
+
+    sweep = [{"rho": 0.1, "dev_acc": 0.8}, {"rho": 0.5, "dev_acc": 0.9}]
+    write_report(tmp_path, [{"name": "run1", "cacc": 0.9, "asr": 0.5}], sweep=sweep)
+    assert sorted(os.listdir(tmp_path)) == ["defenses.png", "report.json", "report.md",
+                                            "rho_sweep.png"]
+    paths = write_report(tmp_path, [{"name": "run2", "cacc": 0.7, "asr": 0.1}])
+    assert sorted(paths) == ["json", "md", "png"]
+    assert sorted(os.listdir(tmp_path)) == ["defenses.png", "report.json", "report.md"]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(TypeError):
+        write_report(tmp_path, [{"name": "run3", "cacc": 0.9, "asr": 0.0}],
+                     sweep=[{"rho": 0.5, "dev_acc": None}])  # the sweep plot cannot render
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert json.loads((tmp_path / "report.json").read_text())["rows"][0]["name"] == "run2"
+    # a rho_sweep.png that no report of this writer produced is not touched
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "rho_sweep.png").write_bytes(b"mine")
+    write_report(other, [{"name": "run", "cacc": 0.7, "asr": 0.1}])
+    assert (other / "rho_sweep.png").read_bytes() == b"mine"

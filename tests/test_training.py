@@ -145,3 +145,117 @@ def test_a_failed_train_gives_the_model_back_in_its_mode_and_releases_the_stage(
     released.clear()
     train(model, tok, data, data, cfg)
     assert not model.training and released == [(model, False)]
+
+
+_DATA = TextDataset(["a good film", "a bad film", "great", "awful"] * 4, [1, 0, 1, 0] * 4, 2)
+
+
+def test_gradients_left_on_the_model_do_not_fold_into_the_first_step():
+    """A model carrying .grad from earlier work (a saliency pass, a probe) trains exactly as a
+    clean one: train() clears them before its loop."""
+    cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=16, max_length=8, progress=False,
+                      keep_best=False)
+    clean, tok = _tiny_classifier()
+    stale, _ = _tiny_classifier()
+    for p in stale.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    train(clean, tok, _DATA, None, cfg)
+    train(stale, tok, _DATA, None, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(clean.parameters(), stale.parameters()))
+    assert all(p.grad is None for p in stale.parameters())
+
+
+def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step():
+    """NaN logits argmax to class 0, so a NaN epoch could win keep-best and come back as an
+    improvement: a non-finite loss stops the run, naming where, and suggesting a lower lr."""
+    model, tok = _tiny_classifier()
+    calls = []
+    real_forward = model.forward
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        if model.training:
+            calls.append(1)
+            if len(calls) == 3:  # epoch 2, step 1 of 2
+                out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = forward
+    cfg = TrainConfig(epochs=3, batch_size=8, max_length=8, progress=False)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2, step 1/2.*lower lr"):
+        train(model, tok, _DATA, _DATA, cfg)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # no NaN step was taken
+    # bf16 autocast: fp32 is suggested as well
+    model, tok = _tiny_classifier()
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step 2/2.*precision='fp32'"):
+        train(model, tok, _DATA, _DATA, dataclasses.replace(cfg, lr=1e8, precision="bf16"))
+
+
+def test_a_huge_lr_is_stopped_not_kept():
+    """lr 1e8: the old loop kept the NaN epoch 1 as the best (dev accuracy of all-class-0)."""
+    model, tok = _tiny_classifier()
+    with pytest.raises(FloatingPointError, match="epoch 1"):
+        train(model, tok, _DATA, _DATA, TrainConfig(epochs=2, lr=1e8, batch_size=8, max_length=8,
+                                                     progress=False))
+
+
+def test_weights_turned_non_finite_by_the_last_step_are_caught():
+    """A non-finite gradient at an epoch's last step never shows in a loss; the weights are
+    checked before the epoch is scored."""
+    model, tok = _tiny_classifier()
+    steps = []
+
+    def poison(grad):
+        steps.append(1)
+        return grad * float("nan") if len(steps) == 2 else grad  # step 2 of 2
+
+    model.classifier.weight.register_hook(poison)
+    cfg = TrainConfig(epochs=2, batch_size=8, max_length=8, progress=False, clip_norm=None)
+    with pytest.raises(FloatingPointError, match=r"weight is not finite at epoch 1, after its "
+                                                 r"last step"):
+        train(model, tok, _DATA, _DATA, cfg)
+
+
+def test_a_distributed_run_stops_on_every_rank_together(monkeypatch):
+    """Under a launch the non-finite flag is reduced over the ranks before anyone raises."""
+    import purify_fast.training as training
+
+    fake_launch(monkeypatch, training)
+    from conftest import RecordingAccelerator
+
+    reduced = []
+    real_reduce = RecordingAccelerator.reduce
+
+    def reduce(self, tensor, reduction="mean"):
+        reduced.append(reduction)
+        return real_reduce(self, tensor, reduction)
+
+    monkeypatch.setattr(RecordingAccelerator, "reduce", reduce)
+    model, tok = _tiny_classifier()
+    with pytest.raises(FloatingPointError, match="epoch 1, step 2/2"):
+        train(model, tok, _DATA, None, TrainConfig(epochs=1, lr=1e8, batch_size=8, max_length=8,
+                                                    progress=False))
+    assert reduced and set(reduced) == {"sum"}
+
+
+def test_train_leaves_the_callers_global_rng_streams_alone():
+    """train() seeds the global RNGs with config.seed (dropout, deterministic runs) and puts the
+    caller's states back afterwards; the run itself does not depend on the caller's seed."""
+    import random
+
+    import numpy as np
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=8, max_length=8, progress=False)
+    ends = []
+    for caller_seed in (5, 6):
+        model, tok = _tiny_classifier()
+        torch.manual_seed(caller_seed), random.seed(caller_seed), np.random.seed(caller_seed)
+        expected = draws()
+        torch.manual_seed(caller_seed), random.seed(caller_seed), np.random.seed(caller_seed)
+        train(model, tok, _DATA, _DATA, cfg)
+        assert draws() == expected
+        ends.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])

@@ -10,6 +10,7 @@ import torch
 
 from purify_fast.attacks.badnets import BadNets
 from purify_fast.attacks.encoder_backdoor import EncoderBackdoor
+from purify_fast.defenses._common import FinetuneOptions
 from purify_fast.defenses.e_pur import EPur
 from purify_fast.defenses.fine_mixing import FineMixing
 from purify_fast.defenses.fine_purifying import FinePurifying
@@ -77,6 +78,17 @@ def test_one_of():
     (TrainConfig, "clip_norm", 0.0),
     (TrainConfig, "batch_size", 0),
     (TrainConfig, "precision", "fp8"),
+    (TrainConfig, "weight_decay", math.nan),
+    (TrainConfig, "weight_decay", -1.0),
+    (TrainConfig, "eval_batch_size", 0),
+    (TrainConfig, "max_length", 1),
+    (TrainConfig, "seed", -1),
+    (TrainConfig, "seed", 2**64),
+    (TrainConfig, "seed", 1.5),
+    (FinetuneOptions, "weight_decay", math.nan),
+    (FinetuneOptions, "seed", 2**32),
+    (EPur, "c", 1.0),
+    (EPur, "c", "x"),
     (MuscleLoRATrainConfig, "epochs", 0),
     (MuscleLoRATrainConfig, "lr", -1.0),
     (MuscleLoRATrainConfig, "ref_pool_size", 0),
@@ -136,6 +148,7 @@ def test_configs_name_the_bad_option(make, option, bad):
 
 @pytest.mark.parametrize("make, values", [
     (TrainConfig, dict(epochs=0, lr=1e-5, warmup_ratio=0.0, clip_norm=None, batch_size=1)),
+    (TrainConfig, dict(weight_decay=0.0, seed=2**32 - 1, eval_batch_size=1, max_length=2)),
     (MuscleLoRATrainConfig, dict(epochs=None, lr=None, ref_pool_size=None, max_raw_grad_ratio=1.0)),
     (MIMICConfig, dict(student_layers=None, epochs=1, attn_weight=0.0, ssl_weight=0.0)),
     (MINE, dict(batch_size=2, holdout=0.5, ema=1.0)),
@@ -167,8 +180,35 @@ def test_rho_sweep_needs_a_list():
     (MuscleLoRAConfig, {"scales": []}, ValueError, "scales is empty"),
     (MuscleLoRAConfig, {"use_lora": "no"}, TypeError, "use_lora must be True or False"),
     (MuscleLoRAConfig, {"use_mslr": 1}, TypeError, "use_mslr must be True, False or None"),
+    (TrainConfig, {"keep_best": "no"}, TypeError, "^keep_best must be True or False, got 'no'$"),
+    (TrainConfig, {"progress": "no"}, TypeError, "^progress must be True or False, got 'no'$"),
+    (TrainConfig, {"progress": 1}, TypeError, "^progress must be True or False, got 1$"),
+    (TrainConfig, {"fp32_weights": None}, TypeError, "^fp32_weights must be True or False"),
+    (FinetuneOptions, {"progress": "no"}, TypeError, "^progress must be True or False"),
 ])
 def test_configs_refuse_values_of_the_wrong_kind(make, kwargs, exc, match):
     """Refused when the config is built, not after peft injected LoRA or MINE ran for minutes."""
     with pytest.raises(exc, match=match):
         make(**kwargs)
+
+
+def test_configs_store_the_checked_values():
+    """A value that passes as a number-like string is stored as the number: lr="1e-3" used to
+    pass the check, stay a string and fail deep inside torch; score_threshold="1" showed in the
+    report as a string. numpy bools are bools."""
+    import numpy as np
+
+    cfg = TrainConfig(lr="1e-3", warmup_ratio="0.1", clip_norm="1.0", weight_decay="0",
+                      keep_best=np.bool_(False), progress=np.True_)
+    assert (cfg.lr, cfg.warmup_ratio, cfg.clip_norm, cfg.weight_decay) == (1e-3, 0.1, 1.0, 0.0)
+    assert all(type(v) is float
+               for v in (cfg.lr, cfg.warmup_ratio, cfg.clip_norm, cfg.weight_decay))
+    assert cfg.keep_best is False and cfg.progress is True
+    seed = TrainConfig(seed=np.int64(3)).seed
+    assert seed == 3 and type(seed) is int
+    opts = FinetuneOptions(lr="2e-4", weight_decay="0.5")
+    assert (opts.lr, opts.weight_decay) == (2e-4, 0.5) and type(opts.lr) is float
+    assert opts.to_dict()["lr"] == 2e-4
+    epur = EPur(score_threshold="1", c="20")
+    assert epur.score_threshold == 1.0 and type(epur.score_threshold) is float
+    assert epur.c == 20.0 and type(epur.c) is float

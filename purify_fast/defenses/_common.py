@@ -10,6 +10,7 @@ import torch
 from purify_fast.checkpoint import MAX_UNMATCHED_SHARE
 from purify_fast.data.text_dataset import TextDataset
 from purify_fast.training import TrainConfig, accuracy, train
+from purify_fast.validation import real_in
 
 
 @dataclass
@@ -27,7 +28,12 @@ class FinetuneOptions:
     progress: bool = False
 
     def __post_init__(self):
-        self.train_config()  # validates every field now, not after mixing / the Fisher pass
+        # Validates every field now, not after mixing / the Fisher pass, and keeps the checked
+        # values (lr="1e-3" becomes 0.001 here and in the report).
+        cfg = self.train_config()
+        for name in ("epochs", "lr", "batch_size", "max_length", "weight_decay", "precision",
+                     "seed", "progress"):
+            setattr(self, name, getattr(cfg, name))
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
@@ -137,6 +143,7 @@ def clean_dev_split(clean: TextDataset, dev: TextDataset | None, dev_fraction: f
     """The clean fine-tune set and the clean dev set used to keep the best epoch.
 
     With no ``dev`` given, ``dev_fraction`` of ``clean`` is held out (0 disables selection)."""
+    dev_fraction = real_in("dev_fraction", dev_fraction, 0.0, 1.0, hi_open=True)
     if not isinstance(clean, TextDataset):
         raise TypeError(f"clean_data must be a TextDataset, got {type(clean).__name__}")
     if len(clean) == 0:
@@ -147,8 +154,6 @@ def clean_dev_split(clean: TextDataset, dev: TextDataset | None, dev_fraction: f
         if dev.num_labels != clean.num_labels:
             raise ValueError(f"dev_data has {dev.num_labels} labels, clean_data {clean.num_labels}")
         return clean, dev
-    if not 0.0 <= float(dev_fraction) < 1.0:
-        raise ValueError(f"dev_fraction must be in [0, 1), got {dev_fraction!r}")
     if dev_fraction == 0:
         return clean, None
     train_part, dev_part = clean.split((1.0 - dev_fraction, dev_fraction), seed=seed,
@@ -161,10 +166,24 @@ def clean_dev_split(clean: TextDataset, dev: TextDataset | None, dev_fraction: f
 
 def clean_finetune(model, tokenizer, clean: TextDataset, dev: TextDataset | None,
                    options: FinetuneOptions) -> dict:
-    """Fine-tune ``model`` in place on the clean set; the report part of the stage."""
+    """Fine-tune ``model`` (a defense's own copy) in place on the clean set; the report part of
+    the stage.
+
+    Every floating-point parameter trains, whatever its ``requires_grad`` flag (METHODS: the
+    mixed / reset model is fine-tuned as a whole; a suspect frozen for inference would otherwise
+    fail here, a partly frozen one silently train only its trainable part); the flags are put
+    back afterwards, so the purified copy carries the suspect's."""
     if options.epochs == 0:
         return {"epochs": 0}
-    result = train(model, tokenizer, clean, dev, options.train_config())
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            if p.is_floating_point():
+                p.requires_grad_(True)
+        result = train(model, tokenizer, clean, dev, options.train_config())
+    finally:
+        for p, was in flags:
+            p.requires_grad_(was)
     return {"epochs": options.epochs, "best_epoch": result.best_epoch,
             "best_dev_acc": result.best_dev_acc, "history": result.history}
 

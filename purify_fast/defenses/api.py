@@ -31,8 +31,8 @@ from purify_fast.defenses._common import (
 from purify_fast.defenses.e_pur import EPur
 from purify_fast.defenses.fine_mixing import FineMixing
 from purify_fast.defenses.fine_purifying import FinePurifying
-from purify_fast.training import seed_everything
-from purify_fast.validation import seed_value
+from purify_fast.training import rng_preserved, seed_everything
+from purify_fast.validation import real_in, seed_value
 
 METHODS = ("fine-mixing", "fine-purifying", "e-pur", "fine-tune")
 DEFAULT_RHO = {"fine-mixing": 0.5, "fine-purifying": 0.3}
@@ -80,19 +80,43 @@ def purify(suspect, pretrained, clean_data: TextDataset, method: str = "fine-mix
     tokenizer: the suspect's tokenizer (required when ``suspect`` is a model).
     dev_data: clean dev set for keeping the best epoch / the rho sweep; if None, ``dev_fraction``
         (default 0.2) of ``clean_data`` is held out.
-    rho: Fine-mixing reserve ratio (default 0.5) or Fine-purifying reset share (default 0.3).
+    rho: Fine-mixing reserve ratio (default 0.5) or Fine-purifying reset share (default 0.3; an
+        upper bound: coordinates that score 0 are never reset, see ``changed_share``).
     select: Fine-mixing mask, ``"random"`` (default) or ``"magnitude"``.
     rho_sweep, sweep_tolerance: Fine-mixing rho sweep (off by default; tolerance 0.01).
-    e_pur: run E-PUR first. top_n (200), score_threshold (None), c (20.0), corpus (default: the
-        clean data) are E-PUR's options.
+    e_pur: run E-PUR first. top_n (200), score_threshold (None), c (20.0), corpus (None: the
+        clean data; an empty corpus is refused) are E-PUR's options.
     indicator ("drift_over_hessian"), eps (1e-8), fisher_at ("finetuned"), per_example (False),
         fisher_batch_size (16), scope ("global"): Fine-purifying options.
     epochs (3), lr (2e-5), batch_size (16), max_length (64), weight_decay (0.01),
-        precision ("fp32" | "bf16"): the clean fine-tune (AdamW, linear decay, clip 1.0).
-    seed: seeds the masks, the split and the fine-tune. backend: kernel backend for the ops.
+        precision ("fp32" | "bf16"): the clean fine-tune (AdamW, linear decay, clip 1.0). It
+        trains every parameter of purify's copy, whatever the suspect's ``requires_grad`` flags
+        (a suspect frozen for inference is fine-tuned as a whole, as METHODS fine-tunes θ_mix);
+        the suspect's flags are left as they were and the returned model carries them too. A
+        training loss that turns non-finite stops the call with a FloatingPointError.
+    seed: seeds the masks, the split and the fine-tune. The global RNGs (random, numpy, torch)
+        are seeded inside and restored on return, so the caller's own streams are untouched.
+    backend: kernel backend for the ops.
 
-    The report holds the options, per-stage wall times, dev accuracies and what was reset.
+    The report holds the options used (``report["options"]``: the clean fine-tune's, seed,
+    dev_fraction and the method's own), per-stage wall times, dev accuracies and what was reset.
     """
+    with rng_preserved():
+        return _purify(suspect, pretrained, clean_data, method, tokenizer=tokenizer,
+                       dev_data=dev_data, dev_fraction=dev_fraction, rho=rho, select=select,
+                       rho_sweep=rho_sweep, sweep_tolerance=sweep_tolerance, e_pur=e_pur,
+                       top_n=top_n, score_threshold=score_threshold, c=c, corpus=corpus,
+                       indicator=indicator, eps=eps, fisher_at=fisher_at,
+                       per_example=per_example, fisher_batch_size=fisher_batch_size, scope=scope,
+                       epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
+                       weight_decay=weight_decay, precision=precision, seed=seed,
+                       backend=backend, progress=progress)
+
+
+def _purify(suspect, pretrained, clean_data, method, *, tokenizer, dev_data, dev_fraction, rho,
+            select, rho_sweep, sweep_tolerance, e_pur, top_n, score_threshold, c, corpus,
+            indicator, eps, fisher_at, per_example, fisher_batch_size, scope, epochs, lr,
+            batch_size, max_length, weight_decay, precision, seed, backend, progress):
     method = str(method).lower()
     if method.endswith("+e-pur"):
         method, e_pur = method[: -len("+e-pur")], True
@@ -100,6 +124,7 @@ def purify(suspect, pretrained, clean_data: TextDataset, method: str = "fine-mix
         raise ValueError(f"method must be one of {', '.join(METHODS)} (optionally with '+e-pur'); "
                          f"got {method!r}")
     seed = seed_value(seed)  # before any model work, not where the first mask is drawn
+    dev_fraction = real_in("dev_fraction", dev_fraction, 0.0, 1.0, hi_open=True)
     if isinstance(suspect, (str, os.PathLike)):
         from purify_fast.models.loading import load_classifier
 
@@ -127,35 +152,57 @@ def purify(suspect, pretrained, clean_data: TextDataset, method: str = "fine-mix
         # Batching sets a pad token (eos) on a decoder's tokenizer; do it on a copy, since
         # nothing passed in is modified.
         tokenizer = copy.deepcopy(tokenizer)
-    seed_everything(seed)
-    t_start = time.perf_counter()
-    pre_state = _pretrained_state(pretrained, suspect)
-    train_part, dev_part = clean_dev_split(clean_data, dev_data, dev_fraction, seed)
+    # Every stage's options are checked (and normalised) before any model work.
     ft_opts = FinetuneOptions(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
                               weight_decay=weight_decay, precision=precision, seed=seed,
                               progress=progress)
-    report: dict = {"method": method + ("+e-pur" if e_pur else ""),
-                    "clean_train": len(train_part), "clean_dev": len(dev_part) if dev_part else 0,
-                    "seconds": {}}
-    if dev_part is not None:
-        report["suspect_dev_acc"] = dev_accuracy(suspect, tokenizer, dev_part, max_length)
-    model = suspect
+    # what the run used: E-PUR alone has no fine-tune (max_length is the dev evaluation's)
+    options = {"seed": seed, "max_length": ft_opts.max_length,
+               "dev_fraction": None if dev_data is not None else dev_fraction,
+               "dev_data": getattr(dev_data, "name", None), "e_pur": e_pur, "backend": backend}
+    if method != "e-pur":
+        options.update(ft_opts.to_dict())
+    epur = fm = fp = None
     if e_pur or method == "e-pur":
         epur = EPur(top_n=top_n, score_threshold=score_threshold, c=c, max_length=None,
                     backend=backend)
-        model, report["e_pur"] = epur.apply(model, pre_state, tokenizer, corpus or clean_data)
-        report["seconds"]["e_pur"] = report["e_pur"]["seconds"]
+        corpus = clean_data if corpus is None else corpus  # an empty corpus is refused, not swapped
+        EPur.check_corpus(corpus)
+        options.update(top_n=epur.top_n, score_threshold=epur.score_threshold, c=epur.c,
+                       corpus=corpus.name)
     if method == "fine-mixing":
         fm = FineMixing(rho=DEFAULT_RHO[method] if rho is None else rho, select=select, seed=seed,
                         rho_sweep=rho_sweep, sweep_tolerance=sweep_tolerance, finetune=ft_opts,
                         backend=backend)
-        model, report["fine_mixing"] = fm.apply(model, pre_state, tokenizer, train_part, dev_part)
-        report["seconds"].update(report["fine_mixing"]["seconds"])
+        options.update(rho=None if fm.rho_sweep is not None else fm.rho, select=fm.select,
+                       rho_sweep=fm.rho_sweep, sweep_tolerance=fm.sweep_tolerance)
     elif method == "fine-purifying":
         fp = FinePurifying(rho=DEFAULT_RHO[method] if rho is None else rho, indicator=indicator,
                            eps=eps, fisher_at=fisher_at, per_example=per_example,
                            fisher_batch_size=fisher_batch_size, scope=scope, finetune=ft_opts,
                            backend=backend)
+        options.update(rho=fp.rho, indicator=fp.indicator, eps=fp.eps, fisher_at=fp.fisher_at,
+                       per_example=fp.per_example, fisher_batch_size=fp.fisher_batch_size,
+                       scope=fp.scope)
+    seed_everything(seed)  # restored on return (purify's rng_preserved)
+    t_start = time.perf_counter()
+    pre_state = _pretrained_state(pretrained, suspect)
+    train_part, dev_part = clean_dev_split(clean_data, dev_data, dev_fraction, seed)
+    report: dict = {"method": method + ("+e-pur" if e_pur else ""), "options": options,
+                    "clean_train": len(train_part), "clean_dev": len(dev_part) if dev_part else 0,
+                    "seconds": {}}
+    if dev_part is not None:
+        report["suspect_dev_acc"] = dev_accuracy(suspect, tokenizer, dev_part, max_length)
+    model = suspect
+    if epur is not None:
+        model, report["e_pur"] = epur.apply(model, pre_state, tokenizer, corpus)
+        report["seconds"]["e_pur"] = report["e_pur"]["seconds"]
+    if fm is not None:
+        # The sweep's bar is the suspect's dev accuracy (METHODS §1.3), not E-PUR's output's.
+        model, report["fine_mixing"] = fm.apply(model, pre_state, tokenizer, train_part, dev_part,
+                                                suspect_dev_acc=report.get("suspect_dev_acc"))
+        report["seconds"].update(report["fine_mixing"]["seconds"])
+    elif fp is not None:
         model, report["fine_purifying"] = fp.apply(model, pre_state, tokenizer, train_part, dev_part)
         report["seconds"].update(report["fine_purifying"]["seconds"])
     elif method == "fine-tune":

@@ -44,10 +44,18 @@ class EPur:
     backend: str | None = None
 
     def __post_init__(self):
+        # the checked values are kept: score_threshold="1" is stored (and reported) as 1.0
         if self.score_threshold is None:
-            int_at_least("top_n", self.top_n, 0)
+            self.top_n = int_at_least("top_n", self.top_n, 0)
         else:
-            real_in("score_threshold", self.score_threshold, 0.0)
+            self.score_threshold = real_in("score_threshold", self.score_threshold, 0.0)
+        self.c = real_in("c", self.c, 1.0, lo_open=True)  # log(c) must be positive
+
+    @staticmethod
+    def check_corpus(corpus) -> None:
+        if not isinstance(corpus, TextDataset) or len(corpus) == 0:
+            raise ValueError("E-PUR needs a non-empty clean corpus (TextDataset) to count token "
+                             "frequencies")
 
     def scores(self, suspect, pretrained_emb: torch.Tensor, tokenizer,
                corpus: TextDataset) -> torch.Tensor:
@@ -64,9 +72,7 @@ class EPur:
     def apply(self, suspect, pretrained_state: dict, tokenizer, corpus: TextDataset):
         """A purified copy of ``suspect`` and the stage report (inputs are not modified)."""
         check_model(suspect, "suspect")
-        if not isinstance(corpus, TextDataset) or len(corpus) == 0:
-            raise ValueError("E-PUR needs a non-empty clean corpus (TextDataset) to count token "
-                             "frequencies")
+        self.check_corpus(corpus)
         t0 = time.perf_counter()
         name = embedding_name(suspect)
         pre = pretrained_state.get(name)

@@ -10,7 +10,8 @@
    (a new classifier head) are kept from the suspect. All via ``ops.mix_weights``.
 2. Fine-tune ``θ_mix`` on the clean set, keeping the epoch best on clean dev accuracy.
 3. Optional sweep over ``rho_sweep`` (ascending): keep the smallest rho whose clean dev accuracy
-   after step 2 is at least the suspect's minus ``sweep_tolerance``.
+   after step 2 is at least the suspect's minus ``sweep_tolerance`` (the original suspect's, also
+   when E-PUR ran first).
 """
 
 from __future__ import annotations
@@ -83,8 +84,12 @@ class FineMixing:
         return model
 
     def apply(self, suspect, pretrained_state: dict, tokenizer, clean: TextDataset,
-              dev: TextDataset | None):
-        """``(purified copy, report)``; ``suspect`` is not modified."""
+              dev: TextDataset | None, *, suspect_dev_acc: float | None = None):
+        """``(purified copy, report)``; ``suspect`` is not modified.
+
+        ``suspect_dev_acc``: the sweep's baseline, the original suspect's clean dev accuracy,
+        when ``suspect`` here is already another stage's output (E-PUR's: comparing with that
+        would move the bar); None measures ``suspect`` itself."""
         check_model(suspect, "suspect")
         matched = matched_tensors(suspect, pretrained_state)
         max_len = self.finetune.max_length
@@ -100,7 +105,9 @@ class FineMixing:
         if self.rho_sweep is not None:
             if dev is None:
                 raise ValueError("rho_sweep needs a clean dev set (dev_data or dev_fraction > 0)")
-            report["suspect_dev_acc"] = dev_accuracy(suspect, tokenizer, dev, max_len)
+            report["suspect_dev_acc"] = (dev_accuracy(suspect, tokenizer, dev, max_len)
+                                         if suspect_dev_acc is None
+                                         else real_in("suspect_dev_acc", suspect_dev_acc, 0.0, 1.0))
         sweep, chosen = [], None
         for rho in candidates:
             t0 = time.perf_counter()

@@ -11,6 +11,8 @@
 3. Reset the top ``rho`` share of coordinates by indicator to ``θ_pre``: one global threshold over
    every matched tensor (``ops.global_score_threshold``, a two-pass radix select that never holds
    the scores) or one threshold per tensor (``scope="per_tensor"``); ``ops.reset_by_score``.
+   A coordinate whose score is 0 (no drift; or ``H = 0`` under ``"product"``) is never reset:
+   ``rho`` is an upper bound, and the report's ``changed_share`` is what was reset.
 4. Fine-tune on the clean set as Fine-mixing does.
 """
 
@@ -28,6 +30,7 @@ from purify_fast.defenses._common import (
     FinetuneOptions,
     check_model,
     clean_finetune,
+    dev_accuracy,
     matched_tensors,
 )
 from purify_fast.training import autocast, model_device
@@ -77,7 +80,9 @@ def diagonal_fisher(model, tokenizer, data: TextDataset, names, *, per_example: 
 class FinePurifying:
     """Fine-purifying options.
 
-    rho: share of matched coordinates reset to θ_pre (default 0.3).
+    rho: share of matched coordinates reset to θ_pre (default 0.3), at most: coordinates that
+        score 0 (no drift, or a zero Hessian under ``"product"``) are never reset, so fewer move
+        when rho reaches into them (the report's ``changed_share``, with a ``share_note``).
     indicator: ``drift_over_hessian`` (default), ``drift``, ``inv_hessian``, ``product``.
     eps: ε in the indicators (default 1e-8).
     fisher_at: ``"finetuned"`` (θ_ft, default) or ``"pretrained"`` (θ_pre with the suspect's head).
@@ -166,8 +171,18 @@ class FinePurifying:
                 params[n].copy_(new)
         report["seconds"]["reset"] = time.perf_counter() - t0
         total = sum(t.numel() for t in matched.values())
+        # threshold_selected counts every score at or above the threshold, zero scores included
+        # (which are never reset): what moved back is coordinates_changed / changed_share.
         report["coordinates_changed"] = sum(reset_counts.values())
         report["changed_share"] = report["coordinates_changed"] / total
+        report["requested_share"] = self.rho
+        if report["coordinates_changed"] < round(self.rho * total):
+            zero = (" (a zero Hessian gives 0 under 'product')" if self.indicator == "product"
+                    else "")
+            report["share_note"] = (f"{report['changed_share']:.2%} of the matched coordinates "
+                                    f"changed for rho {self.rho:g}: rho is an upper bound; "
+                                    f"coordinates that score 0{zero} are never reset and those "
+                                    f"without drift reset to themselves")
         top = sorted(reset_counts.items(), key=lambda kv: -kv[1] / max(params[kv[0]].numel(), 1))
         report["most_reset_tensors"] = [{"name": n, "share": c / params[n].numel()}
                                         for n, c in top[:10]]
@@ -175,5 +190,7 @@ class FinePurifying:
         report["finetune"] = clean_finetune(model, tokenizer, clean, dev, self.finetune)
         report["seconds"]["finetune"] = time.perf_counter() - t0
         report["dev_acc"] = report["finetune"].get("best_dev_acc")
+        if report["dev_acc"] is None and dev is not None:  # epochs=0: as Fine-mixing measures it
+            report["dev_acc"] = dev_accuracy(model, tokenizer, dev, self.finetune.max_length)
         model.eval()
         return model, report

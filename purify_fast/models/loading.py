@@ -13,7 +13,6 @@ head). Defenses treat those as having no pre-trained counterpart.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -261,19 +260,21 @@ def is_writer_rank() -> bool:
 def save_pretrained_atomic(model, out_dir: str | os.PathLike, tokenizer=None,
                            extra_json: dict[str, dict] | None = None,
                            extra: Callable[[Path], object] | None = None) -> Path:
-    """``model.save_pretrained`` (+ tokenizer, + extra JSON files, + whatever ``extra(tmp)``
-    writes, e.g. a plot) into ``out_dir`` atomically.
+    """``model.save_pretrained`` (+ tokenizer, + extra JSON files, non-finite floats written as
+    null, + whatever ``extra(tmp)`` writes, e.g. a plot) into ``out_dir`` atomically.
 
     In a multi-process launch only rank 0 writes (:func:`is_writer_rank`)."""
     if not is_writer_rank():
         return Path(out_dir)
 
+    from purify_fast.report import dumps_json
+
     def write(tmp: Path):
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for name, obj in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, default=str))
+        for name, obj in (extra_json or {}).items():  # strict JSON: NaN / inf as null
+            (tmp / name).write_text(dumps_json(obj))
         if extra is not None:
             extra(tmp)
 
