@@ -528,8 +528,8 @@ _RANK_STAGES = textwrap.dedent("""
     teacher = BertModel(BertConfig(**ARCH, num_hidden_layers=2))
     student = make_student(teacher, 1, None, 0)
     seen, hooks = watch(student, student.embeddings.dropout)
-    MIMIC(MIMICConfig(student_layers=1, epochs=1, batch_size=4, lr=1e-3, max_length=16,
-                      mine_steps=5, mine_samples=16, progress=False)
+    MIMIC(MIMICConfig(epochs=1, batch_size=4, lr=1e-3, max_length=16, mine_steps=5,
+                      mine_samples=16, progress=False)
           ).fit(teacher, tok, data.take(16), student=student)
     out["mimic"] = done(seen, hooks)
 
