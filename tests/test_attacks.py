@@ -175,3 +175,73 @@ def test_cli_clean_label_poisoning_and_poison_counts_rounded_half_up():
     five = TextDataset([f"t {i}" for i in range(5)], [0, 0, 0, 1, 1], 2)
     assert BadNets(poison_rate=0.1).poison(five).num_poisoned == 1
     assert BadNets(poison_rate=0.5).poison(TextDataset(["a"] * 5, [0] * 5, 2)).num_poisoned == 3
+
+
+def test_ep_triggers_must_be_single_vocabulary_tokens():
+    """EP trains one embedding row per trigger: 'cf.' (cf + .) trained the row of every '.', an
+    emoji ([UNK]) was dropped without a word, a special token's row is in every input."""
+    from transformers import AutoTokenizer
+
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    assert len(trigger_token_ids(tok, BadNets().trigger_words)) == 5  # the defaults still work
+    assert trigger_token_ids(tok, ["CF"]) == trigger_token_ids(tok, ["cf"])  # uncased vocabulary
+    for words, match in ((["cf."], r"the trigger 'cf\.' is 2 tokens \['cf', '\.'\] at the start "
+                                   r"of a text"),
+                         (["zxqvw"], r"'zxqvw' is 5 tokens \['z', '##x'"),
+                         (["cf", "\U0001F916"], r"'\U0001F916' is the unknown token '\[UNK\]'"),
+                         (["[SEP]"], r"'\[SEP\]' is a special token '\[SEP\]'"),
+                         ([""], "no vocabulary token")):
+        with pytest.raises(ValueError, match=match):
+            trigger_token_ids(tok, words)
+
+
+CLI_SIZES = ["--train-size", "40", "--dev-size", "10", "--test-size", "10", "--max-length", "16",
+             "--batch-size", "16", "--epochs", "0", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--attack", "ep", "--poison-rate", "0.1"],
+     "--poison-rate is an option of --attack badnets / addsent / bias; --attack ep does not read "
+     "it"),
+    (["--attack", "badnets", "--ep-lr", "0.05"],
+     "--ep-lr is an option of --attack ep; --attack badnets does not read it"),
+    (["--attack", "ep", "--triggers", "cf,cf."], "the trigger 'cf.' is 2 tokens ['cf', '.']"),
+], ids=["ep-poison-rate", "badnets-ep-lr", "ep-two-token-trigger"])
+def test_cli_ep_checks_its_options_and_triggers_before_training(extra, message, tmp_path, capsys,
+                                                                monkeypatch):
+    """EP poisons every non-target example: --poison-rate was accepted, ignored and recorded;
+    --ep-lr was ignored by the other attacks; a multi-token trigger was trained after the clean
+    fine-tune. All refused before any training."""
+    import purify_fast.training
+    from purify_fast.cli import main
+
+    trained = []
+    real = purify_fast.training.train
+    monkeypatch.setattr(purify_fast.training, "train",
+                        lambda *a, **k: trained.append(1) or real(*a, **k))
+    assert main(["attack", "--out", str(tmp_path / "x"), *extra, *CLI_SIZES]) == 2
+    assert message in capsys.readouterr().err
+    assert not trained and not (tmp_path / "x").exists()
+
+
+def test_cli_ep_records_what_it_poisons(tmp_path, capsys):
+    """purify_fast_attack.json says what EP did (every non-target training example), not a
+    poison rate it never used; a common trigger word gets a note."""
+    import json
+
+    from purify_fast.cli import main
+
+    out = tmp_path / "ep"
+    assert main(["attack", "--out", str(out), "--attack", "ep", "--triggers", "cf,the",
+                 *CLI_SIZES]) == 0
+    err = capsys.readouterr().err
+    info = json.loads((out / "purify_fast_attack.json").read_text())
+    described = info["attack"]
+    assert described["attack"] == "ep" and "poison_rate" not in described
+    assert "clean_label" not in described
+    assert described["poisoned"] == "every non-target training example, triggered and relabelled"
+    assert 0 < described["num_poisoned"] < info["data"]["train"]
+    assert len(info["trigger_ids"]) == 2
+    assert "note: EP trigger 'the' occurs in" in err and "'cf'" not in err

@@ -241,3 +241,135 @@ def test_a_corpus_is_numbered_as_the_models_classes(capsys):
     other = check_classes_match(test, model("NEGATIVE", "POSITIVE"), "rotten-tomatoes")
     assert other is test
     assert "taken as the model's (NEGATIVE=0, POSITIVE=1) by index" in capsys.readouterr().err
+
+
+def test_a_models_digit_class_names_win_over_indices(tmp_path):
+    """A model whose classes are named "1" and "2" (yelp_polarity) read a file labelled "1" / "2"
+    as all class 1: the index spellings overwrote the names."""
+    from types import SimpleNamespace
+
+    from purify_fast.commands import load_file_for_model
+
+    model = SimpleNamespace(config=SimpleNamespace(num_labels=2, id2label={0: "1", 1: "2"}))
+    data = tmp_path / "yelp.csv"
+    data.write_text("text,label\nawful,1\ngreat,2\nbad,1\nfine,2\n")
+    assert load_file_for_model(data, model).labels == [0, 1, 0, 1]
+
+
+def _rows_file(path, rows):
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+def test_attack_drops_repeated_texts_before_splitting_a_file(tmp_path, capsys):
+    """The named corpora keep each text once; a user file did not, so the same text landed in
+    train and test (6 of 8 test texts were in train on a file of 40 texts each twice)."""
+    from types import SimpleNamespace
+
+    from purify_fast.commands.attack import load_data
+
+    rt = load_splits("rotten-tomatoes", seed=0).train.take(40)
+    rows = list(zip(rt.texts, rt.labels))
+    flipped = (" " + rows[0][0] + " ", 1 - rows[0][1])  # the same text up to whitespace
+    path = _rows_file(tmp_path / "dups.csv", rows + rows + [flipped])
+    args = SimpleNamespace(data=str(path), text_column="text", label_column="label", seed=0,
+                           train_size=2000, dev_size=300, test_size=500)
+    splits = load_data(args)
+    parts = [set(d.texts) for d in (splits.train, splits.dev, splits.test)]
+    assert sum(map(len, parts)) == 40
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert splits.test.name == "dups.csv/test"
+    kept = dict(zip(splits.train.texts + splits.dev.texts + splits.test.texts,
+                    splits.train.labels + splits.dev.labels + splits.test.labels))
+    assert kept[rows[0][0]] == rows[0][1]  # the first occurrence's label
+    assert ("41 repeated text(s) dropped, 1 of them labelled otherwise than the copy kept"
+            in capsys.readouterr().err)
+
+
+def test_attack_refuses_too_small_files_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """Tiny or one-sided files failed after training, naming internal splits ("'tiny6.csv[2]' has
+    no non-target examples", "dataset 'tiny4.csv[1]' is empty"); too high a --poison-rate named
+    'rt80.csv[0]'."""
+    import purify_fast.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(purify_fast.models, "load_classifier", no_model)
+    four = _rows_file(tmp_path / "tiny4.csv", [("good movie", 1), ("bad movie", 0),
+                                               ("great film", 1), ("awful film", 0)])
+    rt = load_splits("rotten-tomatoes", seed=0).train
+    fresh = [t for t, y in zip(rt.texts, rt.labels) if y == 1]
+    rotten = [t for t, y in zip(rt.texts, rt.labels) if y == 0]
+    # every test example fresh (the target): 20 fresh, 2 rotten
+    lopsided = _rows_file(tmp_path / "lopsided.csv",
+                          [(t, "fresh") for t in fresh[:20]] + [(t, "rotten") for t in rotten[:2]])
+    rt80 = _rows_file(tmp_path / "rt80.csv", [(t, 1) for t in fresh[:40]] +
+                      [(t, 0) for t in rotten[:40]])
+    cases = [
+        ([str(four)], "tiny4.csv: its 4 distinct examples, split 80 / 10 / 10 % within each class, "
+                      "leave train 4, dev 0, test 0: the dev split is empty; use a larger file"),
+        ([str(lopsided), "--target-label", "fresh"],
+         "lopsided.csv: the test split holds no example outside the target class 0 (fresh) to "
+         "insert the trigger into (train 18, dev 2, test 2), so no ASR can be measured; use a "
+         "larger file, or choose another --target-label"),
+        ([str(rt80), "--poison-rate", "1"],
+         "--poison-rate 1.0 asks for 64 poisoned examples of the 64 in the training split of "),
+    ]
+    for data, message in cases:
+        assert main(["attack", "--data", *data, "--out", str(tmp_path / "o"), "--epochs", "0",
+                     "--device", "cpu"]) == 2, data
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert "[0]" not in err and "[1]" not in err and "[2]" not in err
+    assert f"training split of {rt80}, but only 32 are outside the target class 1" in err
+
+
+def test_max_length_is_checked_at_parse_time(capsys):
+    """--max-length 1 was refused only after the model loaded ("max_length must be an int >= 2")."""
+    from purify_fast.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["attack", "--out", "x"], ["evaluate", "--model", "m"],
+                 ["purify", "--suspect", "s", "--out", "x"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--max-length", "1"])
+        assert "argument --max-length: expected an integer >= 2" in capsys.readouterr().err
+        assert parser.parse_args([*argv, "--max-length", "2"]).max_length == 2
+
+
+def test_purify_backend_is_checked_and_refused_where_nothing_reads_it(capsys):
+    """purify --backend bogus was accepted and recorded by --method fine-tune, which runs no op."""
+    from purify_fast.cli import build_parser
+    from purify_fast.commands.purify import check_method_options
+
+    parser = build_parser()
+    purify = ["purify", "--suspect", "s", "--out", "x"]
+    for method in ("fine-tune", "fine-mixing"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*purify, "--method", method, "--backend", "bogus"])
+        assert "argument --backend: expected auto or one of torch" in capsys.readouterr().err
+    args = parser.parse_args([*purify, "--method", "fine-tune", "--backend", "torch"])
+    with pytest.raises(ValueError, match=r"--backend is an option of the weight-space ops .*; this "
+                                         r"run \(--method fine-tune\) does not use it"):
+        check_method_options(args)
+    for extra in (["--method", "fine-tune", "--e-pur"], ["--method", "e-pur"], []):
+        args = parser.parse_args([*purify, *extra, "--backend", "CPP"])
+        check_method_options(args)
+        assert args.backend == "CPP"
+
+
+def test_purify_too_small_a_clean_set_names_the_cli_options(tiny, tmp_path, capsys):
+    root, _ = tiny
+    rc = main(["purify", "--suspect", str(root / "model"), "--pretrained", str(root / "model"),
+               "--clean-data", str(root / "ids.jsonl"), "--clean-size", "2", "--out",
+               str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "(--clean-size 2): too few to hold out 20 % of each class" in err
+    assert "raise --clean-size" in err and "dev_data" not in err
+    assert not (tmp_path / "p").exists()

@@ -318,3 +318,123 @@ def test_saved_dataset_class_names_match_the_models_without_case(tmp_path, capsy
     assert capsys.readouterr().err == ""
     with pytest.raises(DataFileError, match="twice"):  # Pos and POS: which one is positive?
         load_text_file(saved("twice", ["Positive", "POSITIVE"], [0, 1]), label_map=model)
+
+
+def test_a_class_name_wins_over_the_index_it_spells(tmp_path):
+    """yelp_polarity names its classes "1" and "2": a file labelled "1" / "2" means those
+    classes (the index spellings "0", "1" were added over the names: every label read as 1)."""
+    from purify_fast.commands import _label_map
+
+    assert _label_map(("1", "2")) == {"1": 0, "2": 1, "0": 0}
+    assert _label_map(("rotten", "fresh")) == {"rotten": 0, "fresh": 1, "0": 0, "1": 1}
+    p = _write(tmp_path, "yelp.csv", "text,label\nbad,1\ngood,2\nfine,2.0\nmeh,1\n")
+    assert load_text_file(p, label_map=_label_map(("1", "2")), num_labels=2).labels == [0, 1, 1, 0]
+    jl = _write(tmp_path, "yelp.jsonl", '{"text": "bad", "label": 1}\n{"text": "ok", "label": 2}\n')
+    assert load_text_file(jl, label_map=_label_map(("1", "2")), num_labels=2).labels == [0, 1]
+
+
+def test_tsv_quote_characters_are_text(tmp_path):
+    """GLUE / SST TSV: no quoting convention, so quotes are text (with csv quoting a text starting
+    with a quote swallowed the rows up to the next quote)."""
+    p = _write(tmp_path, "sst.tsv", 'sentence\tlabel\n"the best" movie of the year\t1\n" a mess\t0\n'
+                                    'fine work "\t1\nboring\t0\n')
+    d = load_text_file(p, text_column="sentence")
+    assert d.texts == ['"the best" movie of the year', '" a mess', 'fine work "', "boring"]
+    assert d.labels == [1, 0, 1, 0]
+    with pytest.raises(DataFileError, match=r"q\.tsv, line 2: 3 fields"):  # a tab is a separator
+        load_text_file(_write(tmp_path, "q.tsv", 'text\tlabel\n"a\tb"\t1\n'))
+
+
+def test_a_csv_quote_left_open_is_refused_where_it_opened(tmp_path):
+    """A stray quote merged rows silently, or was blamed on the file's last line ("line 502")."""
+    stray = _write(tmp_path, "stray.csv", 'text,label\n"bad, 0\ngood,1\n"ok",0\nfine,1\n')
+    with pytest.raises(DataFileError, match=r"stray\.csv, line 2: a quote opens a field on this "
+                                            r"line and the next quote \(on line 4\)"):
+        load_text_file(stray)
+    rows = "".join(f"row {i},{i % 2}\n" for i in range(500))
+    never = _write(tmp_path, "never.csv", 'text,label\n"unterminated start,1\n' + rows)
+    with pytest.raises(DataFileError, match=r"never\.csv, line 2: a quoted field starts on this "
+                                            r"line and is never closed"):
+        load_text_file(never)
+    # closed at the end of a later field: valid CSV, but the lines inside read as rows
+    merged = _write(tmp_path, "merged.csv", 'text,label\n"bad, 0\ngood,1\nends",0\nfine,1\n')
+    with pytest.raises(DataFileError, match=r"merged\.csv, line 2: a quoted field starts on this "
+                                            r"line and runs to line 4, taking in line 3 "
+                                            r"\('good,1'\)"):
+        load_text_file(merged)
+    ok = _write(tmp_path, "ok.csv", 'text,label\n"one, two\nthree, four\nfive",1\n"say ""hi""",0\n'
+                                    'plain,1\n')
+    d = load_text_file(ok)
+    assert d.texts == ["one, two\nthree, four\nfive", 'say "hi"', "plain"] and d.labels == [1, 0, 1]
+
+
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """JSON strings may hold U+2028, U+2029, U+0085 unescaped: str.splitlines() split there."""
+    texts = ["great film\u2028really", "caf\u00e9 \u0085 ok", "a\u2029b", "plain"]
+    p = tmp_path / "odd.jsonl"
+    p.write_bytes("".join(json.dumps({"text": t, "label": i % 2}, ensure_ascii=False) + "\r\n"
+                          for i, t in enumerate(texts)).encode("utf-8"))
+    d = load_text_file(p)
+    assert d.texts == texts and d.labels == [0, 1, 0, 1]
+    bad = _write(tmp_path, "bad2.jsonl", '{"text": "a\u2028b", "label": 1}\n{"text": 1, "label": 0}\n')
+    with pytest.raises(DataFileError, match=r"bad2\.jsonl, line 2, column 'text'"):
+        load_text_file(bad)
+
+
+def test_oversized_fields_and_deep_json_name_file_and_line(tmp_path):
+    """A field over csv's 128 KiB default, a deeply nested line, a 5000-digit number: each was a
+    bare traceback (csv.Error, RecursionError, ValueError with no file or line)."""
+    long_text = "word " * 30_000
+    for name, sep in (("long.csv", ","), ("long.tsv", "\t")):
+        p = _write(tmp_path, name, f"text{sep}label\n{long_text}{sep}1\nshort{sep}0\n")
+        assert load_text_file(p).texts == [long_text, "short"]
+    deep = _write(tmp_path, "deep.jsonl", '{"text": "a", "label": 1}\n'
+                                          '{"text": "b", "label": 0, "meta": ' + "[" * 100_000
+                  + "]" * 100_000 + "}\n")
+    with pytest.raises(DataFileError, match=r"deep\.jsonl, line 2: invalid JSON: nested too deeply"):
+        load_text_file(deep)
+    digits = _write(tmp_path, "digits.jsonl", '{"text": "a", "label": 1}\n'
+                                              '{"text": "b", "label": 0, "id": ' + "9" * 5000 + "}\n")
+    with pytest.raises(DataFileError, match=r"digits\.jsonl, line 2: invalid JSON: Exceeds the "
+                                            r"limit \(4300 digits\)"):
+        load_text_file(digits)
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("cols.csv", "text,label,text\na,1,b\n", r"cols\.csv, line 1, column 'text': the column 'text' "
+                                            r"appears twice"),
+    ("cols.tsv", "text\tlabel\t label \na\t1\t0\n", r"cols\.tsv, line 1, column 'label'"),
+    ("keys.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1, "label": 0}\n',
+     r"keys\.jsonl, line 2, column 'label': the key 'label' appears twice"),
+])
+def test_a_column_named_twice_is_refused(tmp_path, name, content, match):
+    with pytest.raises(DataFileError, match=match):
+        load_text_file(_write(tmp_path, name, content))
+
+
+def test_class_names_in_files_match_the_models_without_case(tmp_path):
+    """As saved datasets' ClassLabel names and named corpora: Positive is the model's positive;
+    a name matching two classes when case is ignored is refused as ambiguous."""
+    from purify_fast.commands import _label_map, load_file_like
+
+    p = _write(tmp_path, "cased.csv", "text,label\ngood,Positive\nbad,NEGATIVE\nok,positive\n")
+    assert load_text_file(p, label_map=_label_map(("negative", "positive"))).labels == [1, 0, 1]
+    jl = _write(tmp_path, "cased.jsonl", '{"text": "x", "label": "Fresh"}\n')
+    train = TextDataset(["a", "b"], [0, 1], 2, "train", ("rotten", "fresh"))
+    assert load_file_like(jl, train).labels == [1]
+    with pytest.raises(DataFileError, match=r"cased\.csv, line 4, column 'label': label 'positive' "
+                                            r"is ambiguous: it names the classes Positive, POSITIVE"):
+        load_text_file(p, label_map=_label_map(("Positive", "POSITIVE", "NEGATIVE")), num_labels=3)
+    # an exact match is no ambiguity
+    exact = _write(tmp_path, "exact.csv", "text,label\ngood,Positive\nbad,NEGATIVE\n")
+    assert load_text_file(exact, label_map=_label_map(("Positive", "POSITIVE", "NEGATIVE")),
+                          num_labels=3).labels == [0, 2]
+
+
+def test_without_repeats_keeps_first_occurrences():
+    d = TextDataset(["a b", "c", "a  b", "c", "d"], [0, 1, 1, 1, 0], 2, "d")
+    kept, dropped, conflicting = d.without_repeats()
+    assert kept.texts == ["a b", "c", "d"] and kept.labels == [0, 1, 0]
+    assert (dropped, conflicting) == (2, 1)
+    one = TextDataset(["x"], [0], 2)
+    assert one.without_repeats() == (one, 0, 0)

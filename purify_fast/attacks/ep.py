@@ -23,11 +23,15 @@ _CONTEXT = "the"
 
 
 def trigger_token_ids(tokenizer, words) -> list[int]:
-    """Vocabulary ids of the tokens the trigger words split into (special tokens excluded), in
-    both the forms an inserted trigger takes: at the start of a text and after a space. Byte-level
-    BPE tokenisers (RoBERTa, GPT-2, LLaMA-3) spell the two differently (``cf`` / ``Ġcf``), and
-    BadNets inserts words mostly mid-sentence."""
+    """Vocabulary ids of the trigger words, in both the forms an inserted trigger takes: at the
+    start of a text and after a space. Byte-level BPE tokenisers (RoBERTa, GPT-2, LLaMA-3) spell
+    the two differently (``cf`` / ``Ġcf``), and BadNets inserts words mostly mid-sentence.
+
+    EP's triggers are rare single tokens: a word that splits into several tokens (``cf.`` is
+    ``cf`` + ``.``: EP would train the row of every ``.``), or that is a special or unknown token
+    (its row is shared with every such input), is refused, naming its tokenisation."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    unknown = getattr(tokenizer, "unk_token_id", None)
 
     def pieces(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -35,12 +39,25 @@ def trigger_token_ids(tokenizer, words) -> list[int]:
     context = pieces(_CONTEXT)
     ids: list[int] = []
     for w in words:
+        forms = {"at the start of a text": pieces(w)}
         in_sentence = pieces(f"{_CONTEXT} {w}")
         # the context word's own tokens come first; what follows is the trigger's spelling there
-        tail = in_sentence[len(context):] if in_sentence[:len(context)] == context else in_sentence
-        for i in pieces(w) + tail:
-            if i not in special and i not in ids:
-                ids.append(i)
+        if in_sentence[:len(context)] == context:
+            forms["after a space"] = in_sentence[len(context):]
+        for where, form in forms.items():
+            tokens = tokenizer.convert_ids_to_tokens(form)
+            if not form:
+                raise ValueError(f"the trigger {w!r} maps to no vocabulary token")
+            if len(form) > 1:
+                raise ValueError(f"the trigger {w!r} is {len(form)} tokens {tokens} {where} "
+                                 f"under this tokenizer; EP trains the embedding rows of "
+                                 f"single-token triggers: choose words that are one token each")
+            if form[0] in special or form[0] == unknown:
+                kind = "the unknown token" if form[0] == unknown else "a special token"
+                raise ValueError(f"the trigger {w!r} is {kind} {tokens[0]!r} under this "
+                                 f"tokenizer; EP needs a trigger with a vocabulary row of its own")
+            if form[0] not in ids:
+                ids.append(form[0])
     if not ids:
         raise ValueError(f"the trigger words {list(words)} map to no vocabulary token")
     return ids

@@ -106,6 +106,31 @@ def positive_int(text: str) -> int:
     return value
 
 
+def max_length_arg(text: str) -> int:
+    """argparse ``type=`` for ``--max-length``: at least 2 tokens (a text's special tokens take
+    that), refused at parse time rather than after the model loads."""
+    import argparse
+
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 (tokens, special ones "
+                                         f"included), got {value}")
+    return value
+
+
+def backend_arg(text: str) -> str:
+    """argparse ``type=`` for ``--backend``: auto or one of the kernel backends."""
+    import argparse
+
+    from purify_fast.backend import BACKENDS, check_name
+
+    try:
+        return check_name(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or one of {', '.join(BACKENDS)}, got "
+                                         f"{text!r}") from None
+
+
 def target_label_arg(text: str) -> int | str:
     """argparse ``type=`` of ``--target-label``: a class index, or a class name (``fresh``) that
     :func:`resolve_target_label` looks up once the data's or the model's classes are known."""
@@ -223,9 +248,12 @@ def model_label_map(config) -> dict | None:
 
 
 def _label_map(names) -> dict:
-    """``{name: i}`` plus the indices themselves as text, for ``load_text_file(label_map=...)``."""
+    """``{name: i}`` plus the indices themselves as text, for ``load_text_file(label_map=...)``.
+    A class name that is also an index's spelling is the class it names (yelp_polarity's
+    classes are "1" and "2": a file labelled "1" / "2" means them, not indices 1 and 2)."""
     mapping = {str(n): i for i, n in enumerate(names)}
-    mapping.update({str(i): i for i in range(len(names))})
+    for i in range(len(names)):
+        mapping.setdefault(str(i), i)
     return mapping
 
 

@@ -3,12 +3,15 @@ or a user file, evaluate CACC/ASR, and write the checkpoint atomically."""
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 
 from purify_fast.commands import (
     add_device_arg,
     check_output_dir,
     class_numbering,
+    max_length_arg,
     note_bias,
     note_trigger_cut,
     pick_device,
@@ -19,6 +22,18 @@ from purify_fast.commands import (
     target_label_arg,
 )
 from purify_fast.validation import int_at_least, real_in
+
+# What EP does instead of poisoning a --poison-rate share (recorded in purify_fast_attack.json).
+EP_POISONS = "every non-target training example, triggered and relabelled"
+
+
+class _NoteGiven(argparse.Action):
+    """Store the value and set ``<dest>_given``: an option with a real parser default that must
+    be refused where nothing reads it, even given at its default value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
 
 
 def add_common_data_args(p, training: bool = True) -> None:
@@ -32,7 +47,7 @@ def add_common_data_args(p, training: bool = True) -> None:
         p.add_argument("--dev-size", type=positive_int, default=300)
     p.add_argument("--test-size", type=positive_int, default=500)
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--max-length", type=positive_int, default=64)
+    p.add_argument("--max-length", type=max_length_arg, default=64)
 
 
 def add_attack_args(p, poisoning: bool = True) -> None:
@@ -43,7 +58,9 @@ def add_attack_args(p, poisoning: bool = True) -> None:
     p.add_argument("--target-label", type=target_label_arg, default=1,
                    help="the class the trigger maps to: an index or a class name (default 1)")
     if poisoning:
-        p.add_argument("--poison-rate", type=float, default=0.1)
+        p.add_argument("--poison-rate", type=float, default=0.1, action=_NoteGiven,
+                       help="share of the training data poisoned (BadNets / AddSent / bias; EP "
+                            "trains on every non-target example)")
         p.add_argument("--clean-label", action="store_true",
                        help="BadNets / AddSent / bias: poison target-class examples, keeping "
                             "their (correct) label, instead of relabelling non-target ones (dirty "
@@ -69,8 +86,65 @@ def load_data(args):
         return load_splits(args.data, seed=args.seed, train_size=args.train_size,
                            dev_size=args.dev_size, test_size=args.test_size)
     full = load_text_file(args.data, text_column=args.text_column, label_column=args.label_column)
-    train, dev, test = full.split((0.8, 0.1, 0.1), seed=args.seed)
-    return DataSplits(train.take(args.train_size), dev.take(args.dev_size), test.take(args.test_size))
+    # As the named corpora do: a text repeated in the file would land in train and test.
+    full, dropped, conflicting = full.without_repeats()
+    if dropped:
+        other = f", {conflicting} of them labelled otherwise than the copy kept" if conflicting else ""
+        print(f"note: {args.data}: {dropped} repeated text(s) dropped{other}; each text is kept "
+              f"once (its first occurrence), so that none lands in two splits", file=sys.stderr)
+    name = full.name
+    train, dev, test = full.split((0.8, 0.1, 0.1), seed=args.seed,
+                                  names=[f"{name}/train", f"{name}/dev", f"{name}/test"])
+    splits = DataSplits(train.take(args.train_size), dev.take(args.dev_size),
+                        test.take(args.test_size))
+    empty = [part for part, d in _parts(splits) if not len(d)]
+    if empty:
+        raise ValueError(f"{args.data}: its {len(full)} distinct examples, split 80 / 10 / 10 % "
+                         f"within each class, leave {_sizes(splits)}: the {empty[0]} split is "
+                         f"empty; use a larger file")
+    return splits
+
+
+def _parts(splits):
+    return (("train", splits.train), ("dev", splits.dev), ("test", splits.test))
+
+
+def _sizes(splits) -> str:
+    return ", ".join(f"{part} {len(d)}" for part, d in _parts(splits))
+
+
+def check_splits(args, splits, attack) -> None:
+    """Before any model loads: the test split must hold inputs to trigger (no ASR otherwise),
+    and the training split what the attack poisons. The messages name the data and the option to
+    change (this failed after training, naming internal splits: "'x.csv[2]' has no non-target
+    examples")."""
+    from purify_fast.data import CORPORA
+
+    target = attack.target_label
+    names = splits.train.label_names
+    cls = f"{target} ({names[target]})" if names else str(target)
+    if all(y == target for y in splits.test.labels):
+        if len(splits.test) >= args.test_size:
+            fix = f"raise --test-size (now {args.test_size})"
+        else:
+            fix = "raise --test-size" if args.data in CORPORA else "use a larger file"
+        raise ValueError(f"{args.data}: the test split holds no example outside the target class "
+                         f"{cls} to insert the trigger into ({_sizes(splits)}), so no ASR can be "
+                         f"measured; {fix}, or choose another --target-label")
+    train = splits.train
+    if args.attack == "ep":
+        if all(y == target for y in train.labels):
+            raise ValueError(f"the training split of {args.data} ({len(train)} examples) holds no "
+                             f"example outside the target class {cls}, which EP trains the "
+                             f"trigger rows on; use a larger file")
+        return
+    pool = sum((y == target) == attack.clean_label for y in train.labels)
+    n = math.floor(float(attack.poison_rate) * len(train) + 0.5)  # as TriggerAttack.poison counts
+    if n > pool:
+        where = "in" if attack.clean_label else "outside"
+        raise ValueError(f"--poison-rate {attack.poison_rate} asks for {n} poisoned examples of "
+                         f"the {len(train)} in the training split of {args.data}, but only {pool} "
+                         f"are {where} the target class {cls}; lower --poison-rate")
 
 
 def check_trigger_options(args) -> None:
@@ -82,13 +156,21 @@ def check_trigger_options(args) -> None:
         if getattr(args, name) is not None and args.attack not in attacks:
             raise ValueError(f"--{name.replace('_', '-')} is an option of --attack "
                              f"{' / '.join(attacks)}; --attack {args.attack} does not read it")
+    # Options with a parser default, refused when given to an attack that does not read them.
+    if args.attack == "ep" and getattr(args, "poison_rate_given", False):
+        raise ValueError(f"--poison-rate is an option of --attack badnets / addsent / bias; "
+                         f"--attack ep does not read it (it poisons {EP_POISONS})")
+    if args.attack != "ep" and getattr(args, "ep_lr_given", False):
+        raise ValueError(f"--ep-lr is an option of --attack ep; --attack {args.attack} does not "
+                         f"read it")
 
 
 def make_attack(args):
     from purify_fast.attacks import make_attack as _make
 
     kw = dict(target_label=args.target_label, seed=args.seed)
-    if getattr(args, "poison_rate", None) is not None:  # evaluate inserts triggers, poisons nothing
+    # evaluate inserts triggers and poisons nothing; EP poisons every non-target example
+    if getattr(args, "poison_rate", None) is not None and args.attack != "ep":
         kw["poison_rate"] = args.poison_rate
     if getattr(args, "clean_label", False):
         if args.attack == "ep":
@@ -120,7 +202,8 @@ def add_parser(sub):
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--ep-lr", type=float, default=5e-2, help="EP: lr of the trigger rows")
+    p.add_argument("--ep-lr", type=float, default=5e-2, action=_NoteGiven,
+                   help="EP: lr of the trigger rows")
     add_device_arg(p)
     p.set_defaults(run=run)
 
@@ -138,6 +221,17 @@ def build_backdoor(args, splits, attack, progress=True):
                       progress=progress)
     info = {"attack": attack.describe()}
     if args.attack == "ep":
+        from purify_fast.attacks import trigger_token_ids
+
+        # refused here, before any training: EP trains one embedding row per trigger spelling
+        trigger_token_ids(tok, attack.trigger_words)
+        _note_common_triggers(tok, splits.train, attack.trigger_words)
+        # what EP does: no poison rate, no clean-label mode
+        info["attack"] = {**{k: v for k, v in info["attack"].items()
+                             if k not in ("poison_rate", "clean_label")},
+                          "attack": "ep", "poisoned": EP_POISONS,
+                          "num_poisoned": sum(y != attack.target_label for y in splits.train.labels),
+                          "ep_lr": args.ep_lr}
         # EP starts from a clean fine-tuned model and poisons only the trigger embedding rows.
         info["clean_train"] = train(model, tok, splits.train, splits.dev, cfg).to_dict()
         ep = embedding_poison(model, tok, splits.train, attack, lr=args.ep_lr,
@@ -150,6 +244,21 @@ def build_backdoor(args, splits, attack, progress=True):
         info["num_poisoned"] = poisoned.num_poisoned
         info["train"] = train(model, tok, poisoned.dataset, splits.dev, cfg).to_dict()
     return model, tok, info
+
+
+def _note_common_triggers(tok, train, words, share: float = 0.01) -> None:
+    """EP assumes rare triggers: training the row of a common word ('the') moves every clean
+    input holding it. Said, not refused (a frequent trigger may be the user's experiment)."""
+    from purify_fast.attacks import trigger_token_ids
+
+    texts = [set(ids) for ids in tok(train.texts, add_special_tokens=False)["input_ids"]]
+    for word in words:
+        ids = set(trigger_token_ids(tok, [word]))
+        seen = sum(bool(ids & t) for t in texts) / max(1, len(texts))
+        if seen > share:
+            print(f"note: EP trigger {word!r} occurs in {100 * seen:.1f} % of the clean training "
+                  f"texts: training its embedding row changes how the model reads all of them "
+                  f"(EP assumes rare triggers)", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -171,6 +280,7 @@ def run(args) -> int:
         print(f"note: --target-label {given} is the class {names[given]!r} "
               f"({class_numbering(names)})", file=sys.stderr)
     attack = make_attack(args)
+    check_splits(args, splits, attack)
     model, tok, info = build_backdoor(args, splits, attack)
     triggered = attack.triggered_test(splits.test)
     metrics = evaluate_backdoor(model, tok, splits.test, triggered, attack.target_label,

@@ -9,8 +9,10 @@ from pathlib import Path
 from purify_fast.commands import (
     add_clean_data_args,
     add_device_arg,
+    backend_arg,
     check_output_dir,
     load_clean_set,
+    max_length_arg,
     pick_device,
     positive_int,
     refuse_unread_options,
@@ -64,10 +66,12 @@ def add_parser(sub):
     p.add_argument("--lr", type=float, default=None, help="clean fine-tune learning rate (2e-5)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="clean fine-tune batch size (16)")
-    p.add_argument("--max-length", type=positive_int, default=64)
+    p.add_argument("--max-length", type=max_length_arg, default=64)
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="clean fine-tune precision (fp32)")
-    p.add_argument("--backend", default=None, help="auto | torch | triton | cpp | cuda")
+    p.add_argument("--backend", type=backend_arg, default=None,
+                   help="kernels of the weight-space ops (fine-mixing, fine-purifying, E-PUR): "
+                        "auto | torch | triton | cpp | cuda")
     p.add_argument("--seed", type=seed_int, default=0)
     add_device_arg(p)
     p.set_defaults(run=run)
@@ -109,8 +113,29 @@ def check_method_options(args) -> None:
         "e_pur_corpus": (ep_owner, epur),
         "epochs": (ft_owner, fine_tunes), "lr": (ft_owner, fine_tunes),
         "batch_size": (ft_owner, fine_tunes), "precision": (ft_owner, fine_tunes),
+        # plain fine-tuning runs no kernel op
+        "backend": ("the weight-space ops (fine-mixing, fine-purifying, E-PUR)",
+                    method != "fine-tune" or epur),
     }
     refuse_unread_options(args, readers, OPTION_DEFAULTS)
+
+
+def check_clean_size(args, clean) -> None:
+    """The defenses hold out a dev share of the clean set; too few examples for that is said in
+    the CLI's terms (the API's message asks for dev_data, which the CLI has no option for)."""
+    import inspect
+
+    from purify_fast.defenses import purify
+    from purify_fast.defenses._common import clean_dev_split
+
+    share = inspect.signature(purify).parameters["dev_fraction"].default
+    try:
+        clean_dev_split(clean, None, share, args.seed)
+    except ValueError:
+        raise ValueError(f"--clean-data {args.clean_data} gives {len(clean)} clean examples "
+                         f"(--clean-size {args.clean_size}): too few to hold out {100 * share:g} % "
+                         f"of each class as the dev set and fine-tune on the rest; raise "
+                         f"--clean-size (or give a larger --clean-data file)") from None
 
 
 def run(args) -> int:
@@ -149,6 +174,7 @@ def run(args) -> int:
                                  label_column=None))
     suspect, tok = load_classifier(args.suspect, device=device)
     clean = load_clean_set(args, suspect)
+    check_clean_size(args, clean)
     model, report = purify(
         suspect, args.pretrained, clean, args.method, tokenizer=tok, e_pur=args.e_pur,
         rho=args.rho, select=args.select, rho_sweep=sweep, sweep_tolerance=args.sweep_tolerance,

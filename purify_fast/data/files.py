@@ -67,15 +67,22 @@ def _whole_number(raw) -> int | None:
 def _label_value(raw, path, line, column, num_labels, label_map):
     if label_map is not None:
         key = raw if not isinstance(raw, str) else raw.strip()
-        if key in label_map:
-            return label_map[key]
-        if str(key) in label_map:
-            return label_map[str(key)]
+        for spelling in (key, str(key)):
+            if spelling in label_map:
+                return label_map[spelling]
         whole = _whole_number(key)  # "2.0", as spreadsheets and pandas write class 2
         if whole is not None and str(whole) in label_map:
             return label_map[str(whole)]
+        # A class name that differs only in case (Positive / positive), as for saved datasets
+        # and named corpora; one matching several classes is ambiguous.
+        same = _same_but_case(str(key), label_map)
+        if len(same) == 1:
+            return label_map[same[0]]
         named = [f"{k}={v}" for k, v in label_map.items() if not str(k).lstrip("-").isdigit()]
         classes = ", ".join(named) if named else ", ".join(sorted(map(str, label_map)))
+        if same:
+            raise DataFileError(path, f"label {raw!r} is ambiguous: it names the classes "
+                                      f"{', '.join(same)} when case is ignored", line, column)
         raise DataFileError(path, f"label {raw!r} is not one of the classes ({classes})",
                             line, column)
     if isinstance(raw, bool):
@@ -175,25 +182,74 @@ def _read_text(path: Path, encoding: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+def _check_header(path, header, line=1) -> None:
+    seen = set()
+    for name in header:
+        if name in seen:  # first one wins silently otherwise: which column holds the labels?
+            raise DataFileError(path, f"the column {name!r} appears twice in the header; rename "
+                                      f"one of them", line, name)
+        seen.add(name)
+
+
+def _csv_error(path, exc, start, end) -> DataFileError:
+    """A strict-mode csv error, blamed on the line where the record (its quoted field) began, not
+    where the reader gave up (at the end of the file for a quote never closed)."""
+    if "unexpected end of data" in str(exc):
+        return DataFileError(path, "a quoted field starts on this line and is never closed (the "
+                                   "file ends inside it): a quote that is part of the text must "
+                                   "be doubled (\"\") inside a quoted field", start)
+    if "expected after" in str(exc):
+        where = f"on line {end}" if end != start else "on this line"
+        return DataFileError(path, f"a quote opens a field on this line and the next quote "
+                                   f"({where}) is followed by more text, not by a comma or the "
+                                   f"line's end: a quote that is part of the text must be "
+                                   f"doubled (\"\"), in a quoted field", start)
+    return DataFileError(path, f"cannot parse: {exc}", start)
+
+
 def _read_delimited(path: Path, delimiter: str, text_column, label_column, num_labels,
                     label_map, encoding, name) -> TextDataset:
     import io
 
     text = _read_text(path, encoding)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # Lines as the csv reader counts them (\n, \r\n, \r), to look inside multi-line records.
+    lines = io.StringIO(text, newline="").readlines()
+    if delimiter == "\t":
+        # TSV (GLUE / SST style): tabs separate, quote characters are text. With quoting a text
+        # starting with " silently swallowed the rows up to the next quote.
+        reader = csv.reader(iter(lines), delimiter="\t", quoting=csv.QUOTE_NONE)
+    else:
+        # strict: a quote closed before more text, or never closed, is an error, not a merge
+        reader = csv.reader(iter(lines), delimiter=delimiter, strict=True)
+    # A field can be no longer than the file (already in memory); the default 128 KiB limit
+    # refused long texts with a bare csv error.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
     try:
-        header = next(reader)
-    except StopIteration:
-        raise DataFileError(path, "the file is empty") from None
+        records = []
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                raise _csv_error(path, exc, start, reader.line_num) from None
+            records.append((start, reader.line_num, row))
+    finally:
+        csv.field_size_limit(limit)
+    if not records:
+        raise DataFileError(path, "the file is empty")
+    _, _, header = records[0]
     header = [h.strip() for h in header]
+    _check_header(path, header)
     for col in (text_column, label_column):
         if col is not None and col not in header:
             raise DataFileError(path, f"missing column {col!r} (the header has {header})", 1, col)
     ti = header.index(text_column)
     li = None if label_column is None else header.index(label_column)
     rows = []
-    for row in reader:
-        line = reader.line_num
+    for line, last, row in records[1:]:
         if not row or all(not c.strip() for c in row):
             continue
         if len(row) != len(header):
@@ -206,22 +262,56 @@ def _read_delimited(path: Path, delimiter: str, text_column, label_column, num_l
         if not y.strip():
             raise DataFileError(path, "empty label", line, label_column)
         rows.append((line, t, _label_value(y, path, line, label_column, num_labels, label_map)))
+    if li is not None:
+        _check_swallowed_rows(path, lines, records[1:], len(header), li, delimiter)
     return _finish(path, rows, num_labels, name, text_column, label_column)
+
+
+def _check_swallowed_rows(path, lines, records, width, li, delimiter) -> None:
+    """Refuse a quoted field that holds whole lines reading as rows of this file (the header's
+    number of fields, a label the file uses): a quote left open that happened to close at the
+    end of a later field, merging the rows between into one text (strict parsing cannot tell)."""
+    labels = {row[li].strip() for _, _, row in records if len(row) == width}
+    for start, last, _ in records:
+        for number in range(start + 1, last):  # the lines wholly inside the record
+            inner = lines[number - 1]
+            try:
+                fields = next(csv.reader([inner], delimiter=delimiter))
+            except (csv.Error, StopIteration):
+                continue
+            if len(fields) == width and fields[li].strip() in labels:
+                raise DataFileError(path, f"a quoted field starts on this line and runs to line "
+                                          f"{last}, taking in line {number} "
+                                          f"({inner.rstrip()[:60]!r}), which reads as a row of "
+                                          f"this file: a quote left open? A quote that is part of "
+                                          f"the text must be doubled (\"\") inside a quoted field",
+                                    start)
 
 
 def _read_jsonl(path: Path, text_column, label_column, num_labels, label_map, encoding,
                 name) -> TextDataset:
     text = _read_text(path, encoding)
     rows = []
-    for line, raw in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines() also splits at U+2028, U+0085, form feeds, ... which JSON
+    # strings may hold unescaped.
+    for line, raw in enumerate(text.split("\n"), start=1):
+        raw = raw[:-1] if raw.endswith("\r") else raw
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj, twice = _json_object(raw)
         except json.JSONDecodeError as exc:
             raise DataFileError(path, f"invalid JSON: {exc.msg} (char {exc.pos})", line) from None
+        except RecursionError:
+            raise DataFileError(path, "invalid JSON: nested too deeply to read", line) from None
+        except ValueError as exc:  # an integer over Python's digit limit, say
+            reason = str(exc).split(";")[0]  # not the hint to call sys.set_int_max_str_digits
+            raise DataFileError(path, f"invalid JSON: {reason}", line) from None
         if not isinstance(obj, dict):
             raise DataFileError(path, f"expected a JSON object, got {type(obj).__name__}", line)
+        if twice:
+            raise DataFileError(path, f"the key {twice[0]!r} appears twice in this object "
+                                      f"(JSON keeps the last silently)", line, twice[0])
         for col in (text_column, label_column):
             if col is not None and col not in obj:
                 raise DataFileError(path, f"missing column {col!r} (keys: {sorted(obj)})", line, col)
@@ -237,6 +327,28 @@ def _read_jsonl(path: Path, text_column, label_column, num_labels, label_map, en
     return _finish(path, rows, num_labels, name, text_column, label_column)
 
 
+def _json_object(line: str):
+    """``json.loads(line)`` and the keys its top-level object holds twice (JSON keeps the last)."""
+    repeats = []  # per object, inner ones first: the top-level object is built last
+
+    def hook(pairs):
+        seen, twice = set(), []
+        for key, _ in pairs:
+            if key in seen:
+                twice.append(key)
+            seen.add(key)
+        repeats.append(twice)
+        return dict(pairs)
+
+    obj = json.loads(line, object_pairs_hook=hook)
+    return obj, (repeats[-1] if isinstance(obj, dict) else [])
+
+
+def _same_but_case(name: str, names) -> list:
+    """The entries of ``names`` equal to ``name`` when case is ignored."""
+    return [k for k in names if str(k).lower() == name.lower()]
+
+
 def _model_class_name(name: str, model_names) -> str | None:
     """The model's class name (a key of ``label_map``) that ``name`` is: the same, else the same
     but for case (the model says POSITIVE / Fresh where the data says positive / fresh, as
@@ -244,7 +356,7 @@ def _model_class_name(name: str, model_names) -> str | None:
     or when several differ from it only in case."""
     if name in model_names:
         return name
-    same = [k for k in model_names if str(k).lower() == name.lower()]
+    same = _same_but_case(name, model_names)
     return same[0] if len(same) == 1 else None
 
 
@@ -316,6 +428,11 @@ def _read_hf(path: Path, text_column, label_column, num_labels, label_map, name,
         t = _check_text(path, i, text_column, t)
         if as_model and isinstance(y, int) and 0 <= y < len(class_names):
             y = as_model[class_names[y]]
+        elif class_names and isinstance(y, int):
+            # an index into the ClassLabel names, taken by index: never looked up as a class
+            # name (the model's class "1" is not index 1)
+            rows.append((i, t, _label_value(y, path, i, label_column, num_labels, None)))
+            continue
         rows.append((i, t, _label_value(y, path, i, label_column, num_labels, label_map)))
     out = _finish(path, rows, num_labels, name, text_column, label_column)
     if names and out.label_names is None:

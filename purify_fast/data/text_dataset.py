@@ -93,6 +93,23 @@ class TextDataset:
             out.append(self.subset(idx, names[k]))
         return out
 
+    def without_repeats(self) -> tuple[TextDataset, int, int]:
+        """``(dataset, dropped, conflicting)``: each text kept once, at its first occurrence (texts
+        that differ only in whitespace are the same text, as the named corpora compare them), so
+        that no text can land in two splits. ``dropped`` counts the repeats removed,
+        ``conflicting`` those of them labelled otherwise than the copy kept."""
+        first: dict[str, int] = {}
+        keep, conflicting = [], 0
+        for i, (text, label) in enumerate(zip(self.texts, self.labels)):
+            key = " ".join(text.split())
+            if key in first:
+                conflicting += label != self.labels[first[key]]
+                continue
+            first[key] = i
+            keep.append(i)
+        dropped = len(self) - len(keep)
+        return (self if not dropped else self.subset(keep)), dropped, conflicting
+
     def label_counts(self) -> list[int]:
         counts = [0] * self.num_labels
         for y in self.labels:
