@@ -324,9 +324,9 @@ def test_a_hugging_face_resnet_teacher_with_stages_of_other_resolutions():
     teacher = ResNetModel(cfg)
     batches = [{"pixel_values": torch.randn(8, 3, 32, 32)} for _ in range(3)]
     flip = lambda b: {"pixel_values": torch.flip(b["pixel_values"], dims=[3])}  # noqa: E731
-    mimic = MIMIC(MIMICConfig(epochs=2, lr=3e-3, mine_steps=10, mine_samples=24,
-                              progress=False, warmup_ratio=0.0,
-                              student_overrides={"depths": [1, 1]}))
+    quick = dict(epochs=2, lr=3e-3, mine_steps=10, mine_samples=24, progress=False,
+                 warmup_ratio=0.0)
+    mimic = MIMIC(MIMICConfig(**quick, student_overrides={"depths": [1, 1]}))
     res = mimic.fit(teacher, batches=batches, augment=flip)
     assert res.teacher_layers == [1, 2] and res.student_layers == [1, 2]
     assert res.student.config.depths == [1, 1]
@@ -337,8 +337,9 @@ def test_a_hugging_face_resnet_teacher_with_stages_of_other_resolutions():
     # by module names: the HF output object stands for the feature (its last_hidden_state)
     student = ResNetModel(cfg)
     names = ["encoder.stages.0", "encoder.stages.1"]
-    res = mimic.fit(teacher, batches=batches, student=student, teacher_layers=names,
-                    student_layers=names, augment=flip)
+    # a student of one's own takes no student_overrides (they shape the student fit() builds)
+    res = MIMIC(MIMICConfig(**quick)).fit(teacher, batches=batches, student=student,
+                                          teacher_layers=names, student_layers=names, augment=flip)
     assert len(res.history) == 2 * len(batches)
     # the loss of stages of two resolutions: each stage's own mean over its positions
     maps_s = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
@@ -492,3 +493,209 @@ def test_a_failed_fit_gives_the_callers_modules_back_and_releases_the_stage(monk
     res = MIMIC(cfg).fit(teacher, batches=batches, student=student, **kw)
     assert res.student is student and not student.training
     assert len(released) == 1 and len(res.history) == 2
+
+
+# --------------------------------------------------------------------------- audit fixes
+
+def _tiny_bert(vocab_size=64, seed=123):  # not MIMIC's seed 0: the student would be a copy
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=32))
+
+
+def _ids(n_batches=2, size=8, length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 64, (size, length), generator=g) for _ in range(n_batches)]
+
+
+_QUICK = dict(epochs=1, mine_steps=5, mine_samples=16, progress=False)
+
+
+def test_a_half_precision_teacher_gets_an_fp32_student(tmp_path):
+    """make_student built the student in its config's dtype, which from_pretrained(dtype=bf16)
+    sets to bf16: the student trained in bf16 and about half its elements never moved (AdamW
+    steps round away). It is fp32 whatever the teacher's dtype, loaded or cast; the teacher
+    stays bf16."""
+    from transformers import AutoModel
+
+    _tiny_bert().save_pretrained(tmp_path / "t")
+    loaded = AutoModel.from_pretrained(tmp_path / "t", dtype=torch.bfloat16)
+    cast = AutoModel.from_pretrained(tmp_path / "t").to(torch.bfloat16)
+    for teacher in (loaded, cast):
+        assert next(teacher.parameters()).dtype == torch.bfloat16
+        student = make_student(teacher, seed=1)
+        assert {p.dtype for p in student.parameters()} == {torch.float32}
+    init = make_student(loaded, seed=0).state_dict()
+    res = MIMIC(MIMICConfig(**{**_QUICK, "epochs": 2, "lr": 1e-3})).fit(
+        loaded, batches=[{"input_ids": b} for b in _ids()])
+    assert {p.dtype for p in res.student.parameters()} == {torch.float32}
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    after = res.student.state_dict()
+    moved = sum(int((after[k] != v).sum()) for k, v in init.items() if v.is_floating_point())
+    total = sum(v.numel() for v in init.values() if v.is_floating_point())
+    assert moved / total > 0.9, moved / total  # bf16: 48 %
+    # float inputs reach each model in its own dtype (a bf16 CNN refused fp32 pixels, and the
+    # fp32 student bf16 ones)
+    from transformers import ResNetConfig, ResNetModel
+
+    torch.manual_seed(123)
+    resnet = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                      num_channels=3)).to(torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        res = MIMIC(MIMICConfig(**_QUICK)).fit(resnet, batches=[
+            {"pixel_values": torch.randn(8, 3, 16, 16).to(dtype)}] * 2)
+        assert {p.dtype for p in res.student.parameters()} == {torch.float32}
+
+
+def test_text_without_an_attention_mask_is_mean_pooled():
+    """A text batch without attention_mask switched the distilled feature from the mean over
+    tokens to [CLS], while the probe evaluates mean-pooled features. Without a mask every token
+    counts (the model attends to them all): the same feature, and the same run, as an all-ones
+    mask."""
+    from purify_fast.defenses.mimic import _Taps
+
+    teacher = _tiny_bert().eval()
+    ids = _ids(1)[0]
+    taps = _Taps(teacher, [1, 2], None)
+    with torch.no_grad():
+        _, with_mask, _ = taps({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        _, without, _ = taps({"input_ids": ids})
+        last = teacher(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(without, with_mask)
+    torch.testing.assert_close(without, last.mean(1))
+    runs = [MIMIC(MIMICConfig(**_QUICK)).fit(teacher, batches=[
+        {"input_ids": b, **extra} for b in _ids()]).history
+        for extra in ({}, {"attention_mask": torch.ones(8, 10, dtype=torch.long)})]
+    assert [h["clone"] for h in runs[0]] == pytest.approx([h["clone"] for h in runs[1]])
+
+
+def test_tensor_batches_are_a_hugging_face_models_main_input():
+    """batches= of plain tensors (documented) failed on a Hugging Face encoder with "argument
+    after ** must be a mapping": a tensor is its main input (input_ids, pixel_values), the same
+    run as the dict; plain modules keep taking it positionally (tests above)."""
+    from transformers import ResNetConfig, ResNetModel
+
+    teacher = _tiny_bert()
+    runs = [MIMIC(MIMICConfig(**_QUICK)).fit(teacher, batches=batches).history
+            for batches in (_ids(), [{"input_ids": b} for b in _ids()])]
+    assert [h["clone"] for h in runs[0]] == pytest.approx([h["clone"] for h in runs[1]])
+    torch.manual_seed(123)
+    resnet = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                      num_channels=3))
+    res = MIMIC(MIMICConfig(**_QUICK)).fit(resnet, batches=[torch.randn(8, 3, 16, 16)] * 2)
+    assert res.teacher_layers == [1, 2] and len(res.history) == 2
+
+
+def test_too_little_clean_data_is_named_before_any_work(minilm):
+    """mine_samples=4 passed the config and failed after the model ran with "MINE needs at
+    least 8 paired samples, got 4", naming neither the field nor the data: both are named."""
+    from purify_fast.data import TextDataset
+
+    enc, tok = minilm
+    with pytest.raises(ValueError, match="mine_samples must be an int >= 8, got 4"):
+        MIMICConfig(mine_samples=4)
+    with pytest.raises(ValueError, match="clean has 5 examples; MIMIC needs at least 8"):
+        MIMIC(MIMICConfig(**_QUICK)).fit(enc, tok, TextDataset(["a fine film"] * 5, [0] * 5, 2))
+    with pytest.raises(ValueError, match="batches hold 5 inputs in all; MIMIC needs at least 8"):
+        MIMIC(MIMICConfig(**_QUICK)).fit(_tiny_bert(), batches=[_ids(1, size=5)[0]])
+
+
+def test_student_settings_with_a_student_of_ones_own_are_refused():
+    """student_layers / student_overrides shape the student fit() builds; with student= they
+    were silently ignored."""
+    teacher = _tiny_bert()
+    for extra in ({"student_layers": 1}, {"student_overrides": {"intermediate_size": 16}}):
+        with pytest.raises(ValueError, match="student_layers / student_overrides .* student="):
+            MIMIC(MIMICConfig(**_QUICK, **extra)).fit(teacher, batches=_ids(),
+                                                      student=make_student(teacher, seed=1))
+
+
+def test_a_copy_of_the_teacher_in_another_dtype_is_refused():
+    """The copied-teacher check compared only tensors of one dtype: an fp32 copy of a bf16
+    teacher (or a bf16 copy of an fp32 one) passed as a fresh student."""
+    import copy
+
+    teacher = _tiny_bert()
+    half = copy.deepcopy(teacher).to(torch.bfloat16)
+    for t, s in ((half, copy.deepcopy(half).float()), (teacher, copy.deepcopy(teacher).half()),
+                 (teacher, half)):
+        with pytest.raises(ValueError, match="holds the teacher's weights"):
+            _check_fresh(t, s)
+    _check_fresh(half, make_student(half, seed=1))  # a fresh fp32 student passes
+
+
+def test_batches_of_one_warn_that_the_ssl_term_is_zero():
+    """NT-Xent over one input has no negatives: the self-supervised term is exactly 0. Said once
+    per fit (not once per step), and not at all without the term."""
+    import warnings
+
+    torch.manual_seed(0)
+    batches = [torch.randn(1, 3, 6, 6) for _ in range(8)]
+    kw = dict(batches=batches, teacher_layers=["block1"], student_layers=["block1"])
+    cfg = dict(_QUICK, epochs=2, mine_samples=8)
+    with pytest.warns(RuntimeWarning, match="batch of 1 input") as record:
+        res = MIMIC(MIMICConfig(**cfg)).fit(_TinyCNN(4), student=_TinyCNN(4), **kw)
+    assert len([w for w in record if "batch of 1" in str(w.message)]) == 1
+    assert all(h["ssl"] == 0.0 for h in res.history) and len(res.history) == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MIMIC(MIMICConfig(**cfg, ssl_weight=0.0)).fit(_TinyCNN(4), student=_TinyCNN(4), **kw)
+
+
+def _tiny_checkpoint(path, kind="encoder"):
+    """A tiny random BERT saved with the offline MiniLM tokenizer (whose vocabulary it uses)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    torch.manual_seed(123)  # not the command's seed 0: its student would be this model
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=32, num_labels=2)
+    (BertModel if kind == "encoder" else BertForSequenceClassification)(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _clean_csv(path, n):
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([["text"]] + [[f"a fine film number {i}"] for i in range(n)])
+    return str(path)
+
+
+_DISTILL = ["distill", "--epochs", "1", "--batch-size", "8", "--max-length", "16",
+            "--mine-steps", "5", "--no-progress"]
+
+
+def test_cli_distill_names_a_small_data_file_before_loading_the_teacher(tmp_path, capsys,
+                                                                         monkeypatch):
+    """A 5-row --data file failed after the teacher loaded, inside MINE ("needs at least 8
+    paired samples, got 5"): the command names the file's size first."""
+    import purify_fast.attacks.encoder_backdoor as eb
+    from purify_fast.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the data was checked")
+
+    monkeypatch.setattr(eb, "load_encoder", no_load)
+    data = _clean_csv(tmp_path / "clean5.csv", 5)
+    assert main(_DISTILL + ["--data", data, "--out", str(tmp_path / "s")]) == 2
+    assert "clean5.csv has 5 examples; MIMIC needs at least 8" in capsys.readouterr().err
+
+
+def test_cli_distill_no_progress_silences_the_shard_bar(tmp_path, capfd):
+    """--no-progress left transformers' "Writing model shards" bar of save_pretrained on."""
+    from purify_fast.cli import main
+
+    teacher = _tiny_checkpoint(tmp_path / "teacher")
+    data = _clean_csv(tmp_path / "clean.csv", 16)
+    capfd.readouterr()  # the checkpoint's own save above
+    assert main(_DISTILL + ["--teacher", str(teacher), "--data", data,
+                            "--out", str(tmp_path / "s")]) == 0
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err, err[-500:]
+    assert (tmp_path / "s" / "config.json").exists()

@@ -709,3 +709,116 @@ def test_merging_into_bf16_warns_of_the_lost_update_and_fp32_keeps_it():
         merge_muscle_lora(net)
     assert any("bert.pooler.dense" in str(w.message) for w in caught), [str(w.message) for w in caught]
 
+
+
+# --------------------------------------------------------------------------- audit fixes
+
+def _tiny_bert_classifier(vocab_size=512):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=2))
+
+
+def _toy(n):
+    from purify_fast.data import TextDataset
+
+    return TextDataset([("good " if i % 2 else "bad ") + "x" * (i % 5) for i in range(n)],
+                       [i % 2 for i in range(n)], 2, "toy")
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_new_modules_follow_the_mode_of_what_they_replace(family):
+    """Injected into an eval-mode model, peft's LoRA modules (their dropout included) and the
+    MSLR layers were in training mode: dropout ran in eval forwards. merge's plain layers were
+    built in training mode too (score.training on an eval model), which a re-injection copied.
+    Every new module takes the mode of the layer it replaces; a training model stays training."""
+    from purify_fast.models import tiny_llama
+
+    make = _tiny_bert_classifier if family == "bert" else lambda: tiny_llama(num_labels=2)
+    batch = _CharTok()(["hello world", "abc"])
+    model = make().eval()
+    inject_muscle_lora(model, MuscleLoRAConfig(lora_dropout=0.5))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-zero LoRA update, so its dropout would show
+        first, second = model(**batch).logits, model(**batch).logits
+    assert [n for n, m in model.named_modules() if m.training] == []
+    assert torch.equal(first, second)
+    merge_muscle_lora(model)
+    assert [n for n, m in model.named_modules() if m.training] == []
+    inject_muscle_lora(model)
+    assert [n for n, m in model.named_modules() if m.training] == []
+    training = make().train()
+    inject_muscle_lora(training, MuscleLoRAConfig(lora_dropout=0.5))
+    assert all(m.training for m in training.modules())
+    merge_muscle_lora(training)
+    assert all(m.training for m in training.modules())
+
+
+def test_train_clean_gives_back_the_callers_requires_grad_flags():
+    """The merge made every parameter trainable, a frozen embedding included (a failed run
+    already restored the flags)."""
+    from purify_fast.defenses.muscle_lora import train_clean
+
+    model = _tiny_bert_classifier()
+    model.bert.embeddings.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert not all(flags.values())
+    train_clean(model, _CharTok(), _toy(24), _toy(20), epochs=1, batch_size=8, ref_pool_size=8,
+                progress=False)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def _train_clean_args(tmp_path):
+    """A tiny random BERT checkpoint (with the offline MiniLM tokenizer) and toy CSV files."""
+    import csv
+
+    from transformers import AutoTokenizer
+
+    from purify_fast.models.loading import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    _tiny_bert_classifier(tok.vocab_size).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    for name, n in (("train.csv", 24), ("dev.csv", 20)):
+        data = _toy(n)
+        with open(tmp_path / name, "w", newline="") as fh:
+            csv.writer(fh).writerows([["text", "label"]] + list(zip(data.texts, data.labels)))
+    return ["train-clean", "--data", str(tmp_path / "train.csv"), "--dev",
+            str(tmp_path / "dev.csv"), "--model", str(tmp_path / "model"), "--ref-pool-size", "8",
+            "--epochs", "1", "--max-length", "16", "--batch-size", "8", "--no-progress"]
+
+
+def test_cli_train_clean_names_bad_scales_before_loading_the_model(tmp_path, capsys,
+                                                                   monkeypatch):
+    """--scales 1,,4 printed "could not convert string to float: ''": the option is named, and
+    before the model is loaded."""
+    import purify_fast.models as models
+
+    from purify_fast.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --scales was checked")
+
+    args = _train_clean_args(tmp_path)
+    monkeypatch.setattr(models, "load_classifier", no_load)
+    capsys.readouterr()
+    assert main(args + ["--scales", "1,,4", "--out", str(tmp_path / "o")]) == 2
+    assert "--scales must be comma-separated numbers (e.g. 1,4,8), got '1,,4'" in \
+        capsys.readouterr().err
+
+
+def test_cli_train_clean_no_progress_silences_the_shard_bar(tmp_path, capfd):
+    """--no-progress left transformers' "Writing model shards" bar of save_pretrained on."""
+    from purify_fast.cli import main
+
+    args = _train_clean_args(tmp_path)
+    capfd.readouterr()  # the checkpoint's own save
+    assert main(args + ["--scales", "1,2,4", "--out", str(tmp_path / "clean")]) == 0
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err, err[-500:]
+    assert (tmp_path / "clean" / "config.json").exists()

@@ -44,14 +44,16 @@ def add_parser(sub):
 
 def run(args) -> int:
     from purify_fast.attacks.encoder_backdoor import load_encoder
+    from purify_fast.commands.train_clean import hf_progress_bars
     from purify_fast.data import CORPORA, load_dataset
     from purify_fast.defenses.mimic import MIMIC, MIMICConfig, plot_curves
+    from purify_fast.defenses.mine import MIN_SAMPLES
     from purify_fast.models.loading import atomic_save_dir, is_writer_rank
 
     check_output_dir(args.out, args.teacher, args.data)
-    if args.num_examples < 8:  # MINE's statistics networks need a few paired samples to train
-        raise ValueError(f"--num-examples must be at least 8 (MINE estimates the layer weights "
-                         f"from them), got {args.num_examples}")
+    if args.num_examples < MIN_SAMPLES:  # MINE's statistics networks need paired samples
+        raise ValueError(f"--num-examples must be at least {MIN_SAMPLES} (MINE estimates the "
+                         f"layer weights from them), got {args.num_examples}")
     # Errors here (a bad file, option or model) reach the CLI's one handler for user errors,
     # which also honours PURIFY_FAST_TRACEBACK. The options first (the config checks them on
     # construction), the data next, the model last: a typo costs no model load.
@@ -61,6 +63,9 @@ def run(args) -> int:
                       backend=args.backend, seed=args.seed, progress=not args.no_progress)
     kw = {} if args.data in CORPORA else {"text_column": args.text_column, "label_column": None}
     data = load_dataset(args.data, **kw).take(args.num_examples, seed=args.seed)
+    if len(data) < MIN_SAMPLES:  # a small file: named here, not by MINE after the model loads
+        raise ValueError(f"--data {args.data} has {len(data)} examples; MIMIC needs at least "
+                         f"{MIN_SAMPLES} (MINE estimates the layer weights from them)")
     teacher, tok = load_encoder(args.teacher, device=pick_device(args.device))
     result = MIMIC(cfg).fit(teacher, tok, data)
 
@@ -75,7 +80,8 @@ def run(args) -> int:
 
     if not is_writer_rank():  # under `accelerate launch` every rank holds the same student
         return 0
-    out = atomic_save_dir(args.out, write)
+    with hf_progress_bars(not args.no_progress):
+        out = atomic_save_dir(args.out, write)
     print(f"student written to {out} ({result.seconds:.0f}s; MI {[f'{m:.2f}' for m in result.mi]}; "
           f"weights {[f'{w:.0f}' for w in result.weights]})")
     return 0

@@ -14,6 +14,7 @@ evaluate the defense): CACC and ASR on the test split are then written to ``repo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -83,6 +84,33 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
+@contextlib.contextmanager
+def hf_progress_bars(on: bool):
+    """transformers' own bars (save_pretrained's "Writing model shards") follow --no-progress;
+    their previous state is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not on:
+            hf_logging.enable_progress_bar()
+
+
+def parse_scales(text: str | None) -> list[float] | None:
+    """``--scales 1,4,8`` as floats; a bad item is reported with the option's name."""
+    if not text:
+        return None
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--scales must be comma-separated numbers (e.g. 1,4,8), got "
+                         f"{text!r}") from None
+
+
 def run(args) -> int:
     import torch
 
@@ -96,6 +124,9 @@ def run(args) -> int:
     from purify_fast.training import seed_everything
 
     check_output_dir(args.out, args.model, args.data, args.dev)
+    # checked (by MuscleLoRAConfig too) before any data or model is loaded
+    inject = MuscleLoRAConfig(scales=parse_scales(args.scales), alpha=args.alpha,
+                              mode=args.scaling, backend=args.backend)
     for flag, value in (("--poison-rate", args.poison_rate), ("--target-label", args.target_label)):
         if value is not None and not args.attack:  # nothing would be poisoned
             raise ValueError(f"{flag} is an option of --attack (the backdoor planted for an "
@@ -128,7 +159,6 @@ def run(args) -> int:
         attack = make_attack(args.attack, target_label=args.target_label,
                              poison_rate=args.poison_rate, seed=args.seed)
         train = attack.poison(train).dataset
-    scales = [float(s) for s in args.scales.split(",")] if args.scales else None
     # The offline MiniLM has no classifier head: a fresh one is drawn (and MuScleLoRA keeps it
     # frozen), so seed the draw for a reproducible run.
     seed_everything(args.seed)
@@ -136,8 +166,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     model, result = train_clean(
         model, tok, train, dev, method=args.method, ablation=args.ablation,
-        inject=MuscleLoRAConfig(scales=scales, alpha=args.alpha, mode=args.scaling,
-                                backend=args.backend),
+        inject=inject,
         config=MuscleLoRATrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                      max_length=args.max_length, precision=args.precision,
                                      seed=args.seed, ref_pool_size=args.ref_pool_size,
@@ -154,7 +183,8 @@ def run(args) -> int:
                                            max_length=args.max_length, attack=attack)
         note_trigger_cut(report["eval"], args.max_length)
     record_label_names(model, train)
-    out = save_pretrained_atomic(model, args.out, tok, extra_json={"report.json": report})
+    with hf_progress_bars(not args.no_progress):
+        out = save_pretrained_atomic(model, args.out, tok, extra_json={"report.json": report})
     if not is_writer_rank():  # the other ranks of an `accelerate launch` run hold the same model
         return 0
     summary = {k: report[k] for k in ("best_epoch", "best_dev_acc")}

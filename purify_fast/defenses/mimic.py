@@ -1,9 +1,11 @@
 """MIMIC (Han et al., arXiv 2406.03508): purify a possibly backdoored pre-trained encoder by
 distilling it into a freshly initialised student, guided by per-layer mutual information.
 
-* Teacher: the suspect encoder, frozen (eval mode, no gradient). Student: the same architecture or
-  a smaller config (fewer layers), **randomly initialised**: no teacher weight is ever copied, so
-  no backdoor is inherited; only clean unlabelled inputs are seen.
+* Teacher: the suspect encoder, frozen (eval mode, no gradient; it may stay bf16 / fp16). Student:
+  the same architecture or a smaller config (fewer layers), **randomly initialised** and built in
+  fp32 whatever the teacher's dtype (half-precision weights would round most updates away): no
+  teacher weight is ever copied, so no backdoor is inherited; only clean unlabelled inputs are
+  seen.
 * MI guidance (:mod:`purify_fast.defenses.mine`): for each chosen layer l, MINE estimates
   ``I(pool(h_l); z)`` (z = the final feature) on the teacher (default, as in the paper) or on the
   student (``mi_source="student"``, as in the official code; re-estimated every ``mi_every``
@@ -15,7 +17,11 @@ distilling it into a freshly initialised student, guided by per-layer mutual inf
           + λ_ssl · NT-Xent(f_S(view1), f_S(view2); τ)                   (self-supervised)
 
   Text views are two dropout passes (SimCSE, τ = 0.05 by default); images pass an ``augment``
-  callable for two augmented views (SimCLR, τ = 0.5).
+  callable for two augmented views (SimCLR, τ = 0.5). A batch of one input has no negatives: its
+  NT-Xent term is exactly 0 (a warning says so once per fit).
+* Features: text is mean-pooled over its tokens (those of the attention mask; every token of a
+  batch without one, as the model itself attends to them all), like :func:`linear_probe`'s
+  features; models without token sequences take a CNN's spatial mean or ViT's [CLS] token.
 * Layers: Hugging Face encoders use ``output_hidden_states`` (student layer j ↔ teacher layer
   ⌊j·L_T/L_S + ½⌋, halves rounded up); any ``nn.Module`` works given
   ``teacher_layers``/``student_layers`` module names (forward hooks) and a ``feature_fn``.
@@ -35,6 +41,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +54,7 @@ from purify_fast.attacks.encoder_backdoor import mean_pool
 from purify_fast.backend import check_name as check_backend_name
 from purify_fast.data.text_dataset import TextDataset, make_loader
 from purify_fast.defenses._common import check_tokenizer
-from purify_fast.defenses.mine import MINE, estimate_layer_mi, layer_weights
+from purify_fast.defenses.mine import MIN_SAMPLES, MINE, estimate_layer_mi, layer_weights
 from purify_fast.ops.attention_maps import attention_map_loss
 from purify_fast.training import (
     distributed_launch,
@@ -64,6 +71,8 @@ MI_SOURCES = ("teacher", "student")
 class MIMICConfig:
     """MIMIC hyper-parameters (defaults: METHODS.md §5 and the official code where known)."""
 
+    # student_layers / student_overrides shape the student fit() builds; they are refused with
+    # a student= of the caller's, which is used as given.
     student_layers: int | None = None      # None: same depth as the teacher
     # Other config fields of a Hugging Face student (e.g. intermediate_size); its hidden_size must
     # stay the teacher's, since the clone loss compares the two features directly.
@@ -75,7 +84,7 @@ class MIMICConfig:
     warmup_ratio: float = 0.05
     max_length: int = 64
     attn_weight: float = 1.0
-    ssl_weight: float = 0.1
+    ssl_weight: float = 0.1                # its term is 0 on batches of 1 (no negatives)
     # NT-Xent τ; None: 0.5 when fit() gets an image ``augment`` (SimCLR, as METHODS.md §5 gives
     # it), 0.05 for text dropout views (METHODS names no τ for text: SimCSE's usual value).
     ssl_temperature: float | None = None
@@ -85,7 +94,7 @@ class MIMICConfig:
     mi_b: float = 10000.0
     mine_steps: int = 300
     mine_hidden: int = 128
-    mine_samples: int = 1024               # clean inputs whose features MINE sees
+    mine_samples: int = 1024               # clean inputs whose features MINE sees (>= 8)
     backend: str | None = None             # attention-kernel backend
     seed: int = 0
     progress: bool = True
@@ -95,8 +104,10 @@ class MIMICConfig:
         int_at_least("student_layers", self.student_layers, 1, optional=True)
         # 0 epochs would hand back the freshly initialised student as if it were purified.
         int_at_least("epochs", self.epochs, 1)
-        for name in ("batch_size", "mine_steps", "mine_samples", "mi_every", "mine_hidden"):
+        for name in ("batch_size", "mine_steps", "mi_every", "mine_hidden"):
             int_at_least(name, getattr(self, name), 1)
+        # Checked here, by name: MINE itself refused fewer samples only after the model ran.
+        int_at_least("mine_samples", self.mine_samples, MIN_SAMPLES)
         int_at_least("max_length", self.max_length, 2)  # [CLS] plus one token at least
         if not isinstance(self.student_overrides, dict):
             raise TypeError(f"student_overrides must be a dict of config fields, got "
@@ -147,7 +158,8 @@ def clone_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """NT-Xent (SimCLR; SimCSE with dropout views): each view's positive is the other view of
-    the same input, negatives are every other input of both views."""
+    the same input, negatives are every other input of both views. With one input there are no
+    negatives and the loss is exactly 0 (no gradient)."""
     z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
     n = z1.shape[0]
     sim = z @ z.t() / temperature
@@ -183,7 +195,10 @@ def _hf_width(model: nn.Module) -> int | None:
 def make_student(teacher: nn.Module, num_layers: int | None = None, overrides: dict | None = None,
                  seed: int = 0) -> nn.Module:
     """A freshly initialised encoder of the teacher's architecture (optionally fewer layers or
-    other config fields). Built from the config alone: the teacher's weights are never read."""
+    other config fields). Built from the config alone: the teacher's weights are never read.
+    Always fp32 (the project's rule: a bf16 / fp16 model is fine-tuned in fp32): a teacher
+    loaded in bf16 carries that dtype in its config, and a student built in it lost about half
+    its updates to rounding."""
     if not _is_hf(teacher):
         raise TypeError("make_student builds Hugging Face encoders; for another nn.Module pass "
                         "your own freshly initialised student to MIMIC.fit(student=...)")
@@ -210,9 +225,17 @@ def make_student(teacher: nn.Module, num_layers: int | None = None, overrides: d
         if not hasattr(cfg, k):
             raise ValueError(f"student_overrides: the teacher config has no field {k!r}")
         setattr(cfg, k, v)
+    # from_config builds in the config's dtype (set by from_pretrained(dtype=...)); the field is
+    # `dtype` from transformers 4.56 on, `torch_dtype` before.
+    if "dtype" in vars(cfg):
+        cfg.dtype = torch.float32
+    else:
+        cfg.torch_dtype = torch.float32
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         student = AutoModel.from_config(cfg)
+    if any(p.dtype != torch.float32 for p in student.parameters() if p.is_floating_point()):
+        student.float()  # a transformers version that ignored the field
     return student
 
 
@@ -244,9 +267,15 @@ class _Taps:
             self._store[name] = out[0] if isinstance(out, tuple) else out
         return hook
 
-    def __call__(self, batch: dict):
+    def __call__(self, batch):
+        batch = _as_inputs(self.model, batch)
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         if self.hf:
+            ids = batch.get("input_ids")
+            if mask is None and torch.is_tensor(ids) and ids.dim() == 2:
+                # Text without a mask: the model attends to every token, so the feature pools
+                # them all (it switched to [CLS], while the probe mean-pools).
+                mask = torch.ones_like(ids)
             out = self.model(**batch, output_hidden_states=True)
             maps = [out.hidden_states[i] for i in self.layer_ids]
             last = out.last_hidden_state
@@ -256,7 +285,7 @@ class _Taps:
                 feat = mean_pool(last, mask)
             elif last.dim() == 4:  # a CNN (ResNet): average over the last stage's H x W
                 feat = last.mean((2, 3))
-            else:  # ViT and friends: the [CLS] token
+            else:  # ViT and friends (no token ids): the [CLS] token
                 feat = last[:, 0]
             return maps, feat, mask
         self._store.clear()
@@ -289,6 +318,23 @@ class _Taps:
     def close(self):
         for h in self._hooks:
             h.remove()
+
+
+def _as_inputs(model: nn.Module, batch):
+    """A tensor batch for a Hugging Face model, passed by the name of its main input
+    (``input_ids``, ``pixel_values`` ...): its forward takes keywords. A plain ``nn.Module``
+    gets the tensor positionally. Float inputs go to a Hugging Face model in its own dtype: a
+    bf16 teacher and the fp32 student read the same pixel_values."""
+    name = getattr(model, "main_input_name", None)
+    if not (isinstance(name, str) and hasattr(model, "config")):
+        return batch
+    if torch.is_tensor(batch):
+        batch = {name: batch}
+    dtype = getattr(model, "dtype", None)
+    if isinstance(batch, dict) and isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        batch = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                 for k, v in batch.items()}
+    return batch
 
 
 def _pool(h: torch.Tensor, mask) -> torch.Tensor:
@@ -325,7 +371,9 @@ class MIMIC:
     """``MIMIC(config).fit(teacher, tokenizer, clean)`` → :class:`MIMICResult` with the student.
 
     ``clean``: clean unlabelled text (a :class:`TextDataset`; labels are ignored) or, for any
-    ``nn.Module``, an iterable of input batches (dicts or tensors) via ``batches=``.
+    ``nn.Module``, an iterable of input batches (dicts or tensors) via ``batches=``; a tensor is
+    a Hugging Face model's main input (``model.main_input_name``), a plain module's positional
+    argument. At least 8 clean inputs in all (MINE's minimum).
     """
 
     def __init__(self, config: MIMICConfig | None = None, **overrides):
@@ -373,6 +421,10 @@ class MIMIC:
     def _estimate_mi(self, taps, tokenizer, clean, device, tag, result: MIMICResult):
         cfg = self.config
         pooled, final = self._pooled(taps, tokenizer, clean, device)
+        if final.shape[0] < MIN_SAMPLES:  # a TextDataset was refused up front; batches= here
+            raise ValueError(f"batches hold {final.shape[0]} inputs in all; MIMIC needs at least "
+                             f"{MIN_SAMPLES} (MINE estimates the layer weights from their "
+                             f"features)")
         mine = MINE(steps=cfg.mine_steps, hidden=cfg.mine_hidden, batch_size=256, lr=1e-3,
                     seed=cfg.seed)
         ests = estimate_layer_mi(pooled, final, mine)
@@ -406,6 +458,10 @@ class MIMIC:
                 raise ValueError("a tokenizer is needed to tokenise the clean TextDataset")
             if len(data) == 0:
                 raise ValueError("clean is empty")
+            if len(data) < MIN_SAMPLES:
+                raise ValueError(f"clean has {len(data)} examples; MIMIC needs at least "
+                                 f"{MIN_SAMPLES} (MINE estimates the layer weights from their "
+                                 f"features)")
             check_tokenizer(teacher, tokenizer, "teacher")
         t0 = time.perf_counter()
         device = next(teacher.parameters()).device
@@ -428,6 +484,10 @@ class MIMIC:
 
         if student is None:
             student = make_student(teacher, cfg.student_layers, cfg.student_overrides, cfg.seed)
+        elif cfg.student_layers is not None or cfg.student_overrides:
+            raise ValueError("MIMICConfig.student_layers / student_overrides shape the student "
+                             "fit() builds, but a student= was passed (used as given): drop "
+                             "one or the other")
         # A caller's student goes back to its own mode when the run fails; on success it is the
         # result, in eval mode. Accelerate's wrappers come off the student's step either way.
         with handing_back(student) as stage:
@@ -526,7 +586,7 @@ class MIMIC:
             rng_state = torch.random.get_rng_state()
             torch.manual_seed(cfg.seed)
             rank_dropout_seed(cfg.seed, accelerator)  # under a launch, each rank its own views
-            step = 0
+            step, warned_single = 0, False
             for epoch in range(cfg.epochs):
                 if cfg.mi_source == "student" and epoch > 0 and epoch % cfg.mi_every == 0:
                     mi = self._estimate_mi(s_taps, tokenizer, data, device, f"epoch {epoch}",
@@ -550,12 +610,20 @@ class MIMIC:
                         t_maps, t_feat, mask = t_taps(batch)
                     s_maps, s_feat, s_feat2 = step_fn(batch)
                     l_clone = clone_loss(s_feat, t_feat)
-                    l_attn = attention_map_loss(s_maps, [m.detach() for m in t_maps], weights,
+                    # a bf16 teacher's maps in the (fp32) student's dtype
+                    t_maps = [t.detach().to(s.dtype) for t, s in zip(t_maps, s_maps)]
+                    l_attn = attention_map_loss(s_maps, t_maps, weights,
                                                 mask if (mask is not None and s_maps[0].dim() == 3)
                                                 else None, backend=cfg.backend)
                     loss = l_clone + cfg.attn_weight * l_attn
                     l_ssl = torch.zeros((), device=device)
                     if s_feat2 is not None:
+                        if s_feat.shape[0] < 2 and not warned_single:
+                            warned_single = True
+                            warnings.warn("a batch of 1 input: the self-supervised NT-Xent term "
+                                          "has no negatives and is exactly 0 for it; use "
+                                          "batches of 2 or more, or ssl_weight=0",
+                                          RuntimeWarning, stacklevel=4)
                         l_ssl = nt_xent(s_feat, s_feat2, tau)
                         loss = loss + cfg.ssl_weight * l_ssl
                     opt.zero_grad(set_to_none=True)
@@ -621,11 +689,18 @@ def _check_fresh(teacher: nn.Module, student: nn.Module) -> None:
                          f"MIMIC needs a freshly initialised student")
     # A copy of the teacher shares no storage but starts from its weights, backdoor included.
     # Constant tensors (LayerNorm's fresh ones and zeros) say nothing; any other equal one does.
+    # A copy cast to another dtype (an fp32 copy of a bf16 teacher) is one too: each side is
+    # compared in the other's dtype, so the rounded side matches either way.
     t_params = dict(teacher.named_parameters())
+
+    def same(p, t):
+        return torch.equal(p, t.to(p.dtype)) or torch.equal(p.to(t.dtype), t)
+
     copied = [n for n, p in student.named_parameters()
-              if n in t_params and t_params[n].shape == p.shape and t_params[n].dtype == p.dtype
-              and p.numel() > 1
-              and not bool((p == p.reshape(-1)[0]).all()) and torch.equal(p, t_params[n])]
+              if n in t_params and t_params[n].shape == p.shape
+              and p.is_floating_point() == t_params[n].is_floating_point() and p.numel() > 1
+              and not bool((p == p.reshape(-1)[0]).all())
+              and same(p.detach(), t_params[n].detach())]
     if copied:
         raise ValueError(f"the student holds the teacher's weights ({copied[:3]} ...): it would "
                          f"inherit the backdoor; MIMIC needs a freshly initialised student")

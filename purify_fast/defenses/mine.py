@@ -6,7 +6,8 @@ Donsker–Varadhan lower bound::
 
     I(X; Z) ≥ E_joint[T(x, z)] − log E_marg[exp T(x, z')]
 
-where the marginal samples pair each ``x_i`` with the ``z`` of another example (the batch shuffled).
+where the marginal samples pair each ``x_i`` with the ``z`` of another example: the batch
+shuffled by a derangement (:func:`derangement`), so no marginal pair is a joint pair.
 Training maximises the bound; the gradient of ``log E_marg`` is bias-corrected with a moving average
 of ``E_marg[exp T]`` (MINE §3.2), which is what keeps mini-batch training stable. The reported
 estimate is the bound on held-out pairs (averaged over several shuffles), so a network that
@@ -26,6 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from purify_fast.validation import int_at_least, real_in
 from torch import nn
+
+
+# The fewest paired samples an estimate takes (a held-out part of 4 and pairs to train on).
+MIN_SAMPLES = 8
 
 
 class StatisticsNetwork(nn.Module):
@@ -64,9 +69,23 @@ def _check_pairs(x, z) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(f"{name} contains NaN/Inf")
     if x.shape[0] != z.shape[0]:
         raise ValueError(f"x has {x.shape[0]} samples but z has {z.shape[0]}")
-    if x.shape[0] < 8:
-        raise ValueError(f"MINE needs at least 8 paired samples, got {x.shape[0]}")
+    if x.shape[0] < MIN_SAMPLES:
+        raise ValueError(f"MINE needs at least {MIN_SAMPLES} paired samples, got {x.shape[0]}")
     return x.float(), z.float()
+
+
+def derangement(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random permutation of ``range(n)`` with no fixed point (``n >= 2``): a random order
+    ``p`` of the indices, each sent to the next one in that order (one cycle through all).
+
+    A plain ``randperm`` leaves about one index in place per draw: that "marginal" pair is a
+    joint pair and biases the DV bound low, most at small batches (half the draws at 2)."""
+    if n < 2:
+        raise ValueError(f"a derangement needs at least 2 elements, got {n}")
+    p = torch.randperm(n, generator=generator)
+    out = torch.empty_like(p)
+    out[p] = p.roll(-1)
+    return out
 
 
 def _standardise(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -139,8 +158,10 @@ class MINE:
         log_ma = None
         curve, steps = [], []
         for step in range(1, self.steps + 1):
-            idx = torch.randint(0, x_tr.shape[0], (bs,), generator=gen).to(device)
-            shuf = torch.randperm(bs, generator=gen).to(device)
+            # Drawn without replacement: a batch holding one example twice paired it with its
+            # own z in the "marginal" however the batch is shuffled.
+            idx = torch.randperm(x_tr.shape[0], generator=gen)[:bs].to(device)
+            shuf = derangement(bs, gen).to(device)
             xb, zb = x_tr[idx], z_tr[idx]
             t_joint = net(xb, zb)
             t_marg = net(xb, zb[shuf])
@@ -164,7 +185,7 @@ class MINE:
                  gen: torch.Generator) -> float:
         net.eval()
         t_joint = net(x, z)
-        t_marg = torch.cat([net(x, z[torch.randperm(x.shape[0], generator=gen).to(x.device)])
+        t_marg = torch.cat([net(x, z[derangement(x.shape[0], gen).to(x.device)])
                             for _ in range(self.eval_shuffles)])
         return float(dv_bound(t_joint, t_marg))
 

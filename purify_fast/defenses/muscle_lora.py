@@ -416,7 +416,8 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
     ``save_pretrained``). ``ablation``: ``muscle-lora`` (MSLR + LoRA + GA), ``lora``,
     ``ga+lora``, ``lora+mslr``. With ``return_result=True`` returns ``(model, result)``.
     ``merged_dtype`` casts the model before the merge (``torch.float32`` keeps the whole update
-    of a bf16 model; see :func:`purify_fast.nn.merge_muscle_lora`).
+    of a bf16 model; see :func:`purify_fast.nn.merge_muscle_lora`). The merged model's
+    parameters keep the ``requires_grad`` flags they had when it was passed.
 
     ``model`` may be a model object or a local checkpoint path / ``"minilm"`` (then ``tokenizer``
     may be None and is loaded with it, after seeding with ``config.seed`` so the fresh frozen
@@ -456,6 +457,9 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
     # a failed call must leave a model that can be passed again.
     _check_training_data(train_data, dev_data, config, model_family(model))
     seed_everything(config.seed)  # the adapters' random init is part of the seeded run
+    # The merge makes every parameter trainable; the caller's flags (a frozen embedding) come
+    # back after it, by name (the merge restores the names).
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with _adapters_out_on_failure(model) as keep_trained_weights:
         inject_muscle_lora(model, inject)
         keep_trained_weights()  # the classifier head's, with train_head
@@ -463,5 +467,7 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
     result.config["ablation"] = ablation
     result.config["inject"] = dict(model.muscle_lora_config)
     merge_muscle_lora(model, merged_dtype)
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags.get(name, True))
     model.eval()
     return (model, result) if return_result else model

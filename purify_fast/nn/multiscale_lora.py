@@ -180,10 +180,12 @@ class MultiScaleLoRALinear(nn.Module):
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` equal to this layer (merged weight, original bias)."""
+        """A plain ``nn.Linear`` equal to this layer (merged weight, original bias), in this
+        layer's mode."""
         base = self.base
         out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                         device=base.weight.device, dtype=base.weight.dtype)
+        out.train(self.training)  # a fresh module trains; it replaces this one
         w = base.weight if self.merged else merged_weight(
             base.weight, *self._factors(), self.scales, self.alpha, self.mode)
         out.weight.copy_(w)
@@ -216,6 +218,7 @@ class MSLRClassificationHead(nn.Module):
         w = self.out_proj.weight.to(torch.float32) @ dense.weight.to(torch.float32)
         out = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device,
                         dtype=self.out_proj.weight.dtype)
+        out.train(self.training)
         out.weight.copy_(w)
         return out
 
@@ -321,7 +324,8 @@ def inject_muscle_lora(model: nn.Module, config: MuscleLoRAConfig | None = None)
     """Add the MSLR layer and the attention LoRA to ``model`` in place (instances replaced, no
     class patching) and freeze every other parameter. Returns ``model``. Over a bf16 / fp16 model
     the trainable factors are fp32 (cast in forward): inject into the model in the dtype it
-    trains in, since casting it afterwards casts them too."""
+    trains in, since casting it afterwards casts them too. Each new module takes the mode
+    (train / eval) of the layer it wraps, so an eval-mode model gets no active dropout."""
     cfg = config or MuscleLoRAConfig()
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
@@ -335,6 +339,12 @@ def inject_muscle_lora(model: nn.Module, config: MuscleLoRAConfig | None = None)
         lcfg = LoraConfig(r=d["lora_r"], lora_alpha=d["lora_alpha"], lora_dropout=cfg.lora_dropout,
                           target_modules=list(d["targets"]), bias="none")
         model = inject_adapter_in_model(lcfg, model)
+        from peft.tuners.lora import LoraLayer
+
+        for module in model.modules():
+            # peft's wrappers and factors (lora_dropout included) are built in training mode
+            if isinstance(module, LoraLayer):
+                module.train(module.get_base_layer().training)
         # fp32 master weights over a half-precision base, as for the MSLR factors (peft's own
         # forward casts its input to the adapter dtype and the result back).
         for name, p in model.named_parameters():
@@ -356,8 +366,9 @@ def inject_muscle_lora(model: nn.Module, config: MuscleLoRAConfig | None = None)
         dense = model.get_submodule(path)
         if not isinstance(dense, nn.Linear):
             raise ValueError(f"{path} is a {type(dense).__name__}, expected nn.Linear")
-        _set_module(model, path, MultiScaleLoRALinear(dense, d["scales"], d["r_in"], d["alpha"],
-                                                      cfg.mode, cfg.backend))
+        mslr = MultiScaleLoRALinear(dense, d["scales"], d["r_in"], d["alpha"], cfg.mode,
+                                    cfg.backend)
+        _set_module(model, path, mslr.train(dense.training))
     for name, p in model.named_parameters():
         # The frozen base of an MSLR layer stays frozen even when the head trains.
         head = cfg.train_head and name.startswith(("classifier.", "score.")) and ".base." not in name
@@ -374,7 +385,9 @@ MERGE_LOSS_WARN = 0.05
 @torch.no_grad()
 def merge_muscle_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Fold every adapter into its base layer and put plain layers back (in place): the model has
-    its original architecture and parameter names again. Returns ``model``.
+    its original architecture and parameter names again, each plain layer in the mode of the
+    layer it replaces, and every parameter trainable (``train_clean`` gives its caller's flags
+    back instead). Returns ``model``.
 
     ``dtype`` (e.g. ``torch.float32``) casts the model first. Folded into bf16 / fp16 weights, an
     update much smaller than the weights' spacing is mostly rounded away (an audit measured
