@@ -221,3 +221,74 @@ def test_loss_dtype_is_fp32_or_fp64_for_fp64_maps_as_documented():
     for fn in (ops.attention_layer_mse, ops.attention_map_loss):
         doc = " ".join(fn.__doc__.split())
         assert "(fp32 scalar" not in doc and "fp64 when" in doc, fn.__name__
+
+
+KERNEL_BACKENDS = [b for b in B.available("cpu") if b != "torch"]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["tokens", "cnn"])
+def test_kernel_backends_refuse_second_derivatives_and_keep_first_order(backend, layout):
+    """A gradient penalty (create_graph=True, then a backward through the gradient) got a
+    gradient with no graph from the kernel backward: the second backward failed with PyTorch's
+    "does not require grad" or, with another term in the penalty, silently dropped this op's part.
+    The kernel backends are first order only: a second backward raises, naming backend='torch';
+    first-order gradients are unchanged with or without create_graph."""
+    g = torch.Generator().manual_seed(11)
+    if layout == "tokens":  # mask, plus a transposed (non-contiguous) student view
+        s0 = torch.randn(3, 5, 7, generator=g).transpose(1, 2)              # [3, 7, 5]
+        t0 = torch.randn(3, 7, 4, generator=g)
+        mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0]], dtype=torch.bool)
+    else:  # [B, C, H, W]: the op sees a reshaped, transposed view of the map
+        s0, t0, mask = torch.randn(2, 3, 5, 3, generator=g), torch.randn(2, 4, 5, 3, generator=g), None
+
+    def grads(create_graph, loss_of, teacher_grad):
+        x = s0.clone().requires_grad_()
+        y = t0.clone().requires_grad_(teacher_grad)
+        loss = ops.attention_map_loss([x, x * 2.0], [y, y], [3.0, 0.5], mask, backend=backend)
+        wrt = [x, y] if teacher_grad else [x]
+        return torch.autograd.grad(loss_of(loss), wrt, create_graph=create_graph), wrt
+
+    for loss_of in (lambda l: l, lambda l: l.square()):   # upstream gradient without / with graph
+        for teacher_grad in (False, True):
+            plain, _ = grads(False, loss_of, teacher_grad)
+            assert all(p.grad_fn is None and not p.requires_grad for p in plain)
+            graphed, wrt = grads(True, loss_of, teacher_grad)
+            for p, q in zip(plain, graphed):
+                assert torch.equal(p, q.detach())
+            penalty = sum(q.square().sum() for q in graphed)
+            with pytest.raises(RuntimeError, match=f"attention_map_loss on the '{backend}' backend "
+                                                   f"is differentiable once only.*use "
+                                                   f"backend='torch'"):
+                torch.autograd.grad(penalty, wrt[-1])
+    # A penalty with another, torch-differentiable term must not drop this op's part silently.
+    (gx,), (x,) = grads(True, lambda l: l, False)
+    with pytest.raises(RuntimeError, match="use backend='torch' for second derivatives"):
+        (gx.square().sum() + x.square().sum()).backward()
+    # A second backward that does not reach the op's inputs still works.
+    (gx,), (x,) = grads(True, lambda l: l, False)
+    z = torch.tensor(2.0, requires_grad=True)
+    dz, = torch.autograd.grad(gx.sum() * 0 + z * z, z)
+    assert float(dz) == 4.0
+
+
+def test_torch_backend_differentiates_twice():
+    """The reference backend keeps higher-order gradients (gradgradcheck in fp64, odd shapes, a
+    mask, two layers with different channel counts, both maps differentiable); fp32 on the torch
+    backend differentiates twice too."""
+    g = torch.Generator().manual_seed(12)
+    fs = [torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True),
+          torch.randn(2, 5, 2, generator=g, dtype=torch.float64, requires_grad=True)]
+    ft = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    for backend in ("torch", None):  # fp64 under auto runs on torch as well
+        def fn(a, b, t, backend=backend):
+            return ops.attention_map_loss([a, b], [t, t], [2.0, 0.7], mask, backend=backend)
+        assert torch.autograd.gradgradcheck(fn, (*fs, ft))
+    x = fs[0].detach().float().requires_grad_()
+    gx, = torch.autograd.grad(ops.attention_layer_mse(x, ft.detach().float(), mask, backend="torch"),
+                              x, create_graph=True)
+    hx, = torch.autograd.grad(gx.square().sum(), x)
+    assert bool(torch.isfinite(hx).all()) and float(hx.abs().max()) > 0
+    doc = " ".join(ops.attention_map_loss.__doc__.split())
+    assert "first order only on the kernel backends" in doc

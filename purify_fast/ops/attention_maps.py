@@ -49,19 +49,39 @@ def _kernel_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return dtypes[0]
 
 
+class _SecondOrderRefused(torch.autograd.Function):
+    """Passes the kernel backward's gradients through unchanged, linked to what they depend on
+    (the incoming gradient and both maps), so that differentiating them again raises instead of
+    treating them as constants (a silently wrong gradient penalty)."""
+
+    @staticmethod
+    def forward(ctx, name, n_grads, *tensors):
+        ctx.name = name
+        return tuple(t.clone() for t in tensors[:n_grads])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"attention_map_loss on the {ctx.name!r} backend is differentiable once only: its "
+            f"backward runs kernels that autograd cannot differentiate again (create_graph=True "
+            f"followed by a second backward, e.g. a gradient penalty); use backend='torch' for "
+            f"second derivatives")
+
+
 class _LayerMSE(torch.autograd.Function):
-    """One layer's ``MSE(A(F_S), A(F_T))`` on a compiled backend, differentiable in both maps."""
+    """One layer's ``MSE(A(F_S), A(F_T))`` on a compiled backend, differentiable in both maps to
+    first order only: a second backward raises (:class:`_SecondOrderRefused`). Takes contiguous
+    maps (the caller copies them under autograd, so the saved maps keep their graph)."""
 
     @staticmethod
     def forward(ctx, fs, ft, mask, count, eps, name):
         kern = _backend.module(name)
         B, N = fs.shape[:2]
-        fs_c, ft_c = fs.contiguous(), ft.contiguous()
         loss_rows = torch.empty(B, dtype=torch.float32, device=fs.device)
         gs = torch.empty(B, N, dtype=torch.float32, device=fs.device)
         gt = torch.empty(B, N, dtype=torch.float32, device=fs.device)
-        kern.attention_map_forward(fs_c, ft_c, mask, float(eps), loss_rows, gs, gt)
-        ctx.save_for_backward(fs_c, ft_c, gs, gt)
+        kern.attention_map_forward(fs, ft, mask, float(eps), loss_rows, gs, gt)
+        ctx.save_for_backward(fs, ft, gs, gt)
         ctx.count, ctx.name = count, name
         return loss_rows.sum() / count
 
@@ -71,16 +91,22 @@ class _LayerMSE(torch.autograd.Function):
         kern = _backend.module(ctx.name)
         # The upstream gradient is a 0-d tensor; one host sync per layer per step is negligible
         # next to the encoder forward that produced the maps.
-        scale = float(grad) / ctx.count
-        out = []
-        for need, f, g in ((ctx.needs_input_grad[0], fs, gs), (ctx.needs_input_grad[1], ft, gt)):
-            if need:
-                d = torch.empty_like(f)
-                kern.attention_map_backward(f, g, scale, d)
-                out.append(d)
-            else:
-                out.append(None)
-        return out[0], out[1], None, None, None, None
+        scale = float(grad.detach()) / ctx.count
+        grads = []
+        with torch.no_grad():  # kernel outputs: nothing for autograd to record under create_graph
+            for need, f, g in ((ctx.needs_input_grad[0], fs, gs), (ctx.needs_input_grad[1], ft, gt)):
+                if need:
+                    d = torch.empty_like(f)
+                    kern.attention_map_backward(f, g, scale, d)
+                    grads.append(d)
+                else:
+                    grads.append(None)
+        deps = [t for t in (grad, fs, ft) if t.requires_grad]
+        present = [d for d in grads if d is not None]
+        if torch.is_grad_enabled() and deps and present:  # create_graph=True only
+            linked = iter(_SecondOrderRefused.apply(ctx.name, len(present), *present, *deps))
+            grads = [None if d is None else next(linked) for d in grads]
+        return grads[0], grads[1], None, None, None, None
 
 
 def attention_layer_mse(student: torch.Tensor, teacher: torch.Tensor,
@@ -90,7 +116,8 @@ def attention_layer_mse(student: torch.Tensor, teacher: torch.Tensor,
     fp32, or fp64 when either map is fp64, which runs on the torch backend).
 
     ``student`` ``[B, N, C_S]`` and ``teacher`` ``[B, N, C_T]`` (or CNN ``[B, C, H, W]`` maps with
-    equal H·W); ``mask`` ``[B, N]`` (bool/int/float, nonzero = real token) or None.
+    equal H·W); ``mask`` ``[B, N]`` (bool/int/float, nonzero = real token) or None. Higher-order
+    gradients as :func:`attention_map_loss` (``backend='torch'`` only).
     """
     return attention_map_loss([student], [teacher], [1.0], mask, eps=eps, backend=backend)
 
@@ -108,7 +135,10 @@ def attention_map_loss(student_feats: Sequence[torch.Tensor] | torch.Tensor,
     student's channel count may differ from the teacher's, and without a mask each layer may have
     its own number of positions (a CNN's stages). ``weights``: one float per layer
     (default all 1). ``mask``: ``[B, N]`` for token maps, nonzero on real tokens. Gradients flow
-    to every input that requires one (the student's in MIMIC; the teacher is frozen).
+    to every input that requires one (the student's in MIMIC; the teacher is frozen): to any
+    order on the ``torch`` backend, to first order only on the kernel backends (``cpp``,
+    ``triton``, ``cuda``), where a second backward (``create_graph=True``, e.g. a gradient
+    penalty) raises an error naming ``backend='torch'``.
     """
     if isinstance(student_feats, torch.Tensor):
         student_feats = [student_feats]
@@ -182,4 +212,6 @@ def _layer_mse(fs, ft, mask_f, count: float, eps: float, backend) -> torch.Tenso
     name = _backend.resolve(backend, fs.device, _kernel_dtype(fs.dtype, ft.dtype))
     if name == "torch":
         return ref.attention_row_loss(fs, ft, mask_f, eps).sum() / count
-    return _LayerMSE.apply(fs, ft, mask_f, count, eps, name)
+    # Copied outside the Function (a no-op when already contiguous) so the maps it saves link
+    # back to the originals' graph, which a refused second backward must reach.
+    return _LayerMSE.apply(fs.contiguous(), ft.contiguous(), mask_f, count, eps, name)
