@@ -28,8 +28,9 @@ element for the Philox mask, over 1M-element chunks (``ops.weight_space.TORCH_CH
 
 Fine-purifying's global threshold needs every score before any reset: pass 1 streams every tensor
 through :func:`purify_fast.ops.score_histogram` (65,536 int64 bins, never the scores), a second
-histogram pass runs only if the boundary bin needs refining, and the reset pass follows. The
-threshold is stored in the manifest, so a resumed run does not recompute it and resets exactly the
+histogram pass runs only if the boundary bin needs refining, and the reset pass follows (a tied
+head stored as a copy of the embedding is one parameter: it is scored once). The threshold is
+stored in the manifest, so a resumed run does not recompute it and resets exactly the
 same coordinates.
 
 Diagonal Fisher for large models
@@ -624,7 +625,7 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
     not depend on it, on ``device``, or on the backend. ``on_shard_done(name, n_done)`` is called
     after each shard is committed (progress hooks, fault-injection tests). A tied head that the
     suspect stores as a bitwise copy of its embedding gets the embedding's purified tensor
-    (:func:`_tied_copies`, :attr:`PurifyResult.tied_copies`).
+    (:func:`_tied_copies`, :attr:`PurifyResult.tied_copies`); a global threshold counts it once.
 
     Everything is validated before the first output byte; errors name the file and tensor.
     """
@@ -666,6 +667,9 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
                                   if freqs is not None else None)}
     if plan.copies:  # only then: runs without tied copies resume as before
         run["tied_copies"] = plan.copies
+        if cfg.method == "fine-purifying" and cfg.scope == "global":
+            # earlier runs stored a threshold that scored the copy twice: refuse to resume them
+            run["copies_scored_once"] = True
 
     # Rank 0 owns the directory and the manifest; the others learn the outcome from it, so an
     # error on rank 0 (existing output, full disk) stops every rank instead of hanging them.
@@ -809,7 +813,8 @@ def purify_checkpoint(pretrained: str | os.PathLike | Checkpoint,
         reset_nothing = bool(od.state.get("reset_nothing", False))
     elif global_fp:
         t0 = time.perf_counter()
-        hist_keys = [k for k in mine if k in plan.processed_set]
+        # a tied copy is its embedding's parameter: scored once, or rho·N would count it twice
+        hist_keys = [k for k in mine if k in plan.processed_set and k not in plan.copies]
 
         def histogram_pass(hist):
             for key, release, p, t, h in staged(read(hist_keys)):
@@ -944,7 +949,9 @@ def purify_state_dict(pretrained: dict[str, torch.Tensor], suspect: dict[str, to
     """The same purification on in-memory state dicts (all tensors resident): what the streaming
     engine must reproduce byte for byte, and a convenience for small models. ``tied_copies``
     (``{head: embedding}``, :attr:`PurifyResult.tied_copies`) purifies each head as its
-    embedding: from the embedding's inputs, under its name."""
+    embedding: from the embedding's inputs, under its name; a global threshold counts it once
+    (one parameter), so ``rho`` is a share of the distinct parameters and the head's entries are
+    reset exactly where the embedding's are."""
     cfg = config if config is not None else PurifyConfig(**options)
     out = {}
     emb_key = None
@@ -973,8 +980,10 @@ def purify_state_dict(pretrained: dict[str, torch.Tensor], suspect: dict[str, to
             and cfg.method != "e-pur"]
     threshold = None
     if cfg.method == "fine-purifying" and cfg.scope == "global":
+        scored = [k for k in keys if k not in copies]  # a tied copy counts once, as in the engine
         threshold = ops.global_score_threshold(
-            lambda: [(pretrained[k], ft[k], None if hessian is None else hessian[k]) for k in keys],
+            lambda: [(pretrained[k], ft[k], None if hessian is None else hessian[k])
+                     for k in scored],
             cfg.rho, indicator=cfg.indicator, eps=cfg.eps, backend=cfg.backend)
     for k, t in ft.items():
         if k not in keys:

@@ -1263,3 +1263,51 @@ def test_untied_or_differing_copies_are_purified_as_two_tensors(tmp_path, case, 
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert not torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
     assert "tied_copies" not in json.loads((res.out / ck.MANIFEST_NAME).read_text())["run"]
+
+
+@pytest.mark.parametrize("base", ["pre", "pre_nohead"])
+def test_a_tied_copy_counts_once_in_the_global_threshold(tmp_path, base):
+    """Global Fine-purifying resets a share rho of the model's parameters; a head stored as a
+    copy of the tied embedding is the same parameter, so its entries count once: the threshold,
+    the entries reset and every output tensor equal those of the checkpoint storing it once."""
+    paths, P, F, H = _gpt2_stored_twice(tmp_path)
+    once = {k: v for k, v in F.items() if k != "lm_head.weight"}
+    p_once = {k: v for k, v in P.items() if k != "lm_head.weight"}
+    paths["ft_once"] = write_checkpoint(once, tmp_path / "ft_once", max_shard_bytes=4200)
+    (paths["ft_once"] / "config.json").write_bytes((paths["ft"] / "config.json").read_bytes())
+    kw = {"method": "fine-purifying", "rho": 0.1}
+    twice = purify_checkpoint(paths[base], paths["ft"], tmp_path / "twice", hessian=paths["h"],
+                              **kw)
+    single = purify_checkpoint(paths["pre_nohead"], paths["ft_once"], tmp_path / "once",
+                               hessian=paths["h"], **kw)
+    assert twice.tied_copies == TIED and not single.tied_copies
+    assert twice.threshold == single.threshold
+    got, ref = _load(twice.out), _load(single.out)
+    assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    reset = sum(int((got[k] != F[k]).sum()) for k in once)
+    assert reset == round(0.1 * sum(v.numel() for v in once.values()))
+    # the in-memory reference counts it once too
+    want = purify_state_dict(P, F, tied_copies=TIED, hessian=H, **kw)
+    want_once = purify_state_dict(p_once, once, hessian=H, **kw)
+    assert all(torch.equal(want[k], want_once[k]) for k in want_once)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_run_that_scored_the_tied_copy_twice_is_not_resumed(tmp_path):
+    """An unfinished global Fine-purifying run with a tied copy, started before the copy was
+    scored once, holds a threshold that counts it twice: resuming it is refused, not finished
+    with that threshold."""
+    paths, *_ = _gpt2_stored_twice(tmp_path)
+    kw = {"method": "fine-purifying", "rho": 0.1, "hessian": paths["h"]}
+
+    def fault(name, n):
+        raise _Boom(name)
+    with pytest.raises(_Boom):
+        purify_checkpoint(paths["pre"], paths["ft"], tmp_path / "o", on_shard_done=fault, **kw)
+    manifest = tmp_path / "o.partial" / ck.MANIFEST_NAME
+    m = json.loads(manifest.read_text())
+    assert m["run"].pop("copies_scored_once") is True
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="copies_scored_once"):
+        purify_checkpoint(paths["pre"], paths["ft"], tmp_path / "o", resume=True, **kw)
