@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from purify_fast import backend as _backend
+from purify_fast.ops._first_order import first_order_only
 from purify_fast.reference import attention_maps as ref
 
 DEFAULT_EPS = ref.DEFAULT_EPS
@@ -49,28 +50,9 @@ def _kernel_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return dtypes[0]
 
 
-class _SecondOrderRefused(torch.autograd.Function):
-    """Passes the kernel backward's gradients through unchanged, linked to what they depend on
-    (the incoming gradient and both maps), so that differentiating them again raises instead of
-    treating them as constants (a silently wrong gradient penalty)."""
-
-    @staticmethod
-    def forward(ctx, name, n_grads, *tensors):
-        ctx.name = name
-        return tuple(t.clone() for t in tensors[:n_grads])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"attention_map_loss on the {ctx.name!r} backend is differentiable once only: its "
-            f"backward runs kernels that autograd cannot differentiate again (create_graph=True "
-            f"followed by a second backward, e.g. a gradient penalty); use backend='torch' for "
-            f"second derivatives")
-
-
 class _LayerMSE(torch.autograd.Function):
     """One layer's ``MSE(A(F_S), A(F_T))`` on a compiled backend, differentiable in both maps to
-    first order only: a second backward raises (:class:`_SecondOrderRefused`). Takes contiguous
+    first order only: a second backward raises (:func:`first_order_only`). Takes contiguous
     maps (the caller copies them under autograd, so the saved maps keep their graph)."""
 
     @staticmethod
@@ -101,11 +83,7 @@ class _LayerMSE(torch.autograd.Function):
                     grads.append(d)
                 else:
                     grads.append(None)
-        deps = [t for t in (grad, fs, ft) if t.requires_grad]
-        present = [d for d in grads if d is not None]
-        if torch.is_grad_enabled() and deps and present:  # create_graph=True only
-            linked = iter(_SecondOrderRefused.apply(ctx.name, len(present), *present, *deps))
-            grads = [None if d is None else next(linked) for d in grads]
+        grads = first_order_only("attention_map_loss", ctx.name, grads, (grad, fs, ft))
         return grads[0], grads[1], None, None, None, None
 
 

@@ -24,6 +24,7 @@ from functools import lru_cache
 import torch
 
 from purify_fast import backend as _backend
+from purify_fast.ops._first_order import first_order_only
 from purify_fast.reference import multiscale_lora as ref
 
 MODES = ref.MODES
@@ -131,28 +132,9 @@ class _ReferenceFn(torch.autograd.Function):
         return gx, None, None, gl, gr, None, None, None
 
 
-class _SecondOrderRefused(torch.autograd.Function):
-    """Passes the kernel backward's gradients through unchanged, linked to what they depend on
-    (the incoming gradient and the op's inputs), so that differentiating them again raises
-    instead of treating them as constants (a silently wrong gradient penalty)."""
-
-    @staticmethod
-    def forward(ctx, name, n_grads, *tensors):
-        ctx.name = name
-        return tuple(t.clone() for t in tensors[:n_grads])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"multiscale_lora on the {ctx.name!r} backend is differentiable once only: its "
-            f"backward runs kernels that autograd cannot differentiate again (create_graph=True "
-            f"followed by a second backward, e.g. a gradient penalty); use backend='torch' for "
-            f"second derivatives")
-
-
 class _KernelFn(torch.autograd.Function):
     """Two kernel launches forward; two launches plus two thin GEMMs backward. First order only:
-    a second backward through it raises (:class:`_SecondOrderRefused`)."""
+    a second backward through it raises (:func:`first_order_only`)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_l, lora_r, s, name):
@@ -171,12 +153,8 @@ class _KernelFn(torch.autograd.Function):
         x2d, weight, lora_l, lora_r, s, v = ctx.saved_tensors
         with torch.no_grad():  # under create_graph=True the GEMMs would record a partial graph
             grads = _KernelFn._grads(ctx, grad_y, x2d, weight, lora_l, lora_r, s, v)
-        deps = [t for t in (grad_y, x2d, lora_l, lora_r) if t.requires_grad]
-        present = [g for g in grads if g is not None]
-        if torch.is_grad_enabled() and deps and present:
-            linked = iter(_SecondOrderRefused.apply(ctx.name, len(present), *present, *deps))
-            grads = tuple(None if g is None else next(linked) for g in grads)
-        gx, gl, gr = grads
+        gx, gl, gr = first_order_only("multiscale_lora", ctx.name, grads,
+                                      (grad_y, x2d, lora_l, lora_r))
         return gx, None, None, gl, gr, None, None
 
     @staticmethod
