@@ -113,6 +113,21 @@ def test_target_label_by_class_name_or_index(tiny, capsys):
         assert msg in capsys.readouterr().err
 
 
+def test_evaluate_json_records_no_poisoning(tiny):
+    """evaluate poisons nothing (it only inserts triggers into test inputs), yet its JSON recorded
+    the attack's default poison_rate 0.1 and clean_label false, as if a poisoned run were scored;
+    and --attack ep was recorded as badnets."""
+    root, _ = tiny
+    for attack, extra in (("badnets", ["--triggers", "cf,mn"]), ("ep", []), ("addsent", [])):
+        rc, m = _evaluate(root, root / "ids.jsonl", "--attack", attack, "--test-size", "10", *extra)
+        assert rc == 0
+        assert "poison_rate" not in m["attack"] and "clean_label" not in m["attack"], m["attack"]
+        assert m["attack"]["attack"] == attack
+        assert m["attack"]["target_label"] == 1 and m["attack"]["seed"] == 0
+    _, m = _evaluate(root, root / "ids.jsonl", "--triggers", "cf,mn", "--test-size", "10")
+    assert m["attack"]["triggers"] == ["cf", "mn"]  # what was inserted is still recorded
+
+
 def test_resolve_target_label():
     import argparse
 
@@ -341,6 +356,44 @@ def test_max_length_is_checked_at_parse_time(capsys):
             parser.parse_args([*argv, "--max-length", "1"])
         assert "argument --max-length: expected an integer >= 2" in capsys.readouterr().err
         assert parser.parse_args([*argv, "--max-length", "2"]).max_length == 2
+
+
+def test_every_max_length_is_checked_before_a_model_loads(tmp_path, capsys, monkeypatch):
+    """train-clean, distill and fisher took --max-length 1 (type positive_int) and went on to
+    load the model; every subcommand with the option now refuses it as a usage error."""
+    import argparse
+
+    import purify_fast.attacks.encoder_backdoor
+    import purify_fast.models
+    import purify_fast.models.loading
+    from purify_fast.cli import build_parser
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for module, name in ((purify_fast.models, "load_classifier"),
+                         (purify_fast.models.loading, "load_classifier"),
+                         (purify_fast.models.loading, "load_causal_lm"),
+                         (purify_fast.attacks.encoder_backdoor, "load_encoder")):
+        monkeypatch.setattr(module, name, no_model)
+    monkeypatch.chdir(tmp_path)  # nothing lands in the checkout should a run start
+    required = {"attack": ["--out", "x"], "evaluate": ["--model", "m"],
+                "purify": ["--suspect", "s", "--out", "x"],
+                "train-clean": ["--data", "rotten-tomatoes", "--out", "x"],
+                "distill": ["--out", "x"], "fisher": ["--model", "m", "--out", "x"]}
+    subparsers = next(a for a in build_parser()._actions
+                      if isinstance(a, argparse._SubParsersAction)).choices
+    with_option = {name for name, p in subparsers.items()
+                   if "--max-length" in p._option_string_actions}
+    assert with_option == set(required)  # a new subcommand with --max-length joins this test
+    for command, argv in required.items():
+        for bad in ("1", "0", "-3"):
+            with pytest.raises(SystemExit) as exit_:
+                main([command, *argv, "--max-length", bad])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2, command
+            assert "usage:" in err and "argument --max-length: expected" in err, (command, err)
+        assert build_parser().parse_args([command, *argv, "--max-length", "2"]).max_length == 2
 
 
 def test_purify_backend_is_checked_and_refused_where_nothing_reads_it(capsys):

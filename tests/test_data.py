@@ -263,7 +263,7 @@ def test_saved_datasets_splits_class_names_and_float_labels(tmp_path):
     assert d.labels == [2, 1, 0]
     with pytest.raises(DataFileError, match="only partly the model's classes"):
         load_text_file(tmp_path / "dd" / "train", label_map=_label_map(["neg", "neu", "good"]))
-    # digit names (yelp_polarity's "1" / "2") cannot be told from indices: stored ints stay
+    # digit names (yelp_polarity's "1" / "2"): the model's own, or other names taken by index
     digits = datasets.Features({"text": datasets.Value("string"),
                                 "label": datasets.ClassLabel(names=["1", "2"])})
     datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 0]},
@@ -410,6 +410,51 @@ def test_oversized_fields_and_deep_json_name_file_and_line(tmp_path):
 def test_a_column_named_twice_is_refused(tmp_path, name, content, match):
     with pytest.raises(DataFileError, match=match):
         load_text_file(_write(tmp_path, name, content))
+
+
+def test_saved_dataset_digit_class_names_are_the_models_as_in_files(tmp_path, capsys):
+    """A model whose classes are named by digits ("1" / "2" of yelp_polarity) read a saved
+    dataset with ClassLabel names ["2", "1"] by index (row "2" as class 0), while the same rows
+    in a CSV are read by name (class 1): its class names win over the stored indices too."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    from purify_fast.commands import _label_map, load_file_for_model
+
+    def saved(name, names, labels):
+        feats = datasets.Features({"text": datasets.Value("string"),
+                                   "label": datasets.ClassLabel(names=names)})
+        texts = [f"t{i}" for i in range(len(labels))]
+        datasets.Dataset.from_dict({"text": texts, "label": labels},
+                                   features=feats).save_to_disk(str(tmp_path / name))
+        csv = tmp_path / f"{name}.csv"
+        csv.write_text("text,label\n" + "".join(f"{t},{names[y]}\n" for t, y in zip(texts, labels)))
+        return tmp_path / name, csv
+
+    for names, model, want in ((["2", "1"], ["1", "2"], [1, 0, 1]),
+                               (["1", "0"], ["0", "1"], [1, 0, 1]),
+                               (["0", "-1", "1"], ["-1", "0", "1"], [1, 0, 2])):
+        stored = [0, 1, 0] if len(names) == 2 else [0, 1, 2]
+        directory, csv = saved("d" + "".join(names), names, stored)
+        capsys.readouterr()  # save_to_disk's progress bar
+        by_file = load_text_file(csv, label_map=_label_map(model)).labels
+        got = load_text_file(directory, label_map=_label_map(model)).labels
+        assert got == by_file == want, (names, model)
+        assert capsys.readouterr().err == ""
+    # through the CLI's loader, with the model's id2label
+    yelp = SimpleNamespace(config=SimpleNamespace(num_labels=2, id2label={0: "1", 1: "2"}))
+    directory, _ = saved("yelp21", ["2", "1"], [0, 0, 1])
+    assert load_file_for_model(directory, yelp).labels == [1, 1, 0]
+    # digit names only partly the model's: refused, as the file's "3" would be
+    with pytest.raises(DataFileError, match="only partly the model's classes"):
+        load_text_file(saved("d13", ["1", "3"], [0, 1])[0], label_map=_label_map(["1", "2"]))
+    # digit names against a model named otherwise: the stored indices, with a note
+    directory, _ = saved("d10", ["1", "0"], [0, 1])
+    capsys.readouterr()
+    got = load_text_file(directory, label_map=_label_map(["neg", "pos"]))
+    assert got.labels == [0, 1] and "taken as the model's classes (neg=0, pos=1) by index" in (
+        capsys.readouterr().err)
 
 
 def test_class_names_in_files_match_the_models_without_case(tmp_path):

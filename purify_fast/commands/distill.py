@@ -9,6 +9,7 @@ import json
 from purify_fast.commands import (
     add_device_arg,
     check_output_dir,
+    max_length_arg,
     pick_device,
     positive_int,
     seed_int,
@@ -32,7 +33,7 @@ def add_parser(sub):
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--max-length", type=positive_int, default=64)
+    p.add_argument("--max-length", type=max_length_arg, default=64)
     p.add_argument("--mi-source", choices=["teacher", "student"], default="teacher")
     p.add_argument("--mine-steps", type=positive_int, default=300)
     p.add_argument("--backend", default=None, help="attention-kernel backend (auto by default)")

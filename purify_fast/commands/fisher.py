@@ -28,6 +28,7 @@ from purify_fast.commands import (
     check_output_dir,
     check_output_file,
     load_clean_set,
+    max_length_arg,
     pick_device,
     positive_int,
     seed_int,
@@ -53,7 +54,7 @@ def add_parser(sub):
     p.add_argument("--out", required=True, type=Path, help="new Fisher directory")
     add_clean_data_args(p)
     p.add_argument("--batch-size", type=positive_int, default=16, help="examples per Fisher batch (16)")
-    p.add_argument("--max-length", type=positive_int, default=64)
+    p.add_argument("--max-length", type=max_length_arg, default=64)
     p.add_argument("--token-counts", type=Path, default=None,
                    help="also write the clean texts' count per vocabulary row (and the tokenizer's "
                         "special ids) to this .json, the --token-freqs of purify-checkpoint")

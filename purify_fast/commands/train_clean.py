@@ -23,6 +23,7 @@ from purify_fast.commands import (
     add_device_arg,
     check_output_dir,
     load_file_like,
+    max_length_arg,
     note_bias,
     note_trigger_cut,
     number_as_model,
@@ -59,7 +60,7 @@ def add_parser(sub):
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--max-length", type=positive_int, default=64)
+    p.add_argument("--max-length", type=max_length_arg, default=64)
     p.add_argument("--train-size", type=positive_int, default=None, help="cap the corpus train split")
     p.add_argument("--dev-size", type=positive_int, default=None, help="cap the corpus dev split")
     p.add_argument("--test-size", type=positive_int, default=None, help="cap the corpus test split")

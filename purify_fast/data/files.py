@@ -360,6 +360,19 @@ def _model_class_name(name: str, model_names) -> str | None:
     return same[0] if len(same) == 1 else None
 
 
+def _names_in(label_map: dict) -> list:
+    """The class names among ``label_map``'s keys, without the index spellings that
+    ``purify_fast.commands._label_map`` adds (``"0" -> 0`` beside class 0's own name): a digit
+    key is a name when it maps elsewhere than its own value ("1" -> 0 of yelp_polarity) or is
+    its class's only key. Those spellings are no names: a ClassLabel named "1" of a dataset read
+    for a rotten / fresh model is not class 1."""
+    keys_of = {}
+    for k, v in label_map.items():
+        keys_of.setdefault(v, []).append(k)
+    return [k for k, v in label_map.items()
+            if not (_is_int_text(str(k)) and int(k) == v and len(keys_of[v]) > 1)]
+
+
 def _read_hf(path: Path, text_column, label_column, num_labels, label_map, name,
              split: str | None) -> TextDataset:
     try:
@@ -398,12 +411,11 @@ def _read_hf(path: Path, text_column, label_column, num_labels, label_map, name,
         names = class_names
         num_labels = num_labels or len(names)
     # The stored integers index the dataset's own ClassLabel names; when the model names its
-    # classes too, the names say which is which (the two orders may differ).
-    model_names = [] if label_map is None else [k for k in label_map if not _is_int_text(str(k))]
+    # classes too, the names say which is which (the two orders may differ), digit names
+    # included, as a file's labels are read.
+    model_names = [] if label_map is None else _names_in(label_map)
     as_model = {}
-    if model_names and class_names and not all(_is_int_text(n) for n in class_names):
-        # Integer names ("1", "2" of yelp_polarity, "-1" / "0" / "1") cannot be told from the
-        # indices label_map also holds: those stay indices, as before.
+    if model_names and class_names:
         found = {n: _model_class_name(n, model_names) for n in class_names}
         known = [n for n, k in found.items() if k is not None]
         if known and len(known) < len(class_names):
