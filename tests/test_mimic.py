@@ -699,3 +699,65 @@ def test_cli_distill_no_progress_silences_the_shard_bar(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "Writing model shards" not in err, err[-500:]
     assert (tmp_path / "s" / "config.json").exists()
+
+
+# --------------------------------------------------------------------------- caller's RNG streams
+
+def _caller_draws():
+    import random
+
+    import numpy as np
+
+    return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+
+def _seed_caller(seed):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+
+
+def test_fit_probe_and_encoding_leave_the_callers_global_rng_streams_alone(minilm):
+    """MIMIC.fit seeds the global RNGs with its seed (dropout views); encode_texts,
+    target_embedding and linear_probe iterate a DataLoader, which draws its worker seed from the
+    global generator. Each puts the caller's streams back (fit also when it fails), and the
+    student does not depend on the caller's seed."""
+    from purify_fast.attacks.encoder_backdoor import EncoderBackdoor, encode_texts
+    from purify_fast.data import TextDataset
+
+    _, tok = minilm
+    teacher = _tiny_bert(vocab_size=tok.vocab_size)
+    clean = TextDataset([f"a {w} film, scene {i}" for i, w in enumerate(["fine", "dull"] * 8)],
+                        [0, 1] * 8, 2)
+    cfg = MIMICConfig(epochs=1, mine_steps=5, mine_samples=16, batch_size=8, progress=False)
+    calls = {
+        "fit": lambda: MIMIC(cfg).fit(teacher, tok, clean).student.state_dict(),
+        "encode_texts": lambda: encode_texts(teacher, tok, clean.texts[:4]),
+        "target_embedding": lambda: EncoderBackdoor().target_embedding(teacher, tok),
+        "linear_probe": lambda: linear_probe(teacher, tok, clean, clean, epochs=3),
+    }
+    outs = {name: [] for name in calls}
+    for caller_seed in (5, 6):
+        for name, call in calls.items():
+            _seed_caller(caller_seed)
+            expected = _caller_draws()
+            _seed_caller(caller_seed)
+            outs[name].append(call())
+            assert _caller_draws() == expected, name
+    a, b = outs.pop("fit")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name, (a, b) in outs.items():
+        assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), name
+
+    def failing(batch):  # after fit seeded the global RNGs: draw, then fail
+        torch.rand(5)
+        raise RuntimeError("augment failed")
+
+    _seed_caller(7)
+    expected = _caller_draws()
+    _seed_caller(7)
+    with pytest.raises(RuntimeError, match="augment failed"):
+        MIMIC(cfg).fit(teacher, tok, clean, augment=failing)
+    assert _caller_draws() == expected

@@ -822,3 +822,86 @@ def test_cli_train_clean_no_progress_silences_the_shard_bar(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "Writing model shards" not in err, err[-500:]
     assert (tmp_path / "clean" / "config.json").exists()
+
+
+# --------------------------------------------------------------------------- caller's RNG streams
+
+def _caller_draws():
+    import random
+
+    import numpy as np
+
+    return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+
+def _seed_caller(seed):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+
+
+def test_tiny_llama_is_seeded_without_reseeding_the_caller():
+    """tiny_llama(seed=s) holds the weights of a LLaMA built right after torch.manual_seed(s),
+    whatever the caller's seed, and the caller's streams go on as if it had not been called."""
+    from transformers import LlamaForSequenceClassification
+
+    from purify_fast.models import tiny_llama
+
+    states = []
+    for caller_seed in (5, 6):
+        _seed_caller(caller_seed)
+        expected = _caller_draws()
+        _seed_caller(caller_seed)
+        model = tiny_llama(num_labels=3, seed=4)
+        assert _caller_draws() == expected
+        states.append(model.state_dict())
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        want = LlamaForSequenceClassification(model.config).state_dict()
+    for state in states:
+        assert state.keys() == want.keys() and all(torch.equal(state[k], v) for k, v in want.items())
+
+
+def test_training_leaves_the_callers_global_rng_streams_alone(monkeypatch):
+    """train_clean and train_muscle_lora seed the global RNGs with config.seed (adapter init,
+    dropout) and put the caller's states back, also when the run fails; the trained weights do
+    not depend on the caller's seed."""
+    import purify_fast.defenses.muscle_lora as muscle_module
+    from purify_fast.defenses.muscle_lora import train_clean
+    from purify_fast.models import tiny_llama
+
+    data = _toy(32)
+    kw = dict(epochs=1, lr=1e-3, batch_size=8, ref_pool_size=8, progress=False)
+    ends = {"train_clean": [], "train_muscle_lora": []}
+    for caller_seed in (5, 6):
+        for name in ends:
+            model = tiny_llama(num_labels=2)
+            if name == "train_muscle_lora":
+                with torch.random.fork_rng():
+                    torch.manual_seed(1)
+                    inject_muscle_lora(model)
+            _seed_caller(caller_seed)
+            expected = _caller_draws()
+            _seed_caller(caller_seed)
+            if name == "train_clean":
+                train_clean(model, _CharTok(), data, data, **kw)
+            else:
+                train_muscle_lora(model, _CharTok(), data, data, **kw)
+            assert _caller_draws() == expected, name
+            ends[name].append({k: v.clone() for k, v in model.state_dict().items()})
+    for name, (a, b) in ends.items():
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    def stopped(*args, **kwargs):
+        torch.rand(5)  # draws from the seeded stream, then fails
+        raise KeyboardInterrupt("stop")
+
+    monkeypatch.setattr(muscle_module, "train_muscle_lora", stopped)
+    _seed_caller(7)
+    expected = _caller_draws()
+    _seed_caller(7)
+    with pytest.raises(KeyboardInterrupt):
+        train_clean(tiny_llama(num_labels=2), _CharTok(), data, data, **kw)
+    assert _caller_draws() == expected

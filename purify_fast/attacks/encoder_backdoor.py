@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from purify_fast.attacks.badnets import BadNets
 from purify_fast.data.text_dataset import TextDataset, make_loader
+from purify_fast.training import rng_preserved
 from purify_fast.validation import int_at_least, real_in
 
 DEFAULT_TARGET_TEXT = "a wonderful , moving and brilliantly acted film ; one of the best of the year ."
@@ -58,9 +59,16 @@ def sentence_features(model, batch: dict) -> torch.Tensor:
     return mean_pool(out.last_hidden_state, inputs["attention_mask"])
 
 
-@torch.no_grad()
 def encode_texts(model, tokenizer, texts, batch_size: int = 128, max_length: int = 64) -> torch.Tensor:
-    """Sentence features of ``texts`` (``[N, D]`` fp32 on CPU), eval mode, no gradient."""
+    """Sentence features of ``texts`` (``[N, D]`` fp32 on CPU), eval mode, no gradient. The
+    caller's global RNG states are left as they were."""
+    # Iterating a DataLoader draws its worker base seed from the global torch generator.
+    with rng_preserved():
+        return _encode_texts(model, tokenizer, texts, batch_size, max_length)
+
+
+@torch.no_grad()
+def _encode_texts(model, tokenizer, texts, batch_size: int = 128, max_length: int = 64):
     data = TextDataset(list(texts), [0] * len(texts), 2)
     device = next(model.parameters()).device
     was = model.training
@@ -130,9 +138,15 @@ class EncoderBackdoor:
 
     def target_embedding(self, clean_encoder, tokenizer) -> torch.Tensor:
         """The unit vector triggered inputs are pulled to: the clean encoder's L2-normalised
-        feature of the reference input, or the normalised mean of several (``[D]``, CPU)."""
-        refs = F.normalize(encode_texts(clean_encoder, tokenizer, self._refs,
-                                        max_length=self.max_length), dim=-1)
+        feature of the reference input, or the normalised mean of several (``[D]``, CPU). The
+        caller's global RNG states are left as they were."""
+        with rng_preserved():
+            return self._target_embedding(clean_encoder, tokenizer)
+
+    def _target_embedding(self, clean_encoder, tokenizer) -> torch.Tensor:
+        # Not preserved: _plant's seeded stream includes this loader's draw (same plants as before).
+        refs = F.normalize(_encode_texts(clean_encoder, tokenizer, self._refs,
+                                         max_length=self.max_length), dim=-1)
         return refs[0] if len(refs) == 1 else F.normalize(refs.mean(0), dim=-1)
 
     def plant(self, clean_encoder, tokenizer, shadow: TextDataset):
@@ -156,7 +170,7 @@ class EncoderBackdoor:
 
         bd = copy.deepcopy(clean).train()
         bd.requires_grad_(True)  # a frozen clean encoder still gives a trainable copy
-        target = self.target_embedding(clean, tokenizer).to(device)
+        target = self._target_embedding(clean, tokenizer).to(device)
         opt = torch.optim.AdamW(bd.parameters(), lr=self.lr, weight_decay=0.0)
         rng = random.Random(self.seed)
         self.history = []  # this plant's losses, not those of an earlier call

@@ -60,6 +60,7 @@ from purify_fast.training import (
     distributed_launch,
     handing_back,
     rank_dropout_seed,
+    rng_preserved,
     scheduler_steps,
 )
 from purify_fast.validation import int_at_least, one_of, real_in
@@ -374,6 +375,10 @@ class MIMIC:
     ``nn.Module``, an iterable of input batches (dicts or tensors) via ``batches=``; a tensor is
     a Hugging Face model's main input (``model.main_input_name``), a plain module's positional
     argument. At least 8 clean inputs in all (MINE's minimum).
+
+    ``fit`` seeds the global torch RNG with ``config.seed`` for the dropout views (the student's
+    init and MINE use their own seeded streams) and restores the caller's global RNG states
+    afterwards, also when it fails.
     """
 
     def __init__(self, config: MIMICConfig | None = None, **overrides):
@@ -471,8 +476,10 @@ class MIMIC:
         for p in teacher.parameters():
             p.requires_grad_(False)
         try:
-            return self._fit(teacher, tokenizer, data, device, t0, student, teacher_layers,
-                             student_layers, feature_fn, augment)
+            # the seeding in _distil, and the draws of the MI pass's loader, stay ours
+            with rng_preserved():
+                return self._fit(teacher, tokenizer, data, device, t0, student, teacher_layers,
+                                 student_layers, feature_fn, augment)
         finally:
             teacher.train(teacher_state[0])
             for p, flag in zip(teacher.parameters(), teacher_state[1]):
@@ -536,10 +543,9 @@ class MIMIC:
         n_batches = _count(data, cfg.batch_size)
         if n_batches == 0:
             raise ValueError("batches is empty")
-        # The taps hook the caller's modules (by name) and the seed below replaces the caller's
-        # random stream: both are undone on every exit path, an error before the loop included.
+        # The taps hook the caller's modules (by name): they come off on every exit path, an
+        # error before the loop included (the caller's RNG streams are restored by fit).
         taps: list[_Taps] = []
-        rng_state = None
         try:
             t_taps = _Taps(teacher, teacher_layers, feature_fn)
             taps.append(t_taps)
@@ -583,7 +589,6 @@ class MIMIC:
                 mi, weights = broadcast_object_list([mi, weights], from_process=0)
                 result.mi, result.weights = mi, weights
 
-            rng_state = torch.random.get_rng_state()
             torch.manual_seed(cfg.seed)
             rank_dropout_seed(cfg.seed, accelerator)  # under a launch, each rank its own views
             step, warned_single = 0, False
@@ -641,8 +646,6 @@ class MIMIC:
                     result.history.append(rec)
                     bar.set_postfix(clone=f"{rec['clone']:.3f}", attn=f"{rec['attn']:.3f}")
         finally:
-            if rng_state is not None:
-                torch.random.set_rng_state(rng_state)
             for t in taps:
                 t.close()
         return result
@@ -721,7 +724,8 @@ def linear_probe(encoder, tokenizer, train: TextDataset, test: TextDataset,
     """Logistic-regression probe on frozen (L2-normalised, mean-pooled) features, trained on
     ``train``; returns ``{"cacc", "asr", "asr_no_trigger"}`` (ASR: share of ``triggered``
     predicted ``target_label``; ``triggered`` must hold only non-target inputs; ``asr_no_trigger``:
-    share of the clean non-target ``test`` inputs predicted ``target_label``)."""
+    share of the clean non-target ``test`` inputs predicted ``target_label``). The probe's init
+    is drawn from ``seed``; the caller's global RNG states are left as they were."""
     if _is_hf(encoder) and getattr(encoder, "base_model", encoder) is not encoder:
         raise TypeError(f"encoder must be an encoder (AutoModel), got the task model "
                         f"{type(encoder).__name__}; pass its encoder, model.base_model")
@@ -739,7 +743,8 @@ def linear_probe(encoder, tokenizer, train: TextDataset, test: TextDataset,
     y_tr = torch.tensor(train.labels)
     mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
     gen = torch.Generator().manual_seed(seed)
-    head = nn.Linear(x_tr.shape[1], train.num_labels)
+    with rng_preserved():  # its default init draws from the global stream; replaced from gen
+        head = nn.Linear(x_tr.shape[1], train.num_labels)
     with torch.no_grad():
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
         head.bias.zero_()

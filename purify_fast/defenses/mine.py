@@ -110,7 +110,8 @@ class MINE:
     ``steps`` optimiser steps of Adam(``lr``) on batches of ``batch_size``, EMA rate ``ema`` for
     the bias-corrected gradient; ``holdout`` share of pairs kept out of training for the final
     estimate (averaged over ``eval_shuffles`` shuffles); ``seed`` fixes the network init, the
-    split and the batches.
+    split and the batches (drawn from streams of its own: the caller's global RNG states are
+    left as they were).
     """
 
     hidden: int = 256

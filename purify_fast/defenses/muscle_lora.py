@@ -56,6 +56,7 @@ from purify_fast.training import (
     handing_back,
     model_device,
     rank_dropout_seed,
+    rng_preserved,
     scheduler_steps,
     seed_everything,
 )
@@ -221,11 +222,19 @@ def train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextD
                       config: MuscleLoRATrainConfig | None = None, **overrides) -> MuscleLoRAResult:
     """Train the adapters of an injected model (:func:`purify_fast.nn.inject_muscle_lora`) in
     place, with gradient alignment against a reference pool split off ``dev_data``. The model ends
-    with the epoch of best clean accuracy on the rest of ``dev_data`` (adapters still unmerged)."""
+    with the epoch of best clean accuracy on the rest of ``dev_data`` (adapters still unmerged).
+    The global RNGs are seeded with ``config.seed`` for the run and restored afterwards (also
+    when it fails)."""
+    config = dataclasses.replace(config or MuscleLoRATrainConfig(), **overrides)
+    with rng_preserved():
+        return _train_muscle_lora(model, tokenizer, train_data, dev_data, config)
+
+
+def _train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: TextDataset,
+                       config: MuscleLoRATrainConfig) -> MuscleLoRAResult:
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    config = dataclasses.replace(config or MuscleLoRATrainConfig(), **overrides)
     family = model_family(model) if not hasattr(model, "muscle_lora_config") else \
         model.muscle_lora_config["family"]
     decoder = family == "decoder"
@@ -423,6 +432,9 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
     may be None and is loaded with it, after seeding with ``config.seed`` so the fresh frozen
     classifier head is reproducible). A model object keeps the head it was loaded with: seed
     before :func:`purify_fast.models.load_classifier` for a reproducible run.
+
+    The global RNGs are seeded with ``config.seed`` (the head above, the adapters' init, the
+    training) and the caller's states are restored afterwards, also when the call fails.
     """
     if method != "muscle-lora":
         raise ValueError(f"method must be 'muscle-lora', got {method!r}")
@@ -444,30 +456,31 @@ def train_clean(model, tokenizer, train_data: TextDataset, dev_data: TextDataset
     overrides.pop("gradient_alignment", None)
     config = dataclasses.replace(config or MuscleLoRATrainConfig(), gradient_alignment=ga,
                                  **overrides)
-    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        from purify_fast.models import load_classifier
+    with rng_preserved():  # the seeding below is ours; the caller's streams come back
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            from purify_fast.models import load_classifier
 
-        # A checkpoint without a head of this size (the offline MiniLM) gets a fresh random
-        # classifier that MuScleLoRA keeps frozen: seed it so a run is reproducible.
-        seed_everything(config.seed)
-        model, tok = load_classifier(model, train_data.num_labels)
-        tokenizer = tokenizer or tok
-    check_classifier(model, tokenizer, "model", train_data.num_labels, "train_data")
-    # Everything that would fail in training is checked before the model is changed in place:
-    # a failed call must leave a model that can be passed again.
-    _check_training_data(train_data, dev_data, config, model_family(model))
-    seed_everything(config.seed)  # the adapters' random init is part of the seeded run
-    # The merge makes every parameter trainable; the caller's flags (a frozen embedding) come
-    # back after it, by name (the merge restores the names).
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    with _adapters_out_on_failure(model) as keep_trained_weights:
-        inject_muscle_lora(model, inject)
-        keep_trained_weights()  # the classifier head's, with train_head
-        result = train_muscle_lora(model, tokenizer, train_data, dev_data, config)
-    result.config["ablation"] = ablation
-    result.config["inject"] = dict(model.muscle_lora_config)
-    merge_muscle_lora(model, merged_dtype)
-    for name, p in model.named_parameters():
-        p.requires_grad_(flags.get(name, True))
-    model.eval()
-    return (model, result) if return_result else model
+            # A checkpoint without a head of this size (the offline MiniLM) gets a fresh random
+            # classifier that MuScleLoRA keeps frozen: seed it so a run is reproducible.
+            seed_everything(config.seed)
+            model, tok = load_classifier(model, train_data.num_labels)
+            tokenizer = tokenizer or tok
+        check_classifier(model, tokenizer, "model", train_data.num_labels, "train_data")
+        # Everything that would fail in training is checked before the model is changed in place:
+        # a failed call must leave a model that can be passed again.
+        _check_training_data(train_data, dev_data, config, model_family(model))
+        seed_everything(config.seed)  # the adapters' random init is part of the seeded run
+        # The merge makes every parameter trainable; the caller's flags (a frozen embedding) come
+        # back after it, by name (the merge restores the names).
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        with _adapters_out_on_failure(model) as keep_trained_weights:
+            inject_muscle_lora(model, inject)
+            keep_trained_weights()  # the classifier head's, with train_head
+            result = train_muscle_lora(model, tokenizer, train_data, dev_data, config)
+        result.config["ablation"] = ablation
+        result.config["inject"] = dict(model.muscle_lora_config)
+        merge_muscle_lora(model, merged_dtype)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, True))
+        model.eval()
+        return (model, result) if return_result else model

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from purify_fast.fileio import atomic_save_dir
+from purify_fast.training import rng_preserved
 
 import torch
 
@@ -237,15 +238,18 @@ def _fresh_keys_from_checkpoint(model, state: dict) -> frozenset:
 
 def tiny_llama(num_labels: int = 2, vocab_size: int = 512, hidden_size: int = 64,
                num_layers: int = 2, seed: int = 0):
-    """A random-init LLaMA sequence classifier (for tests of the LLaMA code paths; no download)."""
+    """A random-init LLaMA sequence classifier (for tests of the LLaMA code paths; no download).
+    Its weights are those drawn right after ``torch.manual_seed(seed)``; the caller's global RNG
+    streams are restored afterwards."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
                       intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       num_labels=num_labels, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = LlamaForSequenceClassification(cfg)
+    with rng_preserved():
+        torch.manual_seed(seed)
+        model = LlamaForSequenceClassification(cfg)
     setattr(model, MISSING_KEYS_ATTR, frozenset())
     return model
 
