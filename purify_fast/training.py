@@ -126,6 +126,12 @@ def rng_preserved():
     cpu = torch.get_rng_state()
     cuda = (torch.cuda.get_rng_state_all()
             if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    # Before CUDA starts, torch.manual_seed only queues the CUDA seed (applied when it starts):
+    # a seeding inside would replace the caller's queued one. Private torch state, hence getattr.
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    queued = None
+    if cuda is None and tracker is not None:
+        queued = (tracker.manual_seed_all_cb, tracker.manual_seed_cb, list(tracker.call_order))
     try:
         yield
     finally:
@@ -135,6 +141,14 @@ def rng_preserved():
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+        elif queued is not None:
+            if torch.cuda.is_initialized():  # it started inside, under our seed: the caller's again
+                for call in queued[2]:
+                    if call is not None:
+                        call[0]()
+            else:
+                tracker.manual_seed_all_cb, tracker.manual_seed_cb = queued[:2]
+                tracker.call_order = queued[2]
 
 
 def world_size() -> int:

@@ -314,6 +314,25 @@ def test_raw_grad_ratio_schedule_and_pool_split():
         MuscleLoRATrainConfig(lr=-1)
 
 
+def test_train_config_keeps_its_checked_values():
+    """The checks passed a string lr or a numpy batch size through unconverted, and took
+    keep_best="no" / gradient_alignment="no" (truthy) or eval_batch_size=0 without a word."""
+    import numpy as np
+
+    cfg = MuscleLoRATrainConfig(lr="2e-3", batch_size=np.int64(4), seed=np.uint8(3),
+                                gradient_alignment=np.bool_(False), loss_threshold=1)
+    assert (cfg.lr, cfg.batch_size, cfg.seed, cfg.gradient_alignment) == (2e-3, 4, 3, False)
+    assert [type(v) for v in (cfg.lr, cfg.batch_size, cfg.seed, cfg.gradient_alignment,
+                              cfg.loss_threshold)] == [float, int, int, bool, float]
+    for name in ("keep_best", "progress", "gradient_alignment"):
+        with pytest.raises(TypeError, match=name):
+            MuscleLoRATrainConfig(**{name: "no"})
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        MuscleLoRATrainConfig(eval_batch_size=0)
+    with pytest.raises(ValueError, match="seed"):
+        MuscleLoRATrainConfig(seed=-1)
+
+
 class _CharTok:  # a deterministic stand-in tokenizer over a tiny LLaMA's vocabulary
     pad_token, eos_token = "<pad>", "<eos>"
 

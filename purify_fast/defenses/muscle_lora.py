@@ -53,6 +53,7 @@ from purify_fast.training import (
     accuracy,
     autocast,
     distributed_launch,
+    flag,
     handing_back,
     model_device,
     rank_dropout_seed,
@@ -60,7 +61,7 @@ from purify_fast.training import (
     scheduler_steps,
     seed_everything,
 )
-from purify_fast.validation import int_at_least, one_of, real_in
+from purify_fast.validation import int_at_least, one_of, real_in, seed_value
 
 ABLATIONS = ("muscle-lora", "lora", "ga+lora", "lora+mslr")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -91,19 +92,28 @@ class MuscleLoRATrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        int_at_least("epochs", self.epochs, 1, optional=True)
-        real_in("lr", self.lr, 0.0, lo_open=True, optional=True)
-        one_of("precision", self.precision, PRECISIONS)
-        int_at_least("batch_size", self.batch_size, 1)
-        int_at_least("ref_pool_size", self.ref_pool_size, 1, optional=True)
-        real_in("max_raw_grad_ratio", self.max_raw_grad_ratio, 0.0, 1.0)
-        real_in("clip_norm", self.clip_norm, 0.0, lo_open=True, optional=True)
-        int_at_least("max_length", self.max_length, 2)  # [CLS]/BOS plus one token at least
-        int_at_least("ref_batch_size", self.ref_batch_size, 1, optional=True)
-        real_in("weight_decay", self.weight_decay, 0.0)
-        real_in("warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
-        real_in("loss_threshold", self.loss_threshold, 0.0)
-        real_in("norm_threshold", self.norm_threshold, 0.0)
+        # The checked values are stored (as TrainConfig does): lr="1e-3" or keep_best="no" passed
+        # the checks and reached torch / the truth tests unconverted.
+        for name in ("keep_best", "progress"):
+            setattr(self, name, flag(name, getattr(self, name)))
+        if self.gradient_alignment is not None:
+            self.gradient_alignment = flag("gradient_alignment", self.gradient_alignment)
+        self.epochs = int_at_least("epochs", self.epochs, 1, optional=True)
+        self.lr = real_in("lr", self.lr, 0.0, lo_open=True, optional=True)
+        self.precision = one_of("precision", self.precision, PRECISIONS)
+        self.batch_size = int_at_least("batch_size", self.batch_size, 1)
+        self.eval_batch_size = int_at_least("eval_batch_size", self.eval_batch_size, 1)
+        self.ref_pool_size = int_at_least("ref_pool_size", self.ref_pool_size, 1, optional=True)
+        self.max_raw_grad_ratio = real_in("max_raw_grad_ratio", self.max_raw_grad_ratio, 0.0, 1.0)
+        self.clip_norm = real_in("clip_norm", self.clip_norm, 0.0, lo_open=True, optional=True)
+        # [CLS]/BOS plus one token at least
+        self.max_length = int_at_least("max_length", self.max_length, 2)
+        self.ref_batch_size = int_at_least("ref_batch_size", self.ref_batch_size, 1, optional=True)
+        self.weight_decay = real_in("weight_decay", self.weight_decay, 0.0)
+        self.warmup_ratio = real_in("warmup_ratio", self.warmup_ratio, 0.0, 1.0, hi_open=True)
+        self.loss_threshold = real_in("loss_threshold", self.loss_threshold, 0.0)
+        self.norm_threshold = real_in("norm_threshold", self.norm_threshold, 0.0)
+        self.seed = seed_value(self.seed)
 
 
 @dataclass
