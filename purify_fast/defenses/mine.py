@@ -6,8 +6,9 @@ Donsker–Varadhan lower bound::
 
     I(X; Z) ≥ E_joint[T(x, z)] − log E_marg[exp T(x, z')]
 
-where the marginal samples pair each ``x_i`` with the ``z`` of another example: the batch
-shuffled by a derangement (:func:`derangement`), so no marginal pair is a joint pair.
+where the marginal samples pair each ``x_i`` with the ``z`` of another example (in training
+one drawn uniformly from the others; on the held-out pairs a shuffle by a derangement,
+:func:`derangement`), so no marginal pair is a joint pair.
 Training maximises the bound; the gradient of ``log E_marg`` is bias-corrected with a moving average
 of ``E_marg[exp T]`` (MINE §3.2), which is what keeps mini-batch training stable. The reported
 estimate is the bound on held-out pairs (averaged over several shuffles), so a network that
@@ -159,13 +160,17 @@ class MINE:
         log_ma = None
         curve, steps = [], []
         for step in range(1, self.steps + 1):
-            # Drawn without replacement: a batch holding one example twice paired it with its
-            # own z in the "marginal" however the batch is shuffled.
-            idx = torch.randperm(x_tr.shape[0], generator=gen)[:bs].to(device)
-            shuf = derangement(bs, gen).to(device)
-            xb, zb = x_tr[idx], z_tr[idx]
-            t_joint = net(xb, zb)
-            t_marg = net(xb, zb[shuf])
+            # The joint pairs: a batch drawn with replacement (drawn without, a batch as large
+            # as the training part was the same every step and the network learnt those pairs:
+            # held-out estimates fell below 0 on MiniLM features). The marginal pairs each x with
+            # the z of another example, drawn uniformly: a shuffle of the batch paired an example
+            # drawn twice with its own z, a joint pair that biased the bound low.
+            n_tr = x_tr.shape[0]
+            idx = torch.randint(0, n_tr, (bs,), generator=gen)
+            other = (idx + torch.randint(1, n_tr, (bs,), generator=gen)) % n_tr
+            idx, other = idx.to(device), other.to(device)
+            t_joint = net(x_tr[idx], z_tr[idx])
+            t_marg = net(x_tr[idx], z_tr[other])
             # The moving average of E_marg[e^T] is kept in log space so it never overflows.
             log_e = torch.logsumexp(t_marg, dim=0) - math.log(bs)
             cur = log_e.detach()
