@@ -271,6 +271,25 @@ def test_a_models_digit_class_names_win_over_indices(tmp_path):
     assert load_file_for_model(data, model).labels == [0, 1, 0, 1]
 
 
+def test_index_labels_for_a_model_with_digit_class_names_are_refused(tmp_path, capsys):
+    """A file labelled by index 0 / 1 read for a model whose classes are "1" / "2" became all
+    class 0 ("0" index 0, "1" the class named "1"): now refused, saying to write the names,
+    through load_file_for_model and the CLI."""
+    from types import SimpleNamespace
+
+    from purify_fast.commands import load_file_for_model
+    from purify_fast.data import DataFileError
+
+    model = SimpleNamespace(config=SimpleNamespace(num_labels=2, id2label={0: "1", 1: "2"}))
+    data = tmp_path / "idx.csv"
+    data.write_text("text,label\ngood movie,1\nbad movie,0\n")
+    with pytest.raises(DataFileError, match=r"idx\.csv, line 3, column 'label': label '0' is "
+                                            r"ambiguous.*write the class names \(1, 2\)"):
+        load_file_for_model(data, model)
+    other = SimpleNamespace(config=SimpleNamespace(num_labels=2, id2label={0: "neg", 1: "pos"}))
+    assert load_file_for_model(data, other).labels == [1, 0]
+
+
 def _rows_file(path, rows):
     import csv
 

@@ -325,12 +325,88 @@ def test_a_class_name_wins_over_the_index_it_spells(tmp_path):
     classes (the index spellings "0", "1" were added over the names: every label read as 1)."""
     from purify_fast.commands import _label_map
 
-    assert _label_map(("1", "2")) == {"1": 0, "2": 1, "0": 0}
+    assert _label_map(("1", "2")) == {"1": 0, "2": 1}  # no "0": index 0 or a name? (below)
     assert _label_map(("rotten", "fresh")) == {"rotten": 0, "fresh": 1, "0": 0, "1": 1}
     p = _write(tmp_path, "yelp.csv", "text,label\nbad,1\ngood,2\nfine,2.0\nmeh,1\n")
     assert load_text_file(p, label_map=_label_map(("1", "2")), num_labels=2).labels == [0, 1, 1, 0]
     jl = _write(tmp_path, "yelp.jsonl", '{"text": "bad", "label": 1}\n{"text": "ok", "label": 2}\n')
     assert load_text_file(jl, label_map=_label_map(("1", "2")), num_labels=2).labels == [0, 1]
+
+
+def test_numbers_that_are_not_digit_class_names_are_refused(tmp_path):
+    """A model whose classes are named "1" / "2" read a file labelled by index 0 / 1 as all class
+    0: "0" was index 0 and "1" the class named "1". A number that is none of the names is
+    refused (index, or a name for another class?); names other than numbers keep indices."""
+    from purify_fast.commands import _label_map
+
+    yelp = _label_map(("1", "2"))
+    p = _write(tmp_path, "idx.csv", "text,label\ngood,1\nbad,0\nfine,1\nawful,0\n")
+    with pytest.raises(DataFileError, match=r"idx\.csv, line 3, column 'label': label '0' is "
+                                            r"ambiguous: the classes are named by numbers \(1, 2\) "
+                                            r"and 0 is none of them, so it could be index 0 "
+                                            r"\(class '1'\) or a name for another class; write "
+                                            r"the class names \(1, 2\)"):
+        load_text_file(p, label_map=yelp, num_labels=2)
+    jl = _write(tmp_path, "idx.jsonl",
+                '{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n')
+    with pytest.raises(DataFileError, match=r"idx\.jsonl, line 2, column 'label': label 0 is "
+                                            r"ambiguous"):
+        load_text_file(jl, label_map=yelp, num_labels=2)
+    three = _write(tmp_path, "three.csv", "text,label\ngood,2\nbad,3\n")
+    with pytest.raises(DataFileError, match=r"three\.csv, line 3, column 'label': label '3' is "
+                                            r"not one of the classes \(1, 2\); write the class"):
+        load_text_file(three, label_map=yelp, num_labels=2)
+    # signed names: "2" is no name, though index 2 exists (class "1")
+    signed = _write(tmp_path, "signed.csv", "text,label\na,-1\nb,0\nc,1\nd,2\n")
+    with pytest.raises(DataFileError, match=r"line 5, column 'label': label '2' is ambiguous.*"
+                                            r"index 2 \(class '1'\)"):
+        load_text_file(signed, label_map=_label_map(("-1", "0", "1")))
+    four = _label_map(("-1", "0", "1", "2"))
+    assert load_text_file(signed, label_map=four).labels == [0, 1, 2, 3]
+    assert load_text_file(_write(tmp_path, "z.csv", "text,label\na,01\nb,02\n"),
+                          label_map=_label_map(("01", "02"))).labels == [0, 1]
+    # the names themselves, as before; names that are not numbers keep the index spellings
+    assert load_text_file(_write(tmp_path, "names.csv", "text,label\ngood,2\nbad,1.0\n"),
+                          label_map=yelp, num_labels=2).labels == [1, 0]
+    assert load_text_file(p, label_map=_label_map(("negative", "positive"))).labels == [1, 0, 1, 0]
+    assert load_text_file(p, label_map=_label_map(("0", "1"))).labels == [1, 0, 1, 0]
+    # a map made by hand with the old index spellings: the names still decide
+    with pytest.raises(DataFileError, match="label '0' is ambiguous"):
+        load_text_file(p, label_map={"1": 0, "2": 1, "0": 0}, num_labels=2)
+
+
+def test_saved_dataset_numbers_follow_the_digit_class_names_rule(tmp_path):
+    """A saved dataset's plain integer labels are read as a file's: for a model with classes
+    "1" / "2", 1 is the class "1" and 0 is refused; ClassLabel indices stay indices."""
+    import datasets
+
+    from purify_fast.commands import _label_map
+
+    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]}).save_to_disk(
+        str(tmp_path / "ints"))
+    with pytest.raises(DataFileError, match=r"ints, line 2, column 'label': label 0 is ambiguous"):
+        load_text_file(tmp_path / "ints", label_map=_label_map(("1", "2")))
+    assert load_text_file(tmp_path / "ints", label_map=_label_map(("neg", "pos"))).labels == [1, 0]
+    feats = datasets.Features({"text": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["bad", "good"])})
+    datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]}, features=feats).save_to_disk(
+        str(tmp_path / "named"))
+    assert load_text_file(tmp_path / "named", label_map=_label_map(("1", "2"))).labels == [1, 0]
+
+
+def test_tsv_written_with_csv_quoting_is_noted(tmp_path, capsys):
+    """pandas' to_csv(sep="\\t") quotes texts holding a quote; TSV is read without quoting, so
+    they arrived with the quotes CSV adds (each inner quote doubled). Noted once, at the first line;
+    not unquoted, as a text may start and end with a quote."""
+    p = _write(tmp_path, "p.tsv", 'text\tlabel\nplain\t0\n"he said ""wow"""\t1\n"a 5"" screen"\t1\n'
+                                  '"quoted" as is\t0\n"just quoted"\t1\n')
+    capsys.readouterr()
+    d = load_text_file(p)
+    assert d.texts[1] == '"he said ""wow"""' and d.labels == [0, 1, 1, 0, 1]
+    err = capsys.readouterr().err
+    assert err.count("note: ") == 1 and "p.tsv, line 3: the field" in err and "CSV or JSONL" in err
+    load_text_file(_write(tmp_path, "sst.tsv", 'text\tlabel\n"just quoted"\t1\nsay "" ok\t0\n'))
+    assert capsys.readouterr().err == ""
 
 
 def test_tsv_quote_characters_are_text(tmp_path):
@@ -356,16 +432,52 @@ def test_a_csv_quote_left_open_is_refused_where_it_opened(tmp_path):
     with pytest.raises(DataFileError, match=r"never\.csv, line 2: a quoted field starts on this "
                                             r"line and is never closed"):
         load_text_file(never)
-    # closed at the end of a later field: valid CSV, but the lines inside read as rows
-    merged = _write(tmp_path, "merged.csv", 'text,label\n"bad, 0\ngood,1\nends",0\nfine,1\n')
-    with pytest.raises(DataFileError, match=r"merged\.csv, line 2: a quoted field starts on this "
-                                            r"line and runs to line 4, taking in line 3 "
-                                            r"\('good,1'\)"):
-        load_text_file(merged)
     ok = _write(tmp_path, "ok.csv", 'text,label\n"one, two\nthree, four\nfive",1\n"say ""hi""",0\n'
                                     'plain,1\n')
     d = load_text_file(ok)
     assert d.texts == ["one, two\nthree, four\nfive", 'say "hi"', "plain"] and d.labels == [1, 0, 1]
+
+
+def test_quoted_lines_that_read_as_rows_are_noted_not_refused(tmp_path, capsys):
+    """Lines of a quoted field that read as rows of the file (a quote left open?) were refused,
+    though valid CSV may hold them (a review's "out of 10, 1", written by csv.writer); and two
+    rows merged with no line between them (the opening line after the quote, the closing line
+    up to its quote) went unnoticed. Each is read as CSV says, with a note naming the lines."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows([("text", "label"),
+                               ("Plot: thin\nVerdict out of 10, 1\nskip it", "0"),
+                               ("a lovely film", "1"), ("dull", "0")])
+    capsys.readouterr()
+    d = load_text_file(_write(tmp_path, "valid.csv", buf.getvalue()))
+    assert d.texts[0] == "Plot: thin\nVerdict out of 10, 1\nskip it" and d.labels == [0, 1, 0]
+    err = capsys.readouterr().err
+    assert err.startswith("note: ") and ("valid.csv, line 2: a quoted field starts on this line "
+                                         "and runs to line 4, and line 3 ('Verdict out of 10, 1') "
+                                         "reads as a row") in err
+    merged = _write(tmp_path, "merged.csv", 'text,label\n"bad, 0\ngood,1\nends",0\nfine,1\n')
+    assert load_text_file(merged).labels == [0, 1]
+    assert "merged.csv, line 2: a quoted field starts on this line and runs to line 4" in (
+        capsys.readouterr().err)
+    # two rows merged: the opening line after the quote reads as a row ...
+    opened = _write(tmp_path, "open.csv", 'text,label\n"oops I forgot,0\nthe close",1\nfine,0\n')
+    assert load_text_file(opened).texts[0] == "oops I forgot,0\nthe close"
+    err = capsys.readouterr().err
+    assert ("open.csv, line 2: a quoted field starts on this line and runs to line 3, and this "
+            "line after the quote ('oops I forgot,0') reads as a row") in err
+    # ... or, the label first, the closing line up to its quote
+    closed = _write(tmp_path, "close.csv", 'label,text\n0,"oops I forgot\n1,the close"\n1,fine\n')
+    assert load_text_file(closed).labels == [0, 1]
+    assert ("close.csv, line 2: a quoted field starts on this line and runs to line 3, and line 3 "
+            "up to the quote ('1,the close') reads as a row") in capsys.readouterr().err
+    # the same layouts holding text only: no note
+    for name, body in (("t.csv", 'text,label\n"one, two\nthree",1\nx,0\n'),
+                       ("l.csv", 'label,text\n1,"one\ntwo, three"\n0,x\n'),
+                       ("i.csv", 'id,text,label\n7,"a, b\nc",1\n8,x,0\n')):
+        load_text_file(_write(tmp_path, name, body))
+        assert capsys.readouterr().err == "", name
 
 
 def test_jsonl_lines_end_at_newlines_only(tmp_path):
@@ -410,6 +522,24 @@ def test_oversized_fields_and_deep_json_name_file_and_line(tmp_path):
 def test_a_column_named_twice_is_refused(tmp_path, name, content, match):
     with pytest.raises(DataFileError, match=match):
         load_text_file(_write(tmp_path, name, content))
+
+
+def test_columns_named_twice_but_never_read_are_ignored(tmp_path):
+    """Spreadsheets write unnamed trailing columns (text,label,,): refused as a column '' named
+    twice, as were two unused note columns. Only the text or label column twice is ambiguous."""
+    trail = _write(tmp_path, "trail.csv", "text,label,,\ngood film,1,,\nbad film,0,,\n")
+    assert load_text_file(trail).labels == [1, 0]
+    notes = _write(tmp_path, "notes.tsv", "text\tlabel\tnote\tnote\ngood\t1\ta\tb\nbad\t0\tc\td\n")
+    assert load_text_file(notes).texts == ["good", "bad"]
+    keys = _write(tmp_path, "keys.jsonl", '{"text": "a", "label": 0, "id": 1, "id": 2}\n')
+    assert load_text_file(keys).labels == [0]
+    # unlabelled (MIMIC): a repeated "label" column is never read either
+    assert load_text_file(_write(tmp_path, "u.csv", "text,label,label\na,1,0\n"),
+                          label_column=None).texts == ["a"]
+    with pytest.raises(DataFileError, match=r"s\.csv, line 1, column 'sentence': the column "
+                                            r"'sentence' appears twice"):
+        load_text_file(_write(tmp_path, "s.csv", "sentence,y,sentence\na,1,b\n"),
+                       text_column="sentence", label_column="y")
 
 
 def test_saved_dataset_digit_class_names_are_the_models_as_in_files(tmp_path, capsys):

@@ -249,11 +249,14 @@ def model_label_map(config) -> dict | None:
 
 def _label_map(names) -> dict:
     """``{name: i}`` plus the indices themselves as text, for ``load_text_file(label_map=...)``.
-    A class name that is also an index's spelling is the class it names (yelp_polarity's
-    classes are "1" and "2": a file labelled "1" / "2" means them, not indices 1 and 2)."""
+    Classes named by numbers (yelp_polarity's "1" and "2") get no index spellings: a file's
+    "1" means the class named "1", and its "0" cannot be told to be index 0 rather than another
+    class's name, so ``load_text_file`` refuses it (with the spellings, 0 and 1 both read as
+    class 0, merging the file's two classes)."""
     mapping = {str(n): i for i, n in enumerate(names)}
-    for i in range(len(names)):
-        mapping.setdefault(str(i), i)
+    if not any(k.lstrip("-").isdigit() for k in mapping):
+        for i in range(len(names)):
+            mapping.setdefault(str(i), i)
     return mapping
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -67,10 +68,20 @@ def _whole_number(raw) -> int | None:
 def _label_value(raw, path, line, column, num_labels, label_map):
     if label_map is not None:
         key = raw if not isinstance(raw, str) else raw.strip()
+        names = {str(k): k for k in _names_in(label_map)}
+        whole = _whole_number(key)
+        if whole is not None and any(_is_int_text(n) for n in names):
+            # Classes named by numbers (yelp_polarity's "1" / "2"): a number is one of those
+            # names or refused, never an index, which may be another class's name ("0" and "1"
+            # of a file labelled by index would both become class "1").
+            for spelling in (str(key), str(whole)):  # "01" may be a name; "2.0" is "2"
+                if spelling in names:
+                    return label_map[names[spelling]]
+            raise _number_not_a_name(raw, whole, path, line, column, label_map, names)
         for spelling in (key, str(key)):
             if spelling in label_map:
                 return label_map[spelling]
-        whole = _whole_number(key)  # "2.0", as spreadsheets and pandas write class 2
+        # "2.0", as spreadsheets and pandas write class 2
         if whole is not None and str(whole) in label_map:
             return label_map[str(whole)]
         # A class name that differs only in case (Positive / positive), as for saved datasets
@@ -105,6 +116,19 @@ def _label_value(raw, path, line, column, num_labels, label_map):
     if value < 0:
         raise DataFileError(path, f"label {value} is negative", line, column)
     return value
+
+
+def _number_not_a_name(raw, whole, path, line, column, label_map, names) -> DataFileError:
+    ordered = sorted(names, key=lambda n: label_map[names[n]])
+    shown = ", ".join(ordered)
+    if 0 <= whole < len(set(label_map.values())):
+        by_index = next(n for n in ordered if label_map[names[n]] == whole)
+        return DataFileError(path, f"label {raw!r} is ambiguous: the classes are named by numbers "
+                                   f"({shown}) and {whole} is none of them, so it could be index "
+                                   f"{whole} (class {by_index!r}) or a name for another class; "
+                                   f"write the class names ({shown}) as the labels", line, column)
+    return DataFileError(path, f"label {raw!r} is not one of the classes ({shown}); write the "
+                               f"class names as the labels", line, column)
 
 
 def _finish(path, rows, num_labels, name, text_column, label_column) -> TextDataset:
@@ -182,13 +206,19 @@ def _read_text(path: Path, encoding: str) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _check_header(path, header, line=1) -> None:
-    seen = set()
-    for name in header:
-        if name in seen:  # first one wins silently otherwise: which column holds the labels?
+def _check_header(path, header, columns, line=1) -> None:
+    """Refuse the text or label column named twice (the first would win silently: which one
+    holds the labels?); other repeats, as a spreadsheet's unnamed trailing columns, are unread."""
+    for name in columns:
+        if name is not None and header.count(name) > 1:
             raise DataFileError(path, f"the column {name!r} appears twice in the header; rename "
                                       f"one of them", line, name)
-        seen.add(name)
+
+
+def _note(path, line, message) -> None:
+    """A doubt about a file that is still read: on stderr, as the package's other notes."""
+    where = f"{path}, line {line}" if line is not None else str(path)
+    print(f"note: {where}: {message}", file=sys.stderr)
 
 
 def _csv_error(path, exc, start, end) -> DataFileError:
@@ -242,7 +272,7 @@ def _read_delimited(path: Path, delimiter: str, text_column, label_column, num_l
         raise DataFileError(path, "the file is empty")
     _, _, header = records[0]
     header = [h.strip() for h in header]
-    _check_header(path, header)
+    _check_header(path, header, (text_column, label_column))
     for col in (text_column, label_column):
         if col is not None and col not in header:
             raise DataFileError(path, f"missing column {col!r} (the header has {header})", 1, col)
@@ -264,28 +294,70 @@ def _read_delimited(path: Path, delimiter: str, text_column, label_column, num_l
         rows.append((line, t, _label_value(y, path, line, label_column, num_labels, label_map)))
     if li is not None:
         _check_swallowed_rows(path, lines, records[1:], len(header), li, delimiter)
+    if delimiter == "\t":
+        _check_tsv_quoting(path, records[1:])
     return _finish(path, rows, num_labels, name, text_column, label_column)
 
 
+def _fields(text, delimiter):
+    try:
+        return next(csv.reader([text], delimiter=delimiter))
+    except (csv.Error, StopIteration):
+        return []
+
+
 def _check_swallowed_rows(path, lines, records, width, li, delimiter) -> None:
-    """Refuse a quoted field that holds whole lines reading as rows of this file (the header's
-    number of fields, a label the file uses): a quote left open that happened to close at the
-    end of a later field, merging the rows between into one text (strict parsing cannot tell)."""
+    """Note quoted fields whose lines read as rows of this file (the header's number of fields,
+    a label the file uses where the label column falls): a quote left open may have merged rows
+    into one text. Only a note: valid CSV may hold such lines (a review's "out of 10, 1")."""
     labels = {row[li].strip() for _, _, row in records if len(row) == width}
-    for start, last, _ in records:
-        for number in range(start + 1, last):  # the lines wholly inside the record
-            inner = lines[number - 1]
-            try:
-                fields = next(csv.reader([inner], delimiter=delimiter))
-            except (csv.Error, StopIteration):
-                continue
-            if len(fields) == width and fields[li].strip() in labels:
-                raise DataFileError(path, f"a quoted field starts on this line and runs to line "
-                                          f"{last}, taking in line {number} "
-                                          f"({inner.rstrip()[:60]!r}), which reads as a row of "
-                                          f"this file: a quote left open? A quote that is part of "
-                                          f"the text must be doubled (\"\") inside a quoted field",
-                                    start)
+
+    def a_row(fields, first, count):  # the label among fields[first:first + count]
+        return (len(fields) == width and first <= li < first + count
+                and fields[li].strip() in labels)
+
+    found = []  # (first line, last line, which line reads as a row)
+    for start, last, row in records:
+        broken = [j for j, field in enumerate(row) if "\n" in field or "\r" in field]
+        if last == start or not broken:
+            continue
+        # The opening line after the quote (and the fields before it), the closing line up to
+        # its quote (and the fields after it): a quote left open merges two rows there.
+        first, end = broken[0], broken[-1]
+        opening = re.split(r"\r\n|\r|\n", row[first])[0]
+        closing = re.split(r"\r\n|\r|\n", row[end])[-1]
+        rest, prefix = _fields(opening, delimiter), _fields(closing, delimiter)
+        if a_row(row[:first] + rest, first, len(rest)):
+            found.append((start, last, f"this line after the quote ({opening[:60]!r})"))
+        elif a_row(prefix + row[end + 1:], 0, len(prefix)):
+            found.append((start, last, f"line {last} up to the quote ({closing[:60]!r})"))
+        else:
+            for number in range(start + 1, last):  # the lines wholly inside the record
+                if a_row(_fields(lines[number - 1], delimiter), 0, width):
+                    text = lines[number - 1].rstrip()[:60]
+                    found.append((start, last, f"line {number} ({text!r})"))
+                    break
+    if found:
+        start, last, which = found[0]
+        more = f" ({len(found) - 1} more quoted fields look alike)" if len(found) > 1 else ""
+        _note(path, start, f"a quoted field starts on this line and runs to line {last}, and "
+                           f"{which} reads as a row of this file: a quote left open, merging "
+                           f"rows? It is read as one text, as CSV says{more}. A quote that is "
+                           f"part of the text must be doubled (\"\") inside a quoted field")
+
+
+def _check_tsv_quoting(path, records) -> None:
+    """TSV is read without quoting; note fields quoted as pandas and Excel write them (in quotes,
+    inner quotes doubled), which arrive with those quotes as text. Not unquoted: a text may begin
+    and end with a quote."""
+    for line, _, row in records:
+        for field in row:
+            if len(field) > 2 and field[0] == field[-1] == '"' and '""' in field[1:-1]:
+                _note(path, line, f"the field {field[:60]!r} looks quoted as CSV quotes it "
+                                  f"(pandas' to_csv(sep='\\t'), Excel): TSV is read without "
+                                  f"quoting, so its quotes stay in the text; write the file as "
+                                  f"CSV or JSONL instead")
+                return
 
 
 def _read_jsonl(path: Path, text_column, label_column, num_labels, label_map, encoding,
@@ -309,6 +381,7 @@ def _read_jsonl(path: Path, text_column, label_column, num_labels, label_map, en
             raise DataFileError(path, f"invalid JSON: {reason}", line) from None
         if not isinstance(obj, dict):
             raise DataFileError(path, f"expected a JSON object, got {type(obj).__name__}", line)
+        twice = [k for k in twice if k in (text_column, label_column)]  # others are unread
         if twice:
             raise DataFileError(path, f"the key {twice[0]!r} appears twice in this object "
                                       f"(JSON keeps the last silently)", line, twice[0])
@@ -461,8 +534,10 @@ def load_text_file(path: str | Path, *, text_column: str = "text", label_column:
     ``num_labels`` defaults to ``max(label) + 1`` (at least 2); when given, labels outside
     ``[0, num_labels)`` are errors. ``split`` picks the split of a saved ``DatasetDict``.
     Labels are class indices (``1``, ``"1"``, ``1.0``) or class names, numbered in sorted order
-    unless ``label_map`` gives their numbers. ``label_column=None`` reads unlabelled text (for
-    MIMIC): every label is 0 and ``num_labels`` 2, placeholders nothing should score.
+    unless ``label_map`` gives their numbers; when its class names are numbers, a number that is
+    none of them is refused (an index, or a name for another class?). ``label_column=None``
+    reads unlabelled text (for MIMIC): every label is 0 and ``num_labels`` 2, placeholders
+    nothing should score.
     """
     path = Path(path)
     if not path.exists():
