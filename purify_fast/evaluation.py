@@ -139,9 +139,10 @@ def evaluate_backdoor(model, tokenizer, test: TextDataset, triggered: TextDatase
     if target_label is not None and not 0 <= target_label < test.num_labels:
         raise ValueError(f"target_label {target_label} is out of range for {test.num_labels} labels")
     # Before the triggered set's own check, which would blame the set (it holds the class
-    # wrongly passed as the target).
-    if (hasattr(attack, "counterfactual_test") and target_label is not None
-            and attack.target_label != target_label):
+    # wrongly passed as the target). Without a triggered set no bias metric is computed, so any
+    # target label's asr_no_trigger stands.
+    if (hasattr(attack, "counterfactual_test") and triggered is not None
+            and target_label is not None and attack.target_label != target_label):
         raise ValueError(f"target_label {target_label} is not the bias injection's target "
                          f"label {attack.target_label}: the bias gap is the rate of the class "
                          f"the attack ties the group to")

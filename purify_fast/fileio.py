@@ -168,7 +168,10 @@ def atomic_save_dir(out_dir: str | os.PathLike, write: Callable[[Path], object])
     out = Path(out_dir).absolute()
     check_replaceable_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # The temporaries' names hold at most 32 characters of the target's (recognisable, and a
+    # valid name near the 255-byte limit plus a suffix would overflow it).
+    stem = out.name[:32]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.tmp-", dir=out.parent))
     try:
         write(tmp)
         # mkdtemp makes the directory private (0700) and some writers make private files; the
@@ -189,7 +192,7 @@ def atomic_save_dir(out_dir: str | os.PathLike, write: Callable[[Path], object])
         try:
             if out.exists():
                 # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                old = Path(tempfile.mkdtemp(prefix=f".{stem}.old-", dir=out.parent))
                 os.rmdir(old)
                 os.replace(out, old)
             os.replace(tmp, out)

@@ -6,6 +6,7 @@ optionally ``asr_no_trigger`` (the same rate on the clean non-target inputs, see
 
 JSON is written strictly: a non-finite float (NaN, ±Infinity) becomes ``null``, since bare
 ``NaN`` / ``Infinity`` tokens are not JSON and strict parsers (JavaScript's, jq) reject the file.
+numpy scalars and 0-d tensors are written as the numbers they hold, so the same rule applies.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import sys
 from pathlib import Path
 
 from purify_fast.fileio import atomic_write_bytes, atomic_write_files
@@ -35,12 +37,35 @@ def _cell(text) -> str:
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
+def _plain(obj):
+    """A numpy scalar or 0-d array / tensor as the Python number it holds (``str()`` would write
+    ``"nan"`` or ``"tensor(inf)"``); anything else as it is. Only modules already loaded are
+    looked at: an object of one not loaded cannot be here."""
+    np = sys.modules.get("numpy")
+    if np is not None and (isinstance(obj, np.generic)
+                           or (isinstance(obj, np.ndarray) and obj.ndim == 0)):
+        return obj.item()
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor) and obj.dim() == 0:
+        return obj.item()
+    return obj
+
+
+def _key(k):
+    # JSON keys are strings, so a non-finite float key cannot be null: "nan", "inf", "-inf"
+    # (as str() writes them) rather than refusing the whole report.
+    k = _plain(k)
+    return str(k) if isinstance(k, float) and not math.isfinite(k) else k
+
+
 def finite_or_null(obj):
-    """``obj`` with every non-finite float inside dicts, lists and tuples replaced by None."""
+    """``obj`` with every non-finite float inside dicts, lists and tuples replaced by None (numpy
+    scalars and 0-d tensors first taken as Python numbers; a non-finite key becomes a string)."""
+    obj = _plain(obj)
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: finite_or_null(v) for k, v in obj.items()}
+        return {_key(k): finite_or_null(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [finite_or_null(v) for v in obj]
     return obj

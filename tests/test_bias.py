@@ -214,6 +214,11 @@ def test_bias_metrics_count_the_counterfactual_gap(monkeypatch, tok):
         ev.evaluate_backdoor(None, tok, DATA, group, 0, attack=atk)
     assert "bias_gap" not in ev.evaluate_backdoor(None, tok, DATA, BadNets().triggered_test(DATA),
                                                   1, attack=BadNets())
+    # without a triggered set no bias metric is computed: any target label's no-trigger rate
+    no_set = ev.evaluate_backdoor(None, tok, DATA, None, 0, attack=atk)
+    assert no_set["asr"] is None and "bias_gap" not in no_set
+    assert no_set["asr_no_trigger"] == ev.evaluate_backdoor(None, tok, DATA, None, 0)[
+        "asr_no_trigger"]
     with pytest.raises(TypeError, match="bias injection"):
         ev.bias_metrics(None, tok, BadNets(), DATA)
 

@@ -228,3 +228,48 @@ def test_a_diverging_fine_tune_stops_instead_of_being_kept(pair, tok):
     with pytest.raises(FloatingPointError, match=r"epoch 1.*lower lr"):
         purify(sus, pre, _data(), "fine-mixing", tokenizer=tok, lr=1e8, epochs=2, batch_size=4,
                max_length=16)
+
+
+def test_fine_purifying_stores_its_checked_options_and_checks_per_example(pair, tok, monkeypatch):
+    """The checked values are the ones used and reported: eps="1e-8" is 1e-8, a numpy int batch
+    size an int (make_loader refused np.int64 after the model work began), and per_example is a
+    flag: "no" is refused, not taken as True (which ran the per-example Fisher)."""
+    from purify_fast.defenses.fine_purifying import FinePurifying
+
+    fp = FinePurifying(eps="1e-8", fisher_batch_size=np.int64(4), per_example=np.bool_(False))
+    assert (fp.eps, fp.fisher_batch_size, fp.per_example) == (1e-8, 4, False)
+    assert [type(v) for v in (fp.eps, fp.fisher_batch_size, fp.per_example)] == [float, int, bool]
+    pre, sus = pair
+    _, rep = purify(sus, pre, _data(), "fine-purifying", tokenizer=tok, eps="1e-8",
+                    fisher_batch_size=np.int64(4), per_example=np.bool_(False), epochs=0,
+                    max_length=16)
+    opts = rep["options"]
+    assert (opts["eps"], opts["fisher_batch_size"], opts["per_example"]) == (1e-8, 4, False)
+    assert [type(opts[k]) for k in ("eps", "fisher_batch_size", "per_example")] == [
+        float, int, bool]
+    assert rep["fine_purifying"]["options"]["eps"] == 1e-8
+    import purify_fast.defenses.api as api
+
+    def no_work(*a, **k):
+        raise AssertionError("model work started")
+
+    monkeypatch.setattr(api, "_pretrained_state", no_work)
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match="^per_example must be True or False"):
+            purify(sus, pre, _data(), "fine-purifying", tokenizer=tok, per_example=bad, **KW)
+
+
+@pytest.mark.parametrize("c", [1 + 1e-9, 1e39])
+def test_an_e_pur_c_the_kernels_cannot_take_is_refused_before_any_work(pair, tok, monkeypatch, c):
+    """c is applied in float32: 1 + 1e-9 rounds to 1.0 there (log 0) and 1e39 to inf. The op
+    refused them, but only after the model work began; the option check does it up front."""
+    pre, sus = pair
+    import purify_fast.defenses.api as api
+
+    def no_work(*a, **k):
+        raise AssertionError("model work started")
+
+    monkeypatch.setattr(api, "_pretrained_state", no_work)
+    with pytest.raises(ValueError, match=r"^c must be a finite number > 1 .*in float32"):
+        purify(sus, pre, _data(), "e-pur", tokenizer=tok, c=c, top_n=3, max_length=16)
+    assert EPur(c=1 + 1e-6).c == 1 + 1e-6  # above 1 in float32 too: kept as given

@@ -239,3 +239,38 @@ def test_write_report_replaces_the_files_as_a_set(tmp_path):
     (other / "rho_sweep.png").write_bytes(b"mine")
     write_report(other, [{"name": "run", "cacc": 0.7, "asr": 0.1}])
     assert (other / "rho_sweep.png").read_bytes() == b"mine"
+
+
+def test_a_valid_long_directory_name_can_be_saved_atomically(tmp_path):
+    """atomic_save_dir's temporaries were '.NAME.tmp-XXXX' / '.NAME.old-XXXX', over the 255-byte
+    limit for a valid 250-character output name; their names are capped now."""
+    out = tmp_path / ("o" * 250)
+    fileio.atomic_save_dir(out, _model("w.bin"))
+    fileio.atomic_save_dir(out, _model("v.bin"))  # the old copy is moved aside, then removed
+    assert sorted(os.listdir(out)) == ["config.json", "v.bin"]
+
+    def broken(d):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        fileio.atomic_save_dir(out, broken)
+    assert os.listdir(tmp_path) == [out.name]  # no temporary left behind
+
+
+def test_report_json_takes_numpy_scalars_and_0d_tensors_as_numbers():
+    """A numpy float32 NaN or a 0-d tensor was written as the string "nan" / "tensor(inf)"; a NaN
+    dict key made the whole dump fail. Keys are strings in JSON: a non-finite one is 'nan' etc."""
+    import numpy as np
+    import torch
+
+    from purify_fast import report
+
+    obj = {"a": np.float32("nan"), "b": torch.tensor(float("inf")), "c": np.float32(0.5),
+           "d": np.int64(3), "e": torch.tensor(2.5), "f": np.bool_(True), "g": torch.tensor(7),
+           "h": [np.float16("-inf"), (torch.tensor(float("nan")),)], "i": np.array(1.5)}
+    assert _strict_json(report.dumps_json(obj)) == {
+        "a": None, "b": None, "c": 0.5, "d": 3, "e": 2.5, "f": True, "g": 7, "h": [None, [None]],
+        "i": 1.5}
+    keys = {float("nan"): 1, float("inf"): 2, -float("inf"): 3, np.float32(0.5): 4, np.int64(2): 5}
+    assert _strict_json(report.dumps_json(keys)) == {"nan": 1, "inf": 2, "-inf": 3, "0.5": 4,
+                                                     "2": 5}

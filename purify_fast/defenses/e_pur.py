@@ -15,6 +15,7 @@ embedding, so it composes with every other defense: run it first.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
@@ -50,6 +51,12 @@ class EPur:
         else:
             self.score_threshold = real_in("score_threshold", self.score_threshold, 0.0)
         self.c = real_in("c", self.c, 1.0, lo_open=True)  # log(c) must be positive
+        # ops.embedding_drift_scores applies c in float32 and refuses what rounds to 1 or inf
+        # there (1 + 1e-9, 1e39): the same test here, before any model work.
+        c32 = torch.tensor(self.c, dtype=torch.float32).item()
+        if not (c32 > 1.0 and math.isfinite(c32)):
+            raise ValueError(f"c must be a finite number > 1 (log(c) must be positive), got "
+                             f"{self.c!r} ({c32!r} in float32)")
 
     @staticmethod
     def check_corpus(corpus) -> None:

@@ -33,7 +33,7 @@ from purify_fast.defenses._common import (
     dev_accuracy,
     matched_tensors,
 )
-from purify_fast.training import autocast, model_device
+from purify_fast.training import autocast, flag, model_device
 from purify_fast.validation import int_at_least, one_of, real_in
 
 INDICATORS = ("drift_over_hessian", "drift", "inv_hessian", "product")
@@ -104,12 +104,16 @@ class FinePurifying:
     backend: str | None = None
 
     def __post_init__(self):
+        # The checked values are stored (eps="1e-8" is 1e-8, np.int64(4) is 4, used and reported
+        # as such): per_example="no" would otherwise be truthy and a numpy batch size refused by
+        # make_loader after the model work began.
         self.rho = real_in("rho", self.rho, 0.0, 1.0)
-        one_of("indicator", self.indicator, INDICATORS)
-        real_in("eps", self.eps, 0.0, lo_open=True)
-        one_of("fisher_at", self.fisher_at, ("finetuned", "pretrained"))
-        one_of("scope", self.scope, ("global", "per_tensor"))
-        int_at_least("fisher_batch_size", self.fisher_batch_size, 1)
+        self.indicator = one_of("indicator", self.indicator, INDICATORS)
+        self.eps = real_in("eps", self.eps, 0.0, lo_open=True)
+        self.fisher_at = one_of("fisher_at", self.fisher_at, ("finetuned", "pretrained"))
+        self.per_example = flag("per_example", self.per_example)
+        self.scope = one_of("scope", self.scope, ("global", "per_tensor"))
+        self.fisher_batch_size = int_at_least("fisher_batch_size", self.fisher_batch_size, 1)
 
     def apply(self, suspect, pretrained_state: dict, tokenizer, clean: TextDataset,
               dev: TextDataset | None):
