@@ -44,7 +44,9 @@ def _plain(obj):
     np = sys.modules.get("numpy")
     if np is not None and (isinstance(obj, np.generic)
                            or (isinstance(obj, np.ndarray) and obj.ndim == 0)):
-        return obj.item()
+        value = obj.item()
+        # longdouble's item() stays a numpy scalar: a Python float then (JSON has no wider one)
+        return float(value) if isinstance(value, np.floating) else value
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.Tensor) and obj.dim() == 0:
         return obj.item()
@@ -65,7 +67,13 @@ def finite_or_null(obj):
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {_key(k): finite_or_null(v) for k, v in obj.items()}
+        out = {}
+        for k, v in obj.items():
+            key = _key(k)
+            if key in out:  # a NaN key beside a "nan" one: one would be lost silently
+                raise ValueError(f"two keys are written as {key!r} in JSON: {list(obj)[:8]}")
+            out[key] = finite_or_null(v)
+        return out
     if isinstance(obj, (list, tuple)):
         return [finite_or_null(v) for v in obj]
     return obj

@@ -111,6 +111,11 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+# The seed a CUDA generator starts from when nobody seeds it (torch's default_rng_seed_val, also
+# a fresh torch.Generator()'s initial_seed()).
+_TORCH_DEFAULT_SEED = torch.Generator().initial_seed()
+
+
 @contextlib.contextmanager
 def rng_preserved():
     """Save the global RNG states (Python, numpy, torch CPU and, once initialised, CUDA) and put
@@ -143,9 +148,11 @@ def rng_preserved():
             torch.cuda.set_rng_state_all(cuda)
         elif queued is not None:
             if torch.cuda.is_initialized():  # it started inside, under our seed: the caller's again
-                for call in queued[2]:
-                    if call is not None:
-                        call[0]()
+                calls = [call for call in queued[2] if call is not None]
+                for call in calls:
+                    call[0]()
+                if not calls:  # the caller never seeded: torch's own initial CUDA seed
+                    torch.cuda.manual_seed_all(_TORCH_DEFAULT_SEED)
             else:
                 tracker.manual_seed_all_cb, tracker.manual_seed_cb = queued[:2]
                 tracker.call_order = queued[2]

@@ -64,3 +64,14 @@ def fake_launch(monkeypatch, stage_module) -> list:
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+def queued_cuda_seed():
+    """The CUDA seed torch.manual_seed queued (CUDA not started: a CPU build, or a GPU machine
+    before its first CUDA call), read from the callback torch keeps until CUDA starts."""
+    tracker = torch.cuda._lazy_seed_tracker
+    call = tracker.manual_seed_all_cb
+    if call is None:
+        return None
+    cb = call[0]
+    return dict(zip(cb.__code__.co_freevars, (c.cell_contents for c in cb.__closure__)))["seed"]

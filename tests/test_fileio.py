@@ -274,3 +274,7 @@ def test_report_json_takes_numpy_scalars_and_0d_tensors_as_numbers():
     keys = {float("nan"): 1, float("inf"): 2, -float("inf"): 3, np.float32(0.5): 4, np.int64(2): 5}
     assert _strict_json(report.dumps_json(keys)) == {"nan": 1, "inf": 2, "-inf": 3, "0.5": 4,
                                                      "2": 5}
+    # a longdouble's item() is still numpy (it was written as the string "1.5")
+    assert _strict_json(report.dumps_json({"ld": np.longdouble(1.5)})) == {"ld": 1.5}
+    with pytest.raises(ValueError, match="two keys are written as 'nan'"):
+        report.dumps_json({float("nan"): 1, "nan": 2})  # one entry was dropped silently

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import fake_launch
+from conftest import fake_launch, queued_cuda_seed
 from torch import nn
 
 from purify_fast.defenses.mimic import (
@@ -305,6 +305,8 @@ def test_probe_and_plant_refuse_nonsense_and_leave_the_caller_alone(minilm):
     assert enc.training  # its mode given back
     assert len(attack.history) == 1  # this plant's losses only
     assert torch.equal(torch.rand(1), expected_next)  # the caller's random stream untouched
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        assert queued_cuda_seed() == 123  # and the CUDA seed torch queued for it (fork_rng lost it)
     enc.eval()
 
 

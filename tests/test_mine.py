@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import queued_cuda_seed
 
 from purify_fast.defenses.mine import MINE, dv_bound, gaussian_mi, layer_weights
 
@@ -120,8 +121,8 @@ def _seed_caller(seed):
 
 def test_estimate_leaves_the_callers_global_rng_streams_alone():
     """MINE draws its init, split and batches from its own seed (a private generator, the init
-    under a forked torch stream): the caller's later draws are those it would have made without
-    the call, and the estimate does not depend on the caller's seed."""
+    under a seeded torch stream put back afterwards): the caller's later draws are those it would
+    have made without the call, and the estimate does not depend on the caller's seed."""
     from purify_fast.defenses.mine import estimate_layer_mi
 
     x, z = _gaussians(0.8, 2, 64, seed=7)
@@ -133,5 +134,8 @@ def test_estimate_leaves_the_callers_global_rng_streams_alone():
         _seed_caller(caller_seed)
         ests.append((mine.estimate(x, z), estimate_layer_mi([x, z], z, mine)))
         assert _caller_draws() == expected
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            # and the CUDA seed torch queued for when CUDA starts (fork_rng did not keep it)
+            assert queued_cuda_seed() == caller_seed
     assert ests[0][0] == ests[1][0] and ests[0][1] == ests[1][1]  # MIEstimate compares by value
     assert ests[0][1][0] == ests[0][0]  # one layer's estimate is the plain estimate

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import fake_launch
+from conftest import fake_launch, queued_cuda_seed
 
 from purify_fast.data import TextDataset
 from purify_fast.training import TrainConfig, train
@@ -261,20 +261,9 @@ def test_train_leaves_the_callers_global_rng_streams_alone():
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
 
 
-def _queued_cuda_seed():
-    """The CUDA seed torch.manual_seed queued (CUDA not started: a CPU build, or a GPU machine
-    before its first CUDA call), read from the callback torch keeps until CUDA starts."""
-    tracker = torch.cuda._lazy_seed_tracker
-    call = tracker.manual_seed_all_cb
-    if call is None:
-        return None
-    cb = call[0]
-    return dict(zip(cb.__code__.co_freevars, (c.cell_contents for c in cb.__closure__)))["seed"]
-
-
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.is_initialized(),
                     reason="CUDA already started: seeds are applied at once, not queued")
-def test_rng_preserved_keeps_the_callers_queued_cuda_seed():
+def test_rng_preserved_keeps_the_callersqueued_cuda_seed():
     """Before CUDA starts, the caller's torch.manual_seed is only queued for it; the seeding
     inside train() / purify() replaced it, so the caller's first CUDA draws came from ours."""
     from purify_fast.training import rng_preserved, seed_everything
@@ -282,13 +271,13 @@ def test_rng_preserved_keeps_the_callers_queued_cuda_seed():
     if not hasattr(torch.cuda, "_lazy_seed_tracker"):
         pytest.skip("this torch keeps no queued CUDA seed")
     torch.manual_seed(123)
-    assert _queued_cuda_seed() == 123
+    assert queued_cuda_seed() == 123
     with rng_preserved():
         seed_everything(0)
-        assert _queued_cuda_seed() == 0
-    assert _queued_cuda_seed() == 123
+        assert queued_cuda_seed() == 0
+    assert queued_cuda_seed() == 123
     with pytest.raises(KeyError):  # also on the way out of a failure
         with rng_preserved():
             seed_everything(5)
             raise KeyError("boom")
-    assert _queued_cuda_seed() == 123
+    assert queued_cuda_seed() == 123

@@ -158,8 +158,8 @@ class EncoderBackdoor:
         was_training = clean_encoder.training
         clean = clean_encoder.eval()
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                # seeded without reseeding the caller's global generator
+            with rng_preserved():
+                # seeded without reseeding the caller's global generators (a queued CUDA seed too)
                 torch.manual_seed(self.seed)
                 return self._plant(clean, tokenizer, shadow, device)
         finally:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from purify_fast.training import rng_preserved
 from purify_fast.validation import int_at_least, real_in
 from torch import nn
 
@@ -152,7 +153,7 @@ class MINE:
         xs, zs = _standardise(x, x[tr]).to(device), _standardise(z, z[tr]).to(device)
         x_tr, z_tr, x_ev, z_ev = xs[tr.to(device)], zs[tr.to(device)], xs[ev.to(device)], zs[ev.to(device)]
 
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with rng_preserved():  # seeded without touching the caller's streams (a queued CUDA seed too)
             torch.manual_seed(int(self.seed))
             net = StatisticsNetwork(x.shape[1], z.shape[1], self.hidden, self.depth).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=float(self.lr))
