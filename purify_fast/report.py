@@ -151,30 +151,51 @@ def plot_defenses(rows: list[dict], path: str | os.PathLike, title: str = "CACC 
     return save_figure(_defenses_figure(rows, title), path)
 
 
+# x tick labels: a long name is wrapped (and cut after a few lines; the table has it in full),
+# so it cannot squeeze the bars into a corner of the figure
+_NAME_WIDTH, _NAME_LINES = 28, 3
+
+
+def _tick_label(name) -> str:
+    import textwrap
+
+    lines = [w for part in str(name).splitlines() or [""]
+             for w in (textwrap.wrap(part, _NAME_WIDTH) or [""])]
+    if len(lines) > _NAME_LINES:
+        lines = lines[:_NAME_LINES]
+        lines[-1] = lines[-1][:_NAME_WIDTH - 1] + "…"
+    return "\n".join(lines)
+
+
 def _defenses_figure(rows: list[dict], title: str):
     plt = pyplot()
-    names = [r["name"] for r in rows]
-    cacc = [100 * (r.get("cacc") or 0.0) for r in rows]
-    asr = [100 * r["asr"] if r.get("asr") is not None else 0.0 for r in rows]
+    names = [_tick_label(r["name"]) for r in rows]
+    # A value that was not measured (None or NaN) is an empty bar labelled n/a, not a measured 0.
+    cacc_known = [not _missing(r.get("cacc")) for r in rows]
+    asr_known = [not _missing(r.get("asr")) for r in rows]
+    cacc = [100 * r["cacc"] if ok else 0.0 for r, ok in zip(rows, cacc_known)]
+    asr = [100 * r["asr"] if ok else 0.0 for r, ok in zip(rows, asr_known)]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4.0))
     xs = range(len(rows))
     w = 0.38
     b1 = ax.bar([x - w / 2 for x in xs], cacc, w, label="CACC", color="#4c72b0")
     b2 = ax.bar([x + w / 2 for x in xs], asr, w, label="ASR", color="#dd8452")
-    # A value that was not measured (None) is labelled n/a: an empty bar, not a measured 0.
-    measured = ([r.get("cacc") is not None for r in rows], [r.get("asr") is not None for r in rows])
-    for bars, known in zip((b1, b2), measured):
-        for bar, ok in zip(bars, known):
-            ax.annotate(f"{bar.get_height():.0f}" if ok else "n/a",
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
     # The floor under each ASR bar: the same rate without the trigger (what the trigger adds is
     # the gap, not the bar).
-    floors = [(x, 100 * r["asr_no_trigger"]) for x, r in zip(xs, rows)
-              if r.get("asr_no_trigger") is not None and r.get("asr") is not None]
-    if floors:
-        ax.hlines([f for _, f in floors], [x + w / 2 - w * 0.45 for x, _ in floors],
-                  [x + w / 2 + w * 0.45 for x, _ in floors], colors="black", linewidth=2,
+    floor = {x: 100 * r["asr_no_trigger"] for x, r, ok in zip(xs, rows, asr_known)
+             if ok and not _missing(r.get("asr_no_trigger"))}
+    for bars, known, floors in ((b1, cacc_known, {}), (b2, asr_known, floor)):
+        for x, bar, ok in zip(xs, bars, known):
+            # a floor above its bar would strike through the bar's number: the number goes above it
+            above = floors.get(x, -1.0) > bar.get_height()
+            y = floors[x] if above else bar.get_height()
+            ax.annotate(f"{bar.get_height():.0f}" if ok else "n/a",
+                        (bar.get_x() + bar.get_width() / 2, y),
+                        xytext=(0, 2 if above else 0), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=8)
+    if floor:
+        ax.hlines(list(floor.values()), [x + w / 2 - w * 0.45 for x in floor],
+                  [x + w / 2 + w * 0.45 for x in floor], colors="black", linewidth=2,
                   label="ASR without trigger")
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
@@ -198,10 +219,12 @@ def plot_rho_sweep(points: list[dict], path: str | os.PathLike, title: str = "Fi
 def _sweep_figure(points, title, suspect_dev_acc, tolerance, chosen):
     plt = pyplot()
     points = sorted(points, key=lambda p: p["rho"])
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot([p["rho"] for p in points], [100 * p["dev_acc"] for p in points], "o-", label="clean dev acc")
-    if any(p.get("asr") is not None for p in points):
-        pts = [p for p in points if p.get("asr") is not None]
+    fig, ax = plt.subplots(figsize=(7.8, 3.8))
+    # a point whose dev accuracy (or ASR) was not measured (None / NaN) is left out of that line
+    acc = [p for p in points if not _missing(p.get("dev_acc"))]
+    ax.plot([p["rho"] for p in acc], [100 * p["dev_acc"] for p in acc], "o-", label="clean dev acc")
+    pts = [p for p in points if not _missing(p.get("asr"))]
+    if pts:
         ax.plot([p["rho"] for p in pts], [100 * p["asr"] for p in pts], "s-", label="ASR")
     if suspect_dev_acc is not None:
         ax.axhline(100 * suspect_dev_acc, ls="--", color="grey", label="suspect dev acc")
@@ -210,11 +233,15 @@ def _sweep_figure(points, title, suspect_dev_acc, tolerance, chosen):
                        label="needed (suspect - tolerance)")
     if chosen is not None:
         ax.axvline(chosen, color="tab:green", alpha=0.6, label=f"kept rho {chosen:g}")
+    rhos = [p["rho"] for p in points] + ([chosen] if chosen is not None else [])
+    if rhos and min(rhos) == max(rhos):  # one rho: not a hair-thin axis of meaningless ticks
+        ax.set_xlim(rhos[0] - 0.1, rhos[0] + 0.1)
     ax.set_xlabel("rho (share of fine-tuned weights kept)")
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
     ax.set_title(title)
-    ax.legend()
+    # beside the axes: inside, its five entries covered points or the threshold lines
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     return fig
 
 

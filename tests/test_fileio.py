@@ -228,9 +228,9 @@ def test_write_report_replaces_the_files_as_a_set(tmp_path):
     assert sorted(paths) == ["json", "md", "png"]
     assert sorted(os.listdir(tmp_path)) == ["defenses.png", "report.json", "report.md"]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(TypeError):
+    with pytest.raises(KeyError):  # (a dev_acc of None no longer fails: that point is left out)
         write_report(tmp_path, [{"name": "run3", "cacc": 0.9, "asr": 0.0}],
-                     sweep=[{"rho": 0.5, "dev_acc": None}])  # the sweep plot cannot render
+                     sweep=[{"dev_acc": 0.5}])  # no rho: the sweep plot cannot render
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert json.loads((tmp_path / "report.json").read_text())["rows"][0]["name"] == "run2"
     # a rho_sweep.png that no report of this writer produced is not touched
@@ -278,3 +278,98 @@ def test_report_json_takes_numpy_scalars_and_0d_tensors_as_numbers():
     assert _strict_json(report.dumps_json({"ld": np.longdouble(1.5)})) == {"ld": 1.5}
     with pytest.raises(ValueError, match="two keys are written as 'nan'"):
         report.dumps_json({float("nan"): 1, "nan": 2})  # one entry was dropped silently
+
+
+# --------------------------------------------------------------------------- plots
+
+def _bar_labels(fig):
+    """(text, y) of each value label on the defenses plot, CACC bars first, then ASR."""
+    return [(t.get_text(), t.xy[1]) for t in fig.axes[0].texts]
+
+
+def test_defenses_plot_labels_a_nan_value_na_like_a_missing_one():
+    """A NaN CACC / ASR (not measured) is an empty bar labelled n/a: it was labelled "nan" at a
+    NaN height (drawn nowhere, so the row showed nothing at all) and a NaN no-trigger rate drew
+    a floor line at NaN."""
+    from purify_fast.report import _defenses_figure, pyplot
+
+    nan = float("nan")
+    fig = _defenses_figure([{"name": "a", "cacc": nan, "asr": nan, "asr_no_trigger": 0.2},
+                            {"name": "b", "cacc": 0.5, "asr": 0.4, "asr_no_trigger": nan}], "t")
+    try:
+        assert _bar_labels(fig) == [("n/a", 0.0), ("50", 50.0), ("n/a", 0.0), ("40", 40.0)]
+        assert not fig.axes[0].collections  # neither row has a measured floor to draw
+    finally:
+        pyplot().close(fig)
+
+
+def test_defenses_plot_number_is_not_struck_through_by_a_floor_above_its_bar():
+    """ASR 14 % with a no-trigger floor of 17 % (the demo's clean reference): the floor line was
+    drawn through the bar's number, which sat at the bar's top; it goes above the floor now."""
+    from purify_fast.report import _defenses_figure, pyplot
+
+    fig = _defenses_figure([{"name": "ref", "cacc": 0.8, "asr": 0.14, "asr_no_trigger": 0.17},
+                            {"name": "bd", "cacc": 0.8, "asr": 1.0, "asr_no_trigger": 0.28}], "t")
+    try:
+        (_, ref_asr), (_, bd_asr) = _bar_labels(fig)[2:]
+        assert ref_asr >= 17.0 - 1e-9  # above the floor line, not at 14
+        assert bd_asr == 100.0  # a floor under the bar's top leaves the number where it was
+    finally:
+        pyplot().close(fig)
+
+
+def test_defenses_plot_long_names_do_not_squeeze_the_bars():
+    """A very long defense name is wrapped (and cut after 3 lines): written on one rotated line
+    it ran off the figure's left edge, tight_layout gave up ("Tight layout not applied") and the
+    bars were squeezed into a corner."""
+    import warnings
+
+    from purify_fast.report import _defenses_figure, pyplot
+
+    long = "a very long defense name that goes on and on (options rho=0.3, eps=1e-3) " * 3
+    fig = _defenses_figure([{"name": long, "cacc": 0.9, "asr": 1.0},
+                            {"name": "b\nsecond line", "cacc": 0.8, "asr": 0.1}], "t")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fig.tight_layout()
+        ax = fig.axes[0]
+        assert ax.get_position().width > 0.6 and ax.get_position().height > 0.4
+        fig.canvas.draw()
+        box = fig.bbox
+        for t in ax.get_xticklabels():
+            ext = t.get_window_extent(fig.canvas.get_renderer())
+            assert ext.x0 >= box.x0 and ext.x1 <= box.x1 and ext.y0 >= box.y0, t.get_text()
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert labels[1] == "b\nsecond line"
+        assert len(labels[0].splitlines()) == 3 and labels[0].endswith("…")
+    finally:
+        pyplot().close(fig)
+
+
+def test_rho_sweep_plot_skips_unmeasured_points_and_keeps_the_legend_off_the_data(tmp_path):
+    """A sweep point without a dev accuracy (None) crashed the plot (100 * None); a NaN one is
+    left out too. The legend sits beside the axes: inside ("best"), its five entries covered
+    points and the threshold lines. One rho gets a readable x range, not ±0.015."""
+    from purify_fast.report import _sweep_figure, plot_rho_sweep, pyplot
+
+    pts = [{"rho": 0.1, "dev_acc": None, "asr": 0.3}, {"rho": 0.2, "dev_acc": 0.7, "asr": None},
+           {"rho": 0.3, "dev_acc": float("nan"), "asr": 1.0}, {"rho": 0.5, "dev_acc": 0.8}]
+    assert plot_rho_sweep(pts, tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    fig = _sweep_figure(pts, "t", 0.83, 0.02, 0.2)
+    try:
+        ax = fig.axes[0]
+        acc, asr = ax.lines[:2]
+        assert list(acc.get_xdata()) == [0.2, 0.5] and list(asr.get_xdata()) == [0.1, 0.3]
+        fig.tight_layout()
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        assert not ax.get_legend().get_window_extent(r).overlaps(ax.get_window_extent(r))
+    finally:
+        pyplot().close(fig)
+    fig = _sweep_figure([{"rho": 0.3, "dev_acc": 0.8, "asr": 1.0}], "t", None, None, 0.3)
+    try:
+        lo, hi = fig.axes[0].get_xlim()
+        assert lo < 0.3 < hi and hi - lo >= 0.2
+    finally:
+        pyplot().close(fig)

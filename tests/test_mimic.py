@@ -763,3 +763,41 @@ def test_fit_probe_and_encoding_leave_the_callers_global_rng_streams_alone(minil
     with pytest.raises(RuntimeError, match="augment failed"):
         MIMIC(cfg).fit(teacher, tok, clean, augment=failing)
     assert _caller_draws() == expected
+
+
+def test_plot_curves_labels_the_loss_axis_and_says_why_a_panel_is_empty(tmp_path):
+    """The loss panel has a y label; with no MINE curve / no distillation step (a spent batch
+    generator trains 0 steps) each panel says so instead of warning "No artists with labels
+    found to put in legend" or showing a legend of empty lines."""
+    import warnings
+
+    from purify_fast.defenses.mimic import MIMICResult
+    from purify_fast.report import pyplot
+
+    hist = [{"step": s, "epoch": 0, "loss": 1.0 / s, "clone": -0.5, "attn": 0.1, "ssl": 3.0}
+            for s in range(1, 5)]
+    figs = []
+    real_savefig = pyplot().Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        figs.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    full = MIMICResult(nn.Linear(1, 1), [3, 6], [1, 2], [0.5, 1.0], [4333.0, 7667.0], hist, [],
+                       [[0.1, 0.3, 0.5], [0.2, 0.6, 1.0]])
+    empty = MIMICResult(nn.Linear(1, 1), [3], [1], [0.0], [1000.0])
+    try:
+        pyplot().Figure.savefig = record
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            plot_curves(full, tmp_path / "full.png")
+            plot_curves(empty, tmp_path / "empty.png")
+    finally:
+        pyplot().Figure.savefig = real_savefig
+    (mi_ax, loss_ax), (mi_empty, loss_empty) = (f.axes for f in figs)
+    assert loss_ax.get_ylabel() == "loss" and mi_ax.get_ylabel() == "nats"
+    assert [t.get_text() for t in mi_ax.get_legend().get_texts()] == [
+        "layer 3: MI≈0.50, w=4333", "layer 6: MI≈1.00, w=7667"]
+    assert mi_empty.get_legend() is None and loss_empty.get_legend() is None
+    assert [t.get_text() for t in mi_empty.texts] == ["no MINE curve recorded"]
+    assert [t.get_text() for t in loss_empty.texts] == ["no distillation step taken"]

@@ -783,10 +783,16 @@ def plot_curves(result: MIMICResult, path: str | Path) -> Path:
         ax1.plot(curve, label=f"layer {result.teacher_layers[i]}: MI≈{result.mi[i]:.2f}, "
                              f"w={result.weights[i]:.0f}")
     ax1.set(title="MINE (DV bound) per layer", xlabel="logged step", ylabel="nats")
-    ax1.legend(fontsize=7)
     steps = [h["step"] for h in result.history]
     for key in ("loss", "clone", "attn", "ssl"):
         ax2.plot(steps, [h[key] for h in result.history], label=key)
-    ax2.set(title="MIMIC distillation losses", xlabel="step")
-    ax2.legend()
+    ax2.set(title="MIMIC distillation losses", xlabel="step", ylabel="loss")
+    # An empty panel says why, rather than showing a legend of empty lines (or none: a warning)
+    for ax, empty, what in ((ax1, not result.mi_curves, "no MINE curve recorded"),
+                            (ax2, not result.history, "no distillation step taken")):
+        if empty:
+            ax.text(0.5, 0.5, what, transform=ax.transAxes, ha="center", va="center",
+                    color="grey")
+        else:
+            ax.legend(fontsize=7 if ax is ax1 else None)
     return save_figure(fig, path, dpi=100)
