@@ -769,6 +769,7 @@ def test_plot_curves_labels_the_loss_axis_and_says_why_a_panel_is_empty(tmp_path
     """The loss panel has a y label; with no MINE curve / no distillation step (a spent batch
     generator trains 0 steps) each panel says so instead of warning "No artists with labels
     found to put in legend" or showing a legend of empty lines."""
+    import dataclasses
     import warnings
 
     from purify_fast.defenses.mimic import MIMICResult
@@ -786,18 +787,34 @@ def test_plot_curves_labels_the_loss_axis_and_says_why_a_panel_is_empty(tmp_path
     full = MIMICResult(nn.Linear(1, 1), [3, 6], [1, 2], [0.5, 1.0], [4333.0, 7667.0], hist, [],
                        [[0.1, 0.3, 0.5], [0.2, 0.6, 1.0]])
     empty = MIMICResult(nn.Linear(1, 1), [3], [1], [0.0], [1000.0])
+    # MI estimated on the student (mi_source="student"): its layers, named as such (the legend
+    # said "layer 3" / "layer 6", the teacher's, for curves of student layers 1 and 2)
+    on_student = dataclasses.replace(full, mi_source="student")
     try:
         pyplot().Figure.savefig = record
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             plot_curves(full, tmp_path / "full.png")
             plot_curves(empty, tmp_path / "empty.png")
+            plot_curves(on_student, tmp_path / "student.png")
     finally:
         pyplot().Figure.savefig = real_savefig
-    (mi_ax, loss_ax), (mi_empty, loss_empty) = (f.axes for f in figs)
+    (mi_ax, loss_ax), (mi_empty, loss_empty), (mi_student, _) = (f.axes for f in figs)
     assert loss_ax.get_ylabel() == "loss" and mi_ax.get_ylabel() == "nats"
     assert [t.get_text() for t in mi_ax.get_legend().get_texts()] == [
-        "layer 3: MI≈0.50, w=4333", "layer 6: MI≈1.00, w=7667"]
+        "teacher layer 3: MI≈0.50, w=4333", "teacher layer 6: MI≈1.00, w=7667"]
+    assert [t.get_text() for t in mi_student.get_legend().get_texts()] == [
+        "student layer 1: MI≈0.50, w=4333", "student layer 2: MI≈1.00, w=7667"]
     assert mi_empty.get_legend() is None and loss_empty.get_legend() is None
     assert [t.get_text() for t in mi_empty.texts] == ["no MINE curve recorded"]
     assert [t.get_text() for t in loss_empty.texts] == ["no distillation step taken"]
+
+
+def test_the_result_says_whose_layers_mi_was_estimated_on():
+    """With mi_source="student" the MI curves are the student's layers': the result (and its
+    summary, distill's mimic.json) records the source, which plot_curves names in its legend."""
+    teacher = _tiny_bert()
+    for source in ("teacher", "student"):
+        res = MIMIC(MIMICConfig(**_QUICK, mi_source=source)).fit(teacher, batches=_ids())
+        assert res.mi_source == source and res.summary()["mi_source"] == source
+        assert len(res.mi_curves) == len(res.mi) == len(res.student_layers)

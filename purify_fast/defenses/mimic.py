@@ -138,6 +138,7 @@ class MIMICResult:
     mi_curves: list[list[float]] = field(default_factory=list)
     seconds: float = 0.0
     clean_examples: int = 0
+    mi_source: str = "teacher"             # whose layers mi / mi_curves were estimated on
 
     def summary(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k not in ("student", "history", "mi_curves")}
@@ -551,7 +552,8 @@ class MIMIC:
             taps.append(t_taps)
             s_taps = _Taps(student, student_layers, feature_fn)
             taps.append(s_taps)
-            result = MIMICResult(student, list(teacher_layers), list(student_layers), [], [])
+            result = MIMICResult(student, list(teacher_layers), list(student_layers), [], [],
+                                 mi_source=cfg.mi_source)
             result.clean_examples = _len(data) or 0
 
             mi_taps = t_taps if cfg.mi_source == "teacher" else s_taps
@@ -779,9 +781,12 @@ def plot_curves(result: MIMICResult, path: str | Path) -> Path:
     from purify_fast.report import pyplot, save_figure
 
     fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4))
+    # the curves are of the layers MI was estimated on: the student's with mi_source="student"
+    student_mi = result.mi_source == "student"
+    layers = result.student_layers if student_mi else result.teacher_layers
     for i, curve in enumerate(result.mi_curves):
-        ax1.plot(curve, label=f"layer {result.teacher_layers[i]}: MI≈{result.mi[i]:.2f}, "
-                             f"w={result.weights[i]:.0f}")
+        ax1.plot(curve, label=f"{'student' if student_mi else 'teacher'} layer {layers[i]}: "
+                             f"MI≈{result.mi[i]:.2f}, w={result.weights[i]:.0f}")
     ax1.set(title="MINE (DV bound) per layer", xlabel="logged step", ylabel="nats")
     steps = [h["step"] for h in result.history]
     for key in ("loss", "clone", "attn", "ssl"):
