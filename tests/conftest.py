@@ -75,3 +75,22 @@ def queued_cuda_seed():
         return None
     cb = call[0]
     return dict(zip(cb.__code__.co_freevars, (c.cell_contents for c in cb.__closure__)))["seed"]
+
+
+def caller_draws():
+    """The next draws of a caller's global streams (torch, random, numpy): equal before and
+    after a library call when the call left those streams alone."""
+    import random
+
+    import numpy as np
+
+    return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+
+def seed_caller(seed):
+    """Seed a caller's global streams (torch, random, numpy)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)

@@ -280,20 +280,27 @@ def test_saved_datasets_splits_class_names_and_float_labels(tmp_path):
     assert load_text_file(tmp_path / "f.csv", label_map=model_names, num_labels=3).labels == [2, 0]
 
 
+def _save_class_labelled(directory, names, labels) -> list[str]:
+    """A save_to_disk dataset at ``directory``: texts t0, t1, ... with a ClassLabel ``names``
+    label column holding ``labels``; returns the texts."""
+    import datasets
+
+    feats = datasets.Features({"text": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=names)})
+    texts = [f"t{i}" for i in range(len(labels))]
+    datasets.Dataset.from_dict({"text": texts, "label": labels},
+                               features=feats).save_to_disk(str(directory))
+    return texts
+
+
 def test_saved_dataset_class_names_match_the_models_without_case(tmp_path, capsys):
     """ClassLabel names that differ from the model's only in case (Positive / Negative against
     negative / positive) are the same classes, as for a named corpus (check_classes_match): by
     index the labels were silently swapped. Wholly other names are taken by index, with a note."""
-    import datasets
-
     from purify_fast.commands import _label_map
 
     def saved(name, names, labels):
-        feats = datasets.Features({"text": datasets.Value("string"),
-                                   "label": datasets.ClassLabel(names=names)})
-        texts = [f"t{i}" for i in range(len(labels))]
-        datasets.Dataset.from_dict({"text": texts, "label": labels},
-                                   features=feats).save_to_disk(str(tmp_path / name))
+        _save_class_labelled(tmp_path / name, names, labels)
         return tmp_path / name
 
     model = _label_map(["negative", "positive"])
@@ -548,16 +555,10 @@ def test_saved_dataset_digit_class_names_are_the_models_as_in_files(tmp_path, ca
     in a CSV are read by name (class 1): its class names win over the stored indices too."""
     from types import SimpleNamespace
 
-    import datasets
-
     from purify_fast.commands import _label_map, load_file_for_model
 
     def saved(name, names, labels):
-        feats = datasets.Features({"text": datasets.Value("string"),
-                                   "label": datasets.ClassLabel(names=names)})
-        texts = [f"t{i}" for i in range(len(labels))]
-        datasets.Dataset.from_dict({"text": texts, "label": labels},
-                                   features=feats).save_to_disk(str(tmp_path / name))
+        texts = _save_class_labelled(tmp_path / name, names, labels)
         csv = tmp_path / f"{name}.csv"
         csv.write_text("text,label\n" + "".join(f"{t},{names[y]}\n" for t, y in zip(texts, labels)))
         return tmp_path / name, csv

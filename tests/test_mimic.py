@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import fake_launch, queued_cuda_seed
+from conftest import caller_draws, fake_launch, queued_cuda_seed, seed_caller
 from torch import nn
 
 from purify_fast.defenses.mimic import (
@@ -705,21 +705,6 @@ def test_cli_distill_no_progress_silences_the_shard_bar(tmp_path, capfd):
 
 # --------------------------------------------------------------------------- caller's RNG streams
 
-def _caller_draws():
-    import random
-
-    import numpy as np
-
-    return torch.rand(3).tolist(), random.random(), float(np.random.rand())
-
-
-def _seed_caller(seed):
-    import random
-
-    import numpy as np
-
-    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
-
 
 def test_fit_probe_and_encoding_leave_the_callers_global_rng_streams_alone(minilm):
     """MIMIC.fit seeds the global RNGs with its seed (dropout views); encode_texts,
@@ -743,11 +728,11 @@ def test_fit_probe_and_encoding_leave_the_callers_global_rng_streams_alone(minil
     outs = {name: [] for name in calls}
     for caller_seed in (5, 6):
         for name, call in calls.items():
-            _seed_caller(caller_seed)
-            expected = _caller_draws()
-            _seed_caller(caller_seed)
+            seed_caller(caller_seed)
+            expected = caller_draws()
+            seed_caller(caller_seed)
             outs[name].append(call())
-            assert _caller_draws() == expected, name
+            assert caller_draws() == expected, name
     a, b = outs.pop("fit")
     assert all(torch.equal(a[k], b[k]) for k in a)
     for name, (a, b) in outs.items():
@@ -757,12 +742,12 @@ def test_fit_probe_and_encoding_leave_the_callers_global_rng_streams_alone(minil
         torch.rand(5)
         raise RuntimeError("augment failed")
 
-    _seed_caller(7)
-    expected = _caller_draws()
-    _seed_caller(7)
+    seed_caller(7)
+    expected = caller_draws()
+    seed_caller(7)
     with pytest.raises(RuntimeError, match="augment failed"):
         MIMIC(cfg).fit(teacher, tok, clean, augment=failing)
-    assert _caller_draws() == expected
+    assert caller_draws() == expected
 
 
 def test_plot_curves_labels_the_loss_axis_and_says_why_a_panel_is_empty(tmp_path):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import queued_cuda_seed
+from conftest import caller_draws, queued_cuda_seed, seed_caller
 
 from purify_fast.defenses.mine import MINE, dv_bound, gaussian_mi, layer_weights
 
@@ -103,20 +103,6 @@ def test_no_marginal_pair_is_a_joint_pair(monkeypatch, batch_size):
     assert marginals == 60 + 4
 
 
-def _caller_draws():
-    import random
-
-    import numpy as np
-
-    return torch.rand(3).tolist(), random.random(), float(np.random.rand())
-
-
-def _seed_caller(seed):
-    import random
-
-    import numpy as np
-
-    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
 
 
 def test_estimate_leaves_the_callers_global_rng_streams_alone():
@@ -129,11 +115,11 @@ def test_estimate_leaves_the_callers_global_rng_streams_alone():
     mine = MINE(steps=20, hidden=16, batch_size=32, seed=3)
     ests = []
     for caller_seed in (5, 6):
-        _seed_caller(caller_seed)
-        expected = _caller_draws()
-        _seed_caller(caller_seed)
+        seed_caller(caller_seed)
+        expected = caller_draws()
+        seed_caller(caller_seed)
         ests.append((mine.estimate(x, z), estimate_layer_mi([x, z], z, mine)))
-        assert _caller_draws() == expected
+        assert caller_draws() == expected
         if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
             # and the CUDA seed torch queued for when CUDA starts (fork_rng did not keep it)
             assert queued_cuda_seed() == caller_seed

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import fake_launch
+from conftest import caller_draws, fake_launch, seed_caller
 from torch import nn
 
 from purify_fast.defenses.muscle_lora import (
@@ -845,21 +845,6 @@ def test_cli_train_clean_no_progress_silences_the_shard_bar(tmp_path, capfd):
 
 # --------------------------------------------------------------------------- caller's RNG streams
 
-def _caller_draws():
-    import random
-
-    import numpy as np
-
-    return torch.rand(3).tolist(), random.random(), float(np.random.rand())
-
-
-def _seed_caller(seed):
-    import random
-
-    import numpy as np
-
-    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
-
 
 def test_tiny_llama_is_seeded_without_reseeding_the_caller():
     """tiny_llama(seed=s) holds the weights of a LLaMA built right after torch.manual_seed(s),
@@ -870,11 +855,11 @@ def test_tiny_llama_is_seeded_without_reseeding_the_caller():
 
     states = []
     for caller_seed in (5, 6):
-        _seed_caller(caller_seed)
-        expected = _caller_draws()
-        _seed_caller(caller_seed)
+        seed_caller(caller_seed)
+        expected = caller_draws()
+        seed_caller(caller_seed)
         model = tiny_llama(num_labels=3, seed=4)
-        assert _caller_draws() == expected
+        assert caller_draws() == expected
         states.append(model.state_dict())
     with torch.random.fork_rng():
         torch.manual_seed(4)
@@ -901,14 +886,14 @@ def test_training_leaves_the_callers_global_rng_streams_alone(monkeypatch):
                 with torch.random.fork_rng():
                     torch.manual_seed(1)
                     inject_muscle_lora(model)
-            _seed_caller(caller_seed)
-            expected = _caller_draws()
-            _seed_caller(caller_seed)
+            seed_caller(caller_seed)
+            expected = caller_draws()
+            seed_caller(caller_seed)
             if name == "train_clean":
                 train_clean(model, _CharTok(), data, data, **kw)
             else:
                 train_muscle_lora(model, _CharTok(), data, data, **kw)
-            assert _caller_draws() == expected, name
+            assert caller_draws() == expected, name
             ends[name].append({k: v.clone() for k, v in model.state_dict().items()})
     for name, (a, b) in ends.items():
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -918,9 +903,9 @@ def test_training_leaves_the_callers_global_rng_streams_alone(monkeypatch):
         raise KeyboardInterrupt("stop")
 
     monkeypatch.setattr(muscle_module, "train_muscle_lora", stopped)
-    _seed_caller(7)
-    expected = _caller_draws()
-    _seed_caller(7)
+    seed_caller(7)
+    expected = caller_draws()
+    seed_caller(7)
     with pytest.raises(KeyboardInterrupt):
         train_clean(tiny_llama(num_labels=2), _CharTok(), data, data, **kw)
-    assert _caller_draws() == expected
+    assert caller_draws() == expected
