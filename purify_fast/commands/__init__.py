@@ -253,8 +253,10 @@ def _label_map(names) -> dict:
     "1" means the class named "1", and its "0" cannot be told to be index 0 rather than another
     class's name, so ``load_text_file`` refuses it (with the spellings, 0 and 1 both read as
     class 0, merging the file's two classes)."""
+    from purify_fast.data.files import _is_int_text
+
     mapping = {str(n): i for i, n in enumerate(names)}
-    if not any(k.lstrip("-").isdigit() for k in mapping):
+    if not any(_is_int_text(k) for k in mapping):
         for i in range(len(names)):
             mapping.setdefault(str(i), i)
     return mapping

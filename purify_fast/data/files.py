@@ -89,7 +89,7 @@ def _label_value(raw, path, line, column, num_labels, label_map):
         same = _same_but_case(str(key), label_map)
         if len(same) == 1:
             return label_map[same[0]]
-        named = [f"{k}={v}" for k, v in label_map.items() if not str(k).lstrip("-").isdigit()]
+        named = [f"{k}={v}" for k, v in label_map.items() if not _is_int_text(str(k))]
         classes = ", ".join(named) if named else ", ".join(sorted(map(str, label_map)))
         if same:
             raise DataFileError(path, f"label {raw!r} is ambiguous: it names the classes "

@@ -15,13 +15,13 @@ embedding, so it composes with every other defense: run it first.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from purify_fast import ops
+from purify_fast.ops.weight_space import check_drift_c
 from purify_fast.data.text_dataset import TextDataset, token_frequencies
 from purify_fast.defenses._common import check_model, embedding_name
 from purify_fast.validation import int_at_least, real_in
@@ -51,12 +51,8 @@ class EPur:
         else:
             self.score_threshold = real_in("score_threshold", self.score_threshold, 0.0)
         self.c = real_in("c", self.c, 1.0, lo_open=True)  # log(c) must be positive
-        # ops.embedding_drift_scores applies c in float32 and refuses what rounds to 1 or inf
-        # there (1 + 1e-9, 1e39): the same test here, before any model work.
-        c32 = torch.tensor(self.c, dtype=torch.float32).item()
-        if not (c32 > 1.0 and math.isfinite(c32)):
-            raise ValueError(f"c must be a finite number > 1 (log(c) must be positive), got "
-                             f"{self.c!r} ({c32!r} in float32)")
+        # the op's own fp32 test (1 + 1e-9 and 1e39 fail there), here before any model work
+        check_drift_c(self.c)
 
     @staticmethod
     def check_corpus(corpus) -> None:

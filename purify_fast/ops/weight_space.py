@@ -556,6 +556,18 @@ def reset_by_score(pretrained: torch.Tensor, finetuned: torch.Tensor,
 
 # --------------------------------------------------------------------------- E-PUR
 
+def check_drift_c(c) -> float:
+    """E-PUR's ``c`` as a float, refused unless it stays finite and above 1 in fp32, where the
+    kernels apply it: 1 + 1e-8 rounds to 1.0 there (log 0: inf/NaN scores) and 1e39 to inf."""
+    c = float(c)
+    c32 = torch.tensor(c, dtype=torch.float32).item() if math.isfinite(c) else c
+    if not (c32 > 1.0 and math.isfinite(c32)):
+        in32 = f" ({c32!r} in float32)" if c32 != c and not math.isnan(c) else ""
+        raise ValueError(f"c must be a finite number > 1 (log(c) must be positive), got {c!r}"
+                         f"{in32}")
+    return c
+
+
 @torch.no_grad()
 def embedding_drift_scores(pretrained_emb: torch.Tensor, finetuned_emb: torch.Tensor,
                            token_freqs: torch.Tensor, *, c: float = 20.0,
@@ -578,14 +590,7 @@ def embedding_drift_scores(pretrained_emb: torch.Tensor, finetuned_emb: torch.Te
     if token_freqs.device != pretrained_emb.device:
         raise ValueError(f"token_freqs is on {token_freqs.device} but pretrained_emb is on "
                          f"{pretrained_emb.device}")
-    c = float(c)
-    # The kernels take c in fp32: 1 + 1e-8 rounds to 1.0 there (log 0: inf/NaN scores) and 1e39
-    # to inf.
-    c32 = torch.tensor(c, dtype=torch.float32).item() if math.isfinite(c) else c
-    if not (c32 > 1.0 and math.isfinite(c32)):
-        in32 = f" ({c32!r} in float32)" if c32 != c and not math.isnan(c) else ""
-        raise ValueError(f"c must be a finite number > 1 (log(c) must be positive), got {c!r}"
-                         f"{in32}")
+    c = check_drift_c(c)
     freqs = token_freqs.to(torch.float32).contiguous()
     if bool((freqs < 0).any()) or not bool(torch.isfinite(freqs).all()):
         raise ValueError("token_freqs must be finite and non-negative")
