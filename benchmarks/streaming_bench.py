@@ -12,7 +12,8 @@ first (``posix_fadvise(DONTNEED)``), and records wall time, bytes read/written, 
 set (``VmHWM``) and the peak anonymous resident memory (``RssAnon``, sampled every 5 ms: what the
 process itself allocated, as opposed to file pages the kernel can drop). The disk's cold sequential
 read speed is measured on the same files the same way. Writes ``results_streaming.json``,
-``results_streaming.md`` and ``streaming_memory.png`` next to this script, and deletes the
+``results_streaming_table.md`` and ``streaming_memory.png`` next to this script (the prose
+around them is ``results_streaming.md``), and deletes the
 checkpoints unless ``--keep``.
 
 GPU suite (needs a CUDA machine with ~60 GB free disk)::
