@@ -458,6 +458,10 @@ def _register_all_ops():
     import test_bench_multiscale_lora
 
     test_bench_multiscale_lora.register_gpu_ops(register_op, OpSpec)
+    # MIMIC's attention-map loss (forward + backward: it runs every training step)
+    import test_bench_attention_maps
+
+    test_bench_attention_maps.register_gpu_ops(register_op, OpSpec)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -9,6 +9,7 @@
 // outputs loss_rows [B], gs [B,N], gt [B,N] fp32. gs/gt first hold the energies, then dL/ds.
 #include "registry.h"
 #include "attention_maps.h"
+#include "lane_sum.h"
 
 #include <algorithm>
 #include <cmath>
@@ -38,11 +39,10 @@ void sq_sums_impl(const scalar_t* x, int64_t BN, int64_t C, const float* mask, f
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < BN; ++i) {
     const scalar_t* row = x + i * C;
-    float acc = 0.f;
-    for (int64_t c = 0; c < C; ++c) {
+    const float acc = purify_fast::lane_sum(C, [&](int64_t c) {
       const float v = static_cast<float>(row[c]);
-      acc += v * v;
-    }
+      return v * v;
+    });
     out[i] = acc * mask[i];
   }
 }

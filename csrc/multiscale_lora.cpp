@@ -13,6 +13,7 @@
 // no [M, N] temporary exists. The dense R·S·L is never formed.
 #include "registry.h"
 #include "multiscale_lora.h"
+#include "lane_sum.h"
 
 #include <ATen/Parallel.h>
 
@@ -27,23 +28,6 @@ void check_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
 }
 
-// fp32 dot product over kLanes independent partial sums. One running sum is a chain of
-// dependent adds that the compiler may not reorder (no -ffast-math here), so it runs at one add
-// per FP-add latency; independent lanes vectorise. The summation order differs from a single
-// chain, as any BLAS's does: the reference comparison is to fp32 tolerance, not bits.
-constexpr int64_t kLanes = 16;
-
-inline float dot_f32(const float* a, const float* b, int64_t k) {
-  float lanes[kLanes] = {};
-  const int64_t body = k - k % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
-  float acc = 0.f;
-  for (int64_t i = body; i < k; ++i) acc += a[i] * b[i];
-  for (int64_t j = 0; j < kLanes; ++j) acc += lanes[j];
-  return acc;
-}
-
 // One row of x against every rank row of l (fp32, contiguous [Q, K]), then the Q×Q mixing.
 template <typename T>
 void project_rows(const T* x, int64_t m0, int64_t m1, int64_t k, int64_t q, const float* l,
@@ -52,7 +36,11 @@ void project_rows(const T* x, int64_t m0, int64_t m1, int64_t k, int64_t q, cons
   for (int64_t m = m0; m < m1; ++m) {
     const T* xr = x + m * k;
     for (int64_t i = 0; i < k; ++i) row[i] = static_cast<float>(xr[i]);
-    for (int64_t t = 0; t < q; ++t) u[t] = dot_f32(row.data(), l + t * k, k);
+    const float* xf = row.data();
+    for (int64_t t = 0; t < q; ++t) {
+      const float* lt = l + t * k;
+      u[t] = purify_fast::lane_sum(k, [&](int64_t i) { return xf[i] * lt[i]; });
+    }
     float* vr = v + m * q;
     for (int64_t j = 0; j < q; ++j) {
       const float* sj = s + j * q;

@@ -40,13 +40,14 @@ def test_env_command_lists_every_backend():
 
 
 def test_gpu_suite_plans_every_op_family():
-    # On a CPU machine the suite can only plan; the plan must hold the weight-space ops and the
-    # MuScleLoRA forward, so a GPU session times all of them in its one call.
+    # On a CPU machine the suite can only plan; the plan must hold the weight-space ops, the
+    # MuScleLoRA forward and MIMIC's attention-map loss, so a GPU session times all of them in
+    # its one call.
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--dry-run"],
                          capture_output=True, text=True, check=True).stdout
     ops = re.search(r"ops=(\S+)", out).group(1).split(",")
     for name in ("mix_weights", "fisher_accumulate_", "score+reset", "embedding_drift_scores",
-                 "multiscale_lora_fwd"):
+                 "multiscale_lora_fwd", "attention_map_loss_fwd_bwd"):
         assert name in ops, out
 
 
