@@ -16,14 +16,14 @@ GPU: :func:`register_gpu_ops` adds the forward+backward to ``benchmarks/gpu_suit
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from purify_fast import backend as B
 from purify_fast.ops import attention_map_loss
 from purify_fast.reference import attention_maps as ref
+
+from _timing import median_wall_ms
 
 # (batch, positions, channels, layers)
 CPU_SHAPES = [(32, 64, 384, 2), (32, 128, 768, 4), (16, 512, 768, 4)]
@@ -113,14 +113,8 @@ def time_cpu(reps: int = 15, shapes=CPU_SHAPES) -> list[dict]:
                             fn(t)
                 else:
                     run = _fwd_bwd(fn, t)
-                run()
-                ts = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    run()
-                    ts.append((time.perf_counter() - t0) * 1e3)
                 rows.append(dict(shape=_shape_id(shape), impl=name, **{"pass": pas},
-                                 ms=sorted(ts)[len(ts) // 2]))
+                                 ms=median_wall_ms(run, reps)))
     return rows
 
 

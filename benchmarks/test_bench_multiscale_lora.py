@@ -15,8 +15,6 @@ fp32. GPU: :func:`run_gpu_benchmark` times LLaMA-7B shapes (tokens 4096–16384;
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +22,8 @@ import torch.nn.functional as F
 from purify_fast import backend as B
 from purify_fast.ops import multiscale_lora
 from purify_fast.reference.multiscale_lora import expand_scales
+
+from _timing import median_wall_ms
 
 SCALES = (1.0, 2.0, 3.0, 4.0)   # the LLM scales of MuScleLoRA, r_in = 1, alpha = 4
 ALPHA = 4.0
@@ -230,14 +230,9 @@ def time_cpu(reps: int = 5) -> list[dict]:
                 run = _fwd_bwd(fn, t) if pas != "fwd" else (lambda fn=fn, t=t: fn(t))
                 ctx = torch.no_grad() if pas == "fwd" else torch.enable_grad()
                 with ctx:
-                    run()
-                    ts = []
-                    for _ in range(reps):
-                        t0 = time.perf_counter()
-                        run()
-                        ts.append((time.perf_counter() - t0) * 1e3)
+                    ms = median_wall_ms(run, reps)
                 rows.append(dict(shape="x".join(map(str, shape)), impl=name, **{"pass": pas},
-                                 ms=sorted(ts)[len(ts) // 2]))
+                                 ms=ms))
     return rows
 
 
