@@ -53,16 +53,29 @@ def _plain(obj):
     return obj
 
 
-def _key(k):
-    # JSON keys are strings, so a non-finite float key cannot be null: "nan", "inf", "-inf"
-    # (as str() writes them) rather than refusing the whole report.
+def _key(k) -> str:
+    """The string a key is written as in JSON, as ``json.dumps`` spells it (1 -> "1", 1.0 ->
+    "1.0", True -> "true", None -> "null"), so that two keys written alike are caught before one
+    silently shadows the other. JSON has no non-finite number, so a non-finite float key is
+    "nan", "inf", "-inf" (as ``str()`` writes them) rather than refusing the whole report; a key
+    of another type (a tuple, a path) is its ``str()``, as other values are, where ``json``
+    itself would raise."""
     k = _plain(k)
-    return str(k) if isinstance(k, float) and not math.isfinite(k) else k
+    if isinstance(k, str):
+        return k
+    if k is None or isinstance(k, bool):
+        return json.dumps(k)
+    if isinstance(k, int):
+        return int.__repr__(k)
+    if isinstance(k, float):
+        return float.__repr__(k) if math.isfinite(k) else str(k)
+    return str(k)
 
 
 def finite_or_null(obj):
     """``obj`` with every non-finite float inside dicts, lists and tuples replaced by None (numpy
-    scalars and 0-d tensors first taken as Python numbers; a non-finite key becomes a string)."""
+    scalars and 0-d tensors first taken as Python numbers) and every dict key written as the
+    string JSON will hold (:func:`_key`); two keys that would be written alike are refused."""
     obj = _plain(obj)
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -70,7 +83,7 @@ def finite_or_null(obj):
         out = {}
         for k, v in obj.items():
             key = _key(k)
-            if key in out:  # a NaN key beside a "nan" one: one would be lost silently
+            if key in out:  # 1 beside "1", NaN beside "nan": one would be lost silently
                 raise ValueError(f"two keys are written as {key!r} in JSON: {list(obj)[:8]}")
             out[key] = finite_or_null(v)
         return out

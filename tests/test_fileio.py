@@ -280,6 +280,19 @@ def test_report_json_takes_numpy_scalars_and_0d_tensors_as_numbers():
         report.dumps_json({float("nan"): 1, "nan": 2})  # one entry was dropped silently
 
 
+def test_report_json_refuses_keys_that_json_writes_alike():
+    """JSON keys are strings: 1 and "1" (or True and "true", None and "null") were both written,
+    as a duplicate key whose first value any reader drops. A key json cannot take (a tuple) is
+    written as its str(), as values are, where json raised TypeError."""
+    from purify_fast import report
+
+    for a, b in ((1, "1"), (True, "true"), (None, "null"), (1.5, "1.5"), ((1, 2), "(1, 2)")):
+        with pytest.raises(ValueError, match="two keys are written as"):
+            report.dumps_json({a: "x", b: "y"})
+    assert _strict_json(report.dumps_json({1: "a", 1.0 + 1: "b", (1, 2): "c", False: "d"})) == {
+        "1": "a", "2.0": "b", "(1, 2)": "c", "false": "d"}
+
+
 # --------------------------------------------------------------------------- plots
 
 def _bar_labels(fig):
