@@ -3,8 +3,10 @@
 // One running sum is a chain of dependent adds: without -ffast-math (not used here, see
 // setup.py) the compiler may not reorder it, so it runs at one add per FP-add latency and never
 // uses SIMD. Summing into kSumLanes independent partial sums, then adding those, is a fixed
-// order the compiler can vectorise. The order differs from a single chain, as any BLAS's does:
-// the kernels are compared with the reference to fp32 tolerance, not bit for bit.
+// order the compiler can vectorise. The order differs from a single chain, as any BLAS's does,
+// so use it only where results are compared with the reference to fp32 tolerance (the
+// multi-scale LoRA projection, the attention-map energies), never in the weight-space scores,
+// which every backend must reproduce bit for bit.
 #pragma once
 
 #include <cstdint>

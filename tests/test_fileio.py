@@ -282,8 +282,8 @@ def test_report_json_takes_numpy_scalars_and_0d_tensors_as_numbers():
 
 def test_report_json_refuses_keys_that_json_writes_alike():
     """JSON keys are strings: 1 and "1" (or True and "true", None and "null") were both written,
-    as a duplicate key whose first value any reader drops. A key json cannot take (a tuple) is
-    written as its str(), as values are, where json raised TypeError."""
+    as one key twice, of which a reader keeps only one value. A key json cannot take (a tuple)
+    is written as its str(), as values are, where json raised TypeError."""
     from purify_fast import report
 
     for a, b in ((1, "1"), (True, "true"), (None, "null"), (1.5, "1.5"), ((1, 2), "(1, 2)")):
