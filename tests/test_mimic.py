@@ -705,7 +705,6 @@ def test_cli_distill_no_progress_silences_the_shard_bar(tmp_path, capfd):
 
 # --------------------------------------------------------------------------- caller's RNG streams
 
-
 def test_fit_probe_and_encoding_leave_the_callers_global_rng_streams_alone(minilm):
     """MIMIC.fit seeds the global RNGs with its seed (dropout views); encode_texts,
     target_embedding and linear_probe iterate a DataLoader, which draws its worker seed from the

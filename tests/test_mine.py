@@ -103,8 +103,6 @@ def test_no_marginal_pair_is_a_joint_pair(monkeypatch, batch_size):
     assert marginals == 60 + 4
 
 
-
-
 def test_estimate_leaves_the_callers_global_rng_streams_alone():
     """MINE draws its init, split and batches from its own seed (a private generator, the init
     under a seeded torch stream put back afterwards): the caller's later draws are those it would

@@ -845,7 +845,6 @@ def test_cli_train_clean_no_progress_silences_the_shard_bar(tmp_path, capfd):
 
 # --------------------------------------------------------------------------- caller's RNG streams
 
-
 def test_tiny_llama_is_seeded_without_reseeding_the_caller():
     """tiny_llama(seed=s) holds the weights of a LLaMA built right after torch.manual_seed(s),
     whatever the caller's seed, and the caller's streams go on as if it had not been called."""

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from purify_fast import ops
-from purify_fast.ops.weight_space import check_drift_c
 from purify_fast.data.text_dataset import TextDataset, token_frequencies
 from purify_fast.defenses._common import check_model, embedding_name
+from purify_fast.ops.weight_space import check_drift_c
 from purify_fast.validation import int_at_least, real_in
 
 
