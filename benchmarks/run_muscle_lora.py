@@ -27,12 +27,17 @@ def summarize(jsonl: str) -> str:
     import statistics
     from collections import defaultdict
 
+    runs = [json.loads(line) for line in open(jsonl)]
+    lrs = defaultdict(set)  # a file that compares learning rates keeps them apart too
+    for r in runs:
+        lrs[r["mode"]].add(r.get("lr"))
     groups = defaultdict(list)
-    for line in open(jsonl):
-        r = json.loads(line)
+    for r in runs:
         mode = r["mode"]
         if mode in ("muscle", "lora+mslr"):  # runs with an MSLR layer: radial and FFT apart
             mode += f" ({r.get('scaling', 'radial')})"
+        if len(lrs[r["mode"]]) > 1:
+            mode += f", lr {r.get('lr')}"
         groups[(r.get("attack", "badnets"), mode)].append(r)
     pct = lambda vals: (f"{100 * statistics.mean(vals):.1f} ± "
                         f"{100 * (statistics.stdev(vals) if len(vals) > 1 else 0.0):.1f}")
