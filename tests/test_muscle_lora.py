@@ -471,6 +471,7 @@ def test_cli_train_clean_writes_loadable_merged_model(tmp_path):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["ablation"] == "muscle-lora" and report["config"]["inject"]["mode"] == "fft"
+    assert report["tanh_saturation"] > 0.5  # METHODS' α 6 on MiniLM's pooler (it also warned)
     assert 0.0 <= report["eval"]["asr"] <= 1.0 and 0.0 <= report["eval"]["cacc"] <= 1.0
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert not any("lora" in n for n, _ in model.named_parameters())
@@ -908,3 +909,64 @@ def test_training_leaves_the_callers_global_rng_streams_alone(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_clean(tiny_llama(num_labels=2), _CharTok(), data, data, **kw)
     assert caller_draws() == expected
+
+
+def test_a_saturated_mslr_layer_is_measured_and_warned_of():
+    """At METHODS' α 6 the offline MiniLM's MSLR pooler starts with most of its tanh outputs
+    pinned at ±1, where training barely moves them (the README's measured runs use α 1); the run
+    says so instead of training a model that hardly changes. α 1 trains quietly; a decoder head
+    has no tanh to measure. The measuring forward draws nothing: the seeded run is unchanged."""
+    import warnings
+
+    from purify_fast.data import load_rotten_tomatoes
+    from purify_fast.defenses.muscle_lora import tanh_saturation
+    from purify_fast.models import load_classifier, tiny_llama
+    from purify_fast.training import seed_everything
+
+    data = load_rotten_tomatoes(seed=0, train_size=24, dev_size=20, test_size=8)
+    runs = {}
+    for alpha in (6.0, 1.0):
+        seed_everything(0)
+        model, tok = load_classifier("minilm", 2)
+        inject_muscle_lora(model, MuscleLoRAConfig(alpha=alpha))
+        share = tanh_saturation(model, tok, data.train, max_length=32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = train_muscle_lora(model, tok, data.train, data.dev, epochs=1, lr=1e-3,
+                                    batch_size=8, max_length=32, ref_pool_size=8, progress=False)
+        said = [str(w.message) for w in caught if "starts saturated" in str(w.message)]
+        runs[alpha] = (share, res, said, [p.detach().clone() for p in model.parameters()
+                                          if p.requires_grad])
+    share6, res6, said6, _ = runs[6.0]
+    share1, res1, said1, _ = runs[1.0]
+    assert share6 > 0.5 > share1 > 0.0
+    assert res6.tanh_saturation == share6 and res1.tanh_saturation == share1
+    assert len(said6) == 1 and f"{100 * share6:.0f} %" in said6[0] and "alpha 6" in said6[0]
+    assert said1 == []
+
+    # the measurement leaves the seeded run as it was: the same call with the check skipped
+    import purify_fast.defenses.muscle_lora as ml
+
+    seed_everything(0)
+    model, tok = load_classifier("minilm", 2)
+    inject_muscle_lora(model, MuscleLoRAConfig(alpha=1.0))
+    original = ml.tanh_saturation
+    ml.tanh_saturation = lambda *a, **k: None
+    try:
+        train_muscle_lora(model, tok, data.train, data.dev, epochs=1, lr=1e-3, batch_size=8,
+                          max_length=32, ref_pool_size=8, progress=False)
+    finally:
+        ml.tanh_saturation = original
+    trained = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(runs[1.0][3], trained))
+
+    # each module's mode comes back as it was, a mixed model included
+    model.train()
+    model.bert.embeddings.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    tanh_saturation(model, tok, data.train, max_length=32)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+
+    llama = tiny_llama(num_labels=2)
+    inject_muscle_lora(llama)
+    assert tanh_saturation(llama, _CharTok(), _toy(6), max_length=8) is None

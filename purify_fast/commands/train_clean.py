@@ -176,6 +176,7 @@ def run(args) -> int:
     report = {"method": args.method, "ablation": args.ablation, "data": args.data,
               "model": args.model, "train_seconds": time.perf_counter() - t0,
               "best_epoch": result.best_epoch, "best_dev_acc": result.best_dev_acc,
+              "tanh_saturation": result.tanh_saturation,
               "history": result.history, "config": result.config}
     if test is not None:
         trig = attack.triggered_test(test) if attack else None

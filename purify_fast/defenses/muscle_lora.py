@@ -36,6 +36,7 @@ import dataclasses
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -44,6 +45,8 @@ import torch
 from purify_fast.data.text_dataset import TextDataset, make_loader
 from purify_fast.defenses._common import check_classifier
 from purify_fast.nn.multiscale_lora import (
+    MSLRClassificationHead,
+    MultiScaleLoRALinear,
     MuscleLoRAConfig,
     inject_muscle_lora,
     merge_muscle_lora,
@@ -125,6 +128,58 @@ class MuscleLoRAResult:
     ga_steps: int = 0        # steps that used the pure aligned gradient on every tensor
     blended_steps: int = 0   # steps where at least one tensor blended in the raw gradient
     config: dict = field(default_factory=dict)
+    # Before training: the share of the MSLR layer's outputs that the tanh after it (BERT's
+    # pooler, RoBERTa's head) takes within 1 % of ±1 (see tanh_saturation); None for a decoder
+    # head, which has no tanh.
+    tanh_saturation: float | None = None
+
+
+# A tanh output within 1 % of ±1 passes under 2 % of the gradient. When more than this share of
+# the MSLR layer's outputs start there, training barely moves them: the offline MiniLM's pooler
+# at METHODS' α 6 starts at 80 % (α 1: 13–18 %; benchmarks/results_muscle_lora.md).
+SATURATION_WARN_SHARE = 0.5
+
+
+def _mslr_alpha(model) -> str:
+    return ", ".join(sorted({f"{m.alpha:g}" for m in model.modules()
+                             if isinstance(m, MultiScaleLoRALinear)}))
+
+
+@torch.no_grad()
+def tanh_saturation(model, tokenizer, data: TextDataset, max_length: int = 64, n: int = 32,
+                    precision: str = "fp32") -> float | None:
+    """Share of the MSLR layer's outputs with ``|tanh(y)| > 0.99`` on the first ``n`` examples
+    of ``data`` (eval mode: no dropout), for an injected BERT / RoBERTa model, whose MSLR dense
+    layer feeds a tanh; None for a decoder head (no tanh after its dense). The global RNG streams
+    are left as they were (iterating a DataLoader draws its base seed from them), so measuring
+    inside a seeded run does not change the run."""
+    layers = [m for m in model.modules() if isinstance(m, MultiScaleLoRALinear)]
+    in_head = {id(m.dense) for m in model.modules() if isinstance(m, MSLRClassificationHead)}
+    layers = [m for m in layers if id(m) not in in_head]
+    if not layers:
+        return None
+    outputs = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out.detach()))
+             for m in layers]
+    modes = [(m, m.training) for m in model.modules()]  # given back module by module
+    device = model_device(model)
+    try:
+        model.eval()
+        with rng_preserved():
+            batch = next(iter(make_loader(data.subset(range(min(n, len(data)))), tokenizer,
+                                          min(n, len(data)), max_length)))
+        batch.pop("labels")
+        with autocast(device, precision):
+            model(**{k: v.to(device) for k, v in batch.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes:
+            m.train(training)
+    if not outputs:  # the layer is not on the path of this model's forward
+        return None
+    y = torch.cat([o.float().flatten() for o in outputs])
+    return float((y.abs() > math.atanh(0.99)).float().mean())
 
 
 # --------------------------------------------------------------------------- GA math
@@ -321,6 +376,17 @@ def _train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: Text
                                               ref_pool_size=pool_size if ga else 0,
                                               precision=precision))
         start = time.perf_counter()
+        result.tanh_saturation = tanh_saturation(model, tokenizer, train_data, config.max_length,
+                                                 precision=precision)
+        if (result.tanh_saturation is not None and result.tanh_saturation > SATURATION_WARN_SHARE
+                and (accelerator is None or accelerator.is_main_process)):
+            warnings.warn(
+                f"the MSLR layer starts saturated: {100 * result.tanh_saturation:.0f} % of its "
+                f"outputs on the first training examples sit where the tanh after it passes "
+                f"under 2 % of the gradient (alpha {_mslr_alpha(model)}), so training will barely move "
+                f"them; lower the alpha (MuscleLoRAConfig.alpha, train-clean --alpha). On the "
+                f"offline MiniLM alpha 6 starts 80 % saturated and barely trains, alpha 1 starts "
+                f"at 13-18 % and trains", stacklevel=3)
         # Only adapters train, so the best epoch is fully described by the trainable tensors.
         snapshot = lambda: [p.detach().clone() for p in params]
         best = None
