@@ -8,6 +8,8 @@ import importlib
 import os
 import signal
 import sys
+import warnings
+from pathlib import Path
 
 # Subcommand modules, in the order `purify-fast --help` lists them.
 COMMANDS = ["demo", "attack", "purify", "evaluate", "train_clean", "distill", "fisher", "stream",
@@ -33,6 +35,24 @@ USER_ERRORS = (ValueError, OSError)
 TRACEBACK_VAR = "PURIFY_FAST_TRACEBACK"
 
 
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _one_line_warnings(previous):
+    """A ``warnings.showwarning`` that prints purify_fast's own warnings as one ``warning: ...``
+    line, like the CLI's ``note:`` and ``error:`` lines (the file, line and source line Python
+    adds point into the package, which tells a command-line user nothing); warnings raised from
+    elsewhere (torch, transformers) keep Python's format."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+            print(f"warning: {message}", file=file or sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from purify_fast.commands import Terminated, limit_cpu_threads, raise_terminated
@@ -42,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not the main thread (main() called from a worker): leave SIGTERM alone
         previous = None
+    shown = warnings.showwarning
+    if os.environ.get(TRACEBACK_VAR, "") in ("", "0"):  # developers keep where it came from
+        warnings.showwarning = _one_line_warnings(shown)
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
@@ -56,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}\n(set {TRACEBACK_VAR}=1 for the traceback)", file=sys.stderr)
         return 2
     finally:
+        warnings.showwarning = shown
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -455,14 +455,16 @@ def test_a_failed_train_clean_takes_the_adapters_out_again(monkeypatch):
 
 # --------------------------------------------------------------------------- CLI
 
-def test_cli_train_clean_writes_loadable_merged_model(tmp_path):
+def test_cli_train_clean_writes_loadable_merged_model(tmp_path, capsys):
     import json
+    import warnings
 
     from transformers import AutoModelForSequenceClassification
 
     from purify_fast.cli import main
 
     out = tmp_path / "clean"
+    shown = warnings.showwarning
     rc = main(["train-clean", "--method", "muscle-lora", "--data", "rotten-tomatoes",
                "--model", "minilm", "--out", str(out), "--train-size", "32", "--dev-size", "40",
                "--test-size", "16", "--ref-pool-size", "16", "--epochs", "1", "--lr", "1e-3",
@@ -471,7 +473,12 @@ def test_cli_train_clean_writes_loadable_merged_model(tmp_path):
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["ablation"] == "muscle-lora" and report["config"]["inject"]["mode"] == "fft"
-    assert report["tanh_saturation"] > 0.5  # METHODS' α 6 on MiniLM's pooler (it also warned)
+    assert report["tanh_saturation"] > 0.5  # METHODS' α 6 on MiniLM's pooler
+    # ... which the command says in one line, as its notes and errors, without Python's
+    # file / line / source prefix; the caller's warning display is given back
+    err = capsys.readouterr().err
+    assert "warning: the MSLR layer starts saturated" in err and "UserWarning" not in err
+    assert warnings.showwarning is shown
     assert 0.0 <= report["eval"]["asr"] <= 1.0 and 0.0 <= report["eval"]["cacc"] <= 1.0
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert not any("lora" in n for n, _ in model.named_parameters())

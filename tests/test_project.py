@@ -285,6 +285,37 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, monkeypatch, capsys):
         main(["fake"])
 
 
+def test_the_commands_print_the_packages_warnings_as_one_line(monkeypatch, capsys):
+    """A warning raised in purify_fast reads ``warning: ...`` (as ``note:`` / ``error:`` do),
+    without the package file, line and source line Python prints; a warning from elsewhere
+    keeps Python's format, as does everything with PURIFY_FAST_TRACEBACK=1 (developers want to
+    know where it came from); the caller's warning display comes back after the command."""
+    import warnings
+
+    import purify_fast.defenses.muscle_lora as inside
+
+    def run(args):
+        warnings.warn_explicit("from the package", UserWarning, inside.__file__, 10)
+        warnings.warn_explicit("from elsewhere", UserWarning, "/somewhere/else.py", 3)
+        return 0
+
+    main = _fake_command(monkeypatch, run)
+    # record=True: what goes on to the display in force (Python's) is collected here
+    with warnings.catch_warnings(record=True) as passed_on:
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+        assert main(["fake"]) == 0
+        err = capsys.readouterr().err
+        assert err == "warning: from the package\n"
+        assert [(str(w.message), w.filename) for w in passed_on] == [("from elsewhere",
+                                                                      "/somewhere/else.py")]
+        assert warnings.showwarning is shown
+        monkeypatch.setenv("PURIFY_FAST_TRACEBACK", "1")
+        assert main(["fake"]) == 0
+        assert capsys.readouterr().err == ""
+        assert [str(w.message) for w in passed_on[1:]] == ["from the package", "from elsewhere"]
+
+
 def test_commands_refuse_a_bad_out_before_any_work(tmp_path, capsys):
     from purify_fast.cli import main
     from purify_fast.models.loading import default_model_path
