@@ -45,7 +45,7 @@ def _one_line_warnings(previous):
     elsewhere (torch, transformers) keep Python's format."""
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if str(Path(filename).resolve()).startswith(_PACKAGE_DIR):
+        if str(Path(filename).resolve()).startswith(_PACKAGE_DIR + os.sep):
             print(f"warning: {message}", file=file or sys.stderr)
         else:
             previous(message, category, filename, lineno, file, line)

@@ -977,3 +977,7 @@ def test_a_saturated_mslr_layer_is_measured_and_warned_of():
     llama = tiny_llama(num_labels=2)
     inject_muscle_lora(llama)
     assert tanh_saturation(llama, _CharTok(), _toy(6), max_length=8) is None
+    # a layer placed by hand may feed anything: not measured
+    bert = _tiny_bert_classifier()
+    bert.bert.pooler.dense = MultiScaleLoRALinear(bert.bert.pooler.dense, alpha=6.0)
+    assert tanh_saturation(bert, _CharTok(), _toy(6), max_length=8) is None

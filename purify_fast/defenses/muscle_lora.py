@@ -45,9 +45,9 @@ import torch
 from purify_fast.data.text_dataset import TextDataset, make_loader
 from purify_fast.defenses._common import check_classifier
 from purify_fast.nn.multiscale_lora import (
-    MSLRClassificationHead,
     MultiScaleLoRALinear,
     MuscleLoRAConfig,
+    encoder_mslr_path,
     inject_muscle_lora,
     merge_muscle_lora,
     model_family,
@@ -149,18 +149,22 @@ def _mslr_alpha(model) -> str:
 def tanh_saturation(model, tokenizer, data: TextDataset, max_length: int = 64, n: int = 32,
                     precision: str = "fp32") -> float | None:
     """Share of the MSLR layer's outputs with ``|tanh(y)| > 0.99`` on the first ``n`` examples
-    of ``data`` (eval mode: no dropout), for an injected BERT / RoBERTa model, whose MSLR dense
-    layer feeds a tanh; None for a decoder head (no tanh after its dense). The global RNG streams
-    are left as they were (iterating a DataLoader draws its base seed from them), so measuring
-    inside a seeded run does not change the run."""
-    layers = [m for m in model.modules() if isinstance(m, MultiScaleLoRALinear)]
-    in_head = {id(m.dense) for m in model.modules() if isinstance(m, MSLRClassificationHead)}
-    layers = [m for m in layers if id(m) not in in_head]
-    if not layers:
+    of ``data`` (eval mode: no dropout), for a BERT / RoBERTa model injected by
+    :func:`inject_muscle_lora`, whose MSLR dense layer feeds a tanh; None for a decoder head (no
+    tanh after its dense) or a layer placed by hand. The global RNG streams are left as they
+    were (iterating a DataLoader draws its base seed from them), so measuring inside a seeded
+    run does not change the run."""
+    family = getattr(model, "muscle_lora_config", {}).get("family")
+    if family not in ("bert", "roberta"):
+        return None
+    try:
+        layer = model.get_submodule(encoder_mslr_path(model, family))
+    except AttributeError:
+        return None
+    if not isinstance(layer, MultiScaleLoRALinear):
         return None
     outputs = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out.detach()))
-             for m in layers]
+    hooks = [layer.register_forward_hook(lambda mod, args, out: outputs.append(out.detach()))]
     modes = [(m, m.training) for m in model.modules()]  # given back module by module
     device = model_device(model)
     try:
@@ -383,8 +387,8 @@ def _train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: Text
             warnings.warn(
                 f"the MSLR layer starts saturated: {100 * result.tanh_saturation:.0f} % of its "
                 f"outputs on the first training examples sit where the tanh after it passes "
-                f"under 2 % of the gradient (alpha {_mslr_alpha(model)}), so training will barely move "
-                f"them; lower the alpha (MuscleLoRAConfig.alpha, train-clean --alpha). On the "
+                f"under 2 % of the gradient (alpha {_mslr_alpha(model)}), so training will "
+                f"barely move them; lower the alpha (MuscleLoRAConfig.alpha, train-clean --alpha). On the "
                 f"offline MiniLM alpha 6 starts 80 % saturated and barely trains, alpha 1 starts "
                 f"at 13-18 % and trains", stacklevel=3)
         # Only adapters train, so the best epoch is fully described by the trainable tensors.

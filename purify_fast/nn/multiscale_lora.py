@@ -320,6 +320,14 @@ def is_adapter_param(name: str) -> bool:
     return "lora_A" in name or "lora_B" in name or name.endswith(("lora_l", "lora_r"))
 
 
+def encoder_mslr_path(model: nn.Module, family: str) -> str:
+    """Where an encoder classifier's MSLR layer goes (METHODS.md §4): the dense layer that feeds
+    a tanh, BERT's ``pooler.dense`` or RoBERTa's ``classifier.dense``."""
+    if family == "bert":
+        return "bert.pooler.dense" if hasattr(model, "bert") else "pooler.dense"
+    return "classifier.dense"
+
+
 def inject_muscle_lora(model: nn.Module, config: MuscleLoRAConfig | None = None) -> nn.Module:
     """Add the MSLR layer and the attention LoRA to ``model`` in place (instances replaced, no
     class patching) and freeze every other parameter. Returns ``model``. Over a bf16 / fp16 model
@@ -360,9 +368,7 @@ def inject_muscle_lora(model: nn.Module, config: MuscleLoRAConfig | None = None)
         head.train(score.training)  # a fresh module is in training mode; follow the model's
         model.score = head
     else:
-        path = "bert.pooler.dense" if family == "bert" else "classifier.dense"
-        if family == "bert" and not hasattr(model, "bert"):
-            path = "pooler.dense"
+        path = encoder_mslr_path(model, family)
         dense = model.get_submodule(path)
         if not isinstance(dense, nn.Linear):
             raise ValueError(f"{path} is a {type(dense).__name__}, expected nn.Linear")
