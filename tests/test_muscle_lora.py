@@ -918,7 +918,7 @@ def test_training_leaves_the_callers_global_rng_streams_alone(monkeypatch):
     assert caller_draws() == expected
 
 
-def test_a_saturated_mslr_layer_is_measured_and_warned_of():
+def test_a_saturated_mslr_layer_is_measured_and_warned_of(monkeypatch):
     """At METHODS' α 6 the offline MiniLM's MSLR pooler starts with most of its tanh outputs
     pinned at ±1, where training barely moves them (the README's measured runs use α 1); the run
     says so instead of training a model that hardly changes. α 1 trains quietly; a decoder head
@@ -957,13 +957,10 @@ def test_a_saturated_mslr_layer_is_measured_and_warned_of():
     seed_everything(0)
     model, tok = load_classifier("minilm", 2)
     inject_muscle_lora(model, MuscleLoRAConfig(alpha=1.0))
-    original = ml.tanh_saturation
-    ml.tanh_saturation = lambda *a, **k: None
-    try:
+    with monkeypatch.context() as patched:
+        patched.setattr(ml, "tanh_saturation", lambda *a, **k: None)
         train_muscle_lora(model, tok, data.train, data.dev, epochs=1, lr=1e-3, batch_size=8,
                           max_length=32, ref_pool_size=8, progress=False)
-    finally:
-        ml.tanh_saturation = original
     trained = [p.detach() for p in model.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(runs[1.0][3], trained))
 

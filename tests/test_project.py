@@ -95,14 +95,16 @@ def test_muscle_lora_summary_keeps_scalings_and_attacks_apart(tmp_path):
     assert "| 65.0 ± 7.1 | 40.0 ± 14.1 |" in rows[("badnets", "muscle (fft)", "0,1")]
 
     # A file comparing learning rates of one mode keeps them apart; one lr adds nothing.
-    path.write_text("".join(json.dumps(dict(attack="badnets", mode=m, scaling="fft", seed=s, lr=lr,
-                                            cacc=0.7, asr=x, fpr=0.1, wall=10.0)) + "\n"
-                            for m, s, lr, x in [("muscle", 0, 0.002, 0.5), ("muscle", 0, 0.0005, 0.3),
-                                                ("muscle", 1, 0.0005, 0.4), ("vanilla", 0, 0.0002, 1.0)]))
+    lr_runs = [("muscle", 0, 0.002, 0.5), ("muscle", 0, 0.0005, 0.3), ("muscle", 1, 0.0005, 0.4),
+               ("vanilla", 0, 0.0002, 1.0)]
+    path.write_text("".join(json.dumps(dict(attack="badnets", mode=m, scaling="fft", seed=s,
+                                            lr=lr, cacc=0.7, asr=x, fpr=0.1, wall=10.0)) + "\n"
+                            for m, s, lr, x in lr_runs))
     rows = {tuple(cell.strip() for cell in line.split("|")[1:4]): line
             for line in mod.summarize(str(path)).splitlines()[2:]}
     assert set(rows) == {("badnets", "muscle (fft), lr 0.002", "0"),
-                         ("badnets", "muscle (fft), lr 0.0005", "0,1"), ("badnets", "vanilla", "0")}
+                         ("badnets", "muscle (fft), lr 0.0005", "0,1"),
+                         ("badnets", "vanilla", "0")}
     assert "| 35.0 ± 7.1 |" in rows[("badnets", "muscle (fft), lr 0.0005", "0,1")]
 
 

@@ -53,6 +53,7 @@ from purify_fast.nn.multiscale_lora import (
     model_family,
 )
 from purify_fast.training import (
+    _to,
     accuracy,
     autocast,
     distributed_launch,
@@ -140,11 +141,6 @@ class MuscleLoRAResult:
 SATURATION_WARN_SHARE = 0.5
 
 
-def _mslr_alpha(model) -> str:
-    return ", ".join(sorted({f"{m.alpha:g}" for m in model.modules()
-                             if isinstance(m, MultiScaleLoRALinear)}))
-
-
 @torch.no_grad()
 def tanh_saturation(model, tokenizer, data: TextDataset, max_length: int = 64, n: int = 32,
                     precision: str = "fp32") -> float | None:
@@ -164,26 +160,24 @@ def tanh_saturation(model, tokenizer, data: TextDataset, max_length: int = 64, n
     if not isinstance(layer, MultiScaleLoRALinear):
         return None
     outputs = []
-    hooks = [layer.register_forward_hook(lambda mod, args, out: outputs.append(out.detach()))]
+    hook = layer.register_forward_hook(lambda mod, args, out: outputs.append(out.detach()))
     modes = [(m, m.training) for m in model.modules()]  # given back module by module
     device = model_device(model)
+    first = data.subset(range(min(n, len(data))))
     try:
         model.eval()
         with rng_preserved():
-            batch = next(iter(make_loader(data.subset(range(min(n, len(data)))), tokenizer,
-                                          min(n, len(data)), max_length)))
+            batch = next(iter(make_loader(first, tokenizer, len(first), max_length)))
         batch.pop("labels")
         with autocast(device, precision):
-            model(**{k: v.to(device) for k, v in batch.items()})
+            model(**_to(batch, device))
     finally:
-        for h in hooks:
-            h.remove()
+        hook.remove()
         for m, training in modes:
             m.train(training)
     if not outputs:  # the layer is not on the path of this model's forward
         return None
-    y = torch.cat([o.float().flatten() for o in outputs])
-    return float((y.abs() > math.atanh(0.99)).float().mean())
+    return float((outputs[0].float().abs() > math.atanh(0.99)).float().mean())
 
 
 # --------------------------------------------------------------------------- GA math
@@ -356,14 +350,11 @@ def _train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: Text
         device = accelerator.device
         rank_dropout_seed(config.seed, accelerator)
 
-    def to_dev(batch):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
     def loss_and_grads(batch) -> tuple[float, list[torch.Tensor]]:
         for p in params:
             p.grad = None
         with autocast(device, precision):
-            loss = net(**to_dev(batch)).loss
+            loss = net(**_to(batch, device)).loss
         if accelerator is not None:
             accelerator.backward(loss)  # gradients come back averaged over the ranks
             # the same loss on every rank, so every rank takes the same GA branch
@@ -387,10 +378,10 @@ def _train_muscle_lora(model, tokenizer, train_data: TextDataset, dev_data: Text
             warnings.warn(
                 f"the MSLR layer starts saturated: {100 * result.tanh_saturation:.0f} % of its "
                 f"outputs on the first training examples sit where the tanh after it passes "
-                f"under 2 % of the gradient (alpha {_mslr_alpha(model)}), so training will "
-                f"barely move them; lower the alpha (MuscleLoRAConfig.alpha, train-clean --alpha). On the "
-                f"offline MiniLM alpha 6 starts 80 % saturated and barely trains, alpha 1 starts "
-                f"at 13-18 % and trains", stacklevel=3)
+                f"under 2 % of the gradient (alpha {model.muscle_lora_config['alpha']:g}), so "
+                f"training will barely move them; lower the alpha (MuscleLoRAConfig.alpha, "
+                f"train-clean --alpha). On the offline MiniLM alpha 6 starts 80 % saturated and "
+                f"barely trains, alpha 1 starts at 13-18 % and trains", stacklevel=3)
         # Only adapters train, so the best epoch is fully described by the trainable tensors.
         snapshot = lambda: [p.detach().clone() for p in params]
         best = None
